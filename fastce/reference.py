@@ -1,0 +1,179 @@
+"""Pure-PyTorch implementations of every fastce loss.
+
+This is the one reference implementation of the project. It serves three roles:
+
+* the CPU path when Triton cannot run (no Triton installed, or CPU tensors without
+  ``TRITON_INTERPRET=1``),
+* the test oracle (tests call it on float64 copies of their inputs),
+* the PyTorch-eager baseline of the benchmark suite.
+
+The functions here assume arguments that ``fastce.functional`` has already validated;
+they are differentiable through ordinary autograd. Semantics are those of
+``../shared/DESIGN.md`` section 2, written as directly as possible.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 inside for every input dtype, except that float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def class_last_rows(t: Tensor) -> Tensor:
+    """(C) -> (1, C); (N, C) -> (N, C); (N, C, d1, ..., dk) -> (N*d1*...*dk, C)."""
+    if t.dim() == 1:
+        return t.unsqueeze(0)
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def row_shape(input: Tensor) -> torch.Size:
+    """Shape of the per-row loss ('none' reduction): the input's shape without the class dim."""
+    if input.dim() == 1:
+        return torch.Size(())
+    return input.shape[:1] + input.shape[2:]
+
+
+def softcap_logits(x: Tensor, softcap: Optional[float]) -> Tensor:
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def _row_targets(x: Tensor, target: Tensor, ignore_index: int, label_smoothing: float):
+    """Return (q, valid, in_range, y): the smoothed target distribution (R, C) for hard or
+    probability targets, the non-ignored rows, the rows whose hard target is a class, and the
+    clamped class index (None for probability targets)."""
+    n_rows, n_classes = x.shape
+    eps = label_smoothing
+    if target.is_floating_point():
+        q = (1.0 - eps) * class_last_rows(target).to(x.dtype) + eps / n_classes
+        ones = torch.ones(n_rows, dtype=torch.bool, device=x.device)
+        return q, ones, ones, None
+    y = target.reshape(-1).long()
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < n_classes)
+    y_safe = torch.where(valid & in_range, y, torch.zeros_like(y))
+    onehot = torch.nn.functional.one_hot(y_safe, n_classes).to(x.dtype) if n_classes else x.new_zeros(x.shape)
+    q = (1.0 - eps) * onehot + eps / n_classes
+    return q, valid, in_range, y_safe
+
+
+def _per_row_losses(input, target, class_factor, ignore_index, label_smoothing, softcap, gamma):
+    """Per-row loss before reduction, plus what the reductions need.
+
+    class_factor: per-class weight w (cross-entropy) or alpha (focal), or None.
+    Returns (loss_rows, lse, valid, in_range, y_safe) in the compute dtype.
+    """
+    x = softcap_logits(class_last_rows(input).to(compute_dtype(input.dtype)), softcap)
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x - lse.unsqueeze(-1)
+    q, valid, in_range, y_safe = _row_targets(x, target, ignore_index, label_smoothing)
+    a = q if class_factor is None else q * class_factor.to(x.dtype)
+    if gamma == 0.0:
+        if y_safe is not None and label_smoothing == 0.0:
+            # nll only: pick the target's log-probability so -inf elsewhere stays harmless.
+            loss = -(a.gather(1, y_safe[:, None]) * logp.gather(1, y_safe[:, None])).squeeze(1)
+        else:
+            loss = -(a * logp).sum(-1)
+    else:
+        p = logp.exp()
+        term = a * (1.0 - p).clamp(min=0.0).pow(gamma) * logp
+        # a class with no target mass adds nothing, even where its logit is -inf
+        loss = -torch.where(a == 0, torch.zeros_like(term), term).sum(-1)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    loss = torch.where(valid & ~in_range, torch.full_like(loss, float("nan")), loss)
+    return loss, lse, valid, in_range, y_safe
+
+
+def _reduce(loss_rows, divisor, z_rows, valid, reduction, shape, out_dtype):
+    if reduction == "none":
+        total = loss_rows if z_rows is None else loss_rows + z_rows
+        return total.reshape(shape).to(out_dtype)
+    if reduction == "sum":
+        total = loss_rows.sum() if z_rows is None else (loss_rows + z_rows).sum()
+        return total.to(out_dtype)
+    total = loss_rows.sum() / divisor
+    if z_rows is not None:
+        total = total + z_rows.sum() / valid.sum()
+    return total.to(out_dtype)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Cross-entropy with torch's semantics plus z-loss and logit soft-capping.
+
+    With ``return_lse=True`` returns ``(loss, lse)`` where lse is the per-row fp32
+    log-sum-exp of the (soft-capped) logits, shaped like the 'none' loss.
+    """
+    loss_rows, lse, valid, in_range, y_safe = _per_row_losses(
+        input, target, weight, ignore_index, label_smoothing, softcap, 0.0)
+    if y_safe is None:  # probability targets: "mean" divides by the number of rows
+        divisor = torch.tensor(float(loss_rows.numel()), dtype=loss_rows.dtype, device=loss_rows.device)
+    elif weight is None:
+        divisor = valid.sum().to(loss_rows.dtype)
+    else:
+        w_y = weight.to(loss_rows.dtype)[y_safe]
+        divisor = torch.where(valid, w_y, torch.zeros_like(w_y)).sum()
+    z_rows = None
+    if z_loss:
+        z_rows = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
+    loss = _reduce(loss_rows, divisor, z_rows, valid, reduction, row_shape(input), input.dtype)
+    if return_lse:
+        lse = torch.where(valid, lse, torch.zeros_like(lse))
+        return loss, lse.reshape(row_shape(input))
+    return loss
+
+
+def focal_loss(
+    input: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    alpha: Union[None, float, Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Focal loss L_i = -sum_c alpha_c q_ic (1 - p_ic)^gamma log p_ic; "mean" over non-ignored rows."""
+    if alpha is not None and not isinstance(alpha, Tensor):
+        alpha = torch.full((input.shape[0 if input.dim() == 1 else 1],), float(alpha),
+                           dtype=compute_dtype(input.dtype), device=input.device)
+    loss_rows, _, valid, _, _ = _per_row_losses(
+        input, target, alpha, ignore_index, label_smoothing, None, float(gamma))
+    divisor = valid.sum().to(loss_rows.dtype)
+    return _reduce(loss_rows, divisor, None, valid, reduction, row_shape(input), input.dtype)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """cross_entropy(input @ linear_weight.T + linear_bias) with every logit materialised."""
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    return cross_entropy(logits.reshape(-1, linear_weight.shape[0]), target.reshape(-1), weight,
+                         ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
+                         return_lse=return_lse)
