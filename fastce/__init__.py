@@ -1,0 +1,27 @@
+"""fastce: fused Triton cross-entropy for PyTorch with the full semantics of nn.CrossEntropyLoss.
+
+    import fastce
+    loss = fastce.cross_entropy(logits, target)          # like F.cross_entropy
+    criterion = fastce.CrossEntropyLoss(label_smoothing=0.1)
+
+CUDA tensors run the Triton kernels; CPU tensors run them on Triton's interpreter when
+TRITON_INTERPRET=1 is set before import, else the pure-PyTorch reference (fastce.reference).
+Importing fastce never needs Triton or a GPU.
+"""
+from . import reference
+from .functional import cross_entropy, focal_loss, uses_triton
+from .modules import CrossEntropyLoss, FocalLoss
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The autograd Function imports Triton: load it on first use, so `import fastce` works without it.
+    if name == "CrossEntropyFunction":
+        from .autograd import CrossEntropyFunction
+        return CrossEntropyFunction
+    raise AttributeError(f"module 'fastce' has no attribute {name!r}")
+
+
+__all__ = ["cross_entropy", "focal_loss", "CrossEntropyLoss", "FocalLoss", "CrossEntropyFunction",
+           "reference", "uses_triton", "__version__"]

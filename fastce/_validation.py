@@ -1,0 +1,98 @@
+"""Input checks shared by the Triton and the pure-PyTorch paths (pure torch, no Triton)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)  # what torch's cross_entropy accepts
+
+
+# Each error subclasses both the natural Python exception and the one torch raises for the same
+# mistake, so code written against either keeps working.
+class TargetDtypeError(TypeError, RuntimeError):
+    pass
+
+
+class InvalidArgumentError(ValueError, RuntimeError):
+    pass
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise InvalidArgumentError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+
+
+def check_input(input: Tensor) -> int:
+    """Returns the number of classes."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TargetDtypeError(f"expected a floating point input (logits), but got {input.dtype}")
+    if input.dim() == 0:
+        raise InvalidArgumentError("input must have a class dimension: expected (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if n_classes == 0:
+        raise InvalidArgumentError(f"input has no classes: shape {tuple(input.shape)}")
+    return n_classes
+
+
+def check_target(input: Tensor, target: Tensor, ignore_index: int, ignore_index_default: int = -100) -> None:
+    """Shapes and dtypes of class-index or probability targets (no device sync)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise InvalidArgumentError(f"target is on {target.device} but input is on {input.device}")
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise InvalidArgumentError(
+                f"probability targets must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
+        if ignore_index != ignore_index_default:
+            raise InvalidArgumentError("ignore_index is not supported for floating point target")
+        return
+    if target.dtype not in CLASS_INDEX_DTYPES:
+        raise TargetDtypeError(
+            f"expected target dtype to be Long or Byte (class indices) or the input's floating point "
+            f"dtype (probabilities), but got {target.dtype}")
+    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size(())
+    if target.shape != expected:
+        if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+            raise InvalidArgumentError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}).")
+        raise InvalidArgumentError(
+            f"Expected target size {list(expected)}, got {list(target.shape)} (input shape {list(input.shape)})")
+
+
+def check_class_factor(factor: Optional[Tensor], n_classes: int, input: Tensor, name: str) -> None:
+    if factor is None:
+        return
+    if not isinstance(factor, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(factor).__name__}")
+    if factor.dim() != 1 or factor.numel() != n_classes:
+        raise InvalidArgumentError(
+            f"{name} tensor should be defined either for all {n_classes} classes or no classes but got "
+            f"{name} tensor of shape: {list(factor.shape)}")
+    if not factor.is_floating_point():
+        raise TargetDtypeError(f"{name} must be a floating point tensor, got {factor.dtype}")
+    if factor.device != input.device:
+        raise InvalidArgumentError(f"{name} is on {factor.device} but input is on {input.device}")
+
+
+def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """IndexError naming the first class index outside [0, C) that is not ignore_index.
+
+    The one check that needs the device's answer: a single host sync (skipped by validate=False).
+    """
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bad.any():
+        value = target[bad].reshape(-1)[0].item()
+        raise IndexError(f"Target {value} is out of bounds.")

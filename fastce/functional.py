@@ -1,0 +1,168 @@
+"""Functional API: argument checks, dispatch between the Triton kernels and the reference.
+
+Where code runs (DESIGN §3): CUDA tensors → Triton kernels; CPU tensors with TRITON_INTERPRET=1
+→ the same kernels on Triton's interpreter; anything else (or no Triton) → fastce.reference.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._validation import (
+    InvalidArgumentError,
+    check_class_factor,
+    check_input,
+    check_label_smoothing,
+    check_reduction,
+    check_target,
+    check_target_range,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        from . import ops  # noqa: F401  (imports triton and registers the custom ops)
+    except ImportError:
+        return False
+    return True
+
+
+def uses_triton(input: Tensor) -> bool:
+    """Whether a call on `input` runs the Triton kernels (else the pure-PyTorch reference)."""
+    if input.device.type == "cuda":
+        return _triton_importable()
+    if input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return _triton_importable()
+    return False
+
+
+def _kernel_layout(t: Tensor) -> Tensor:
+    """The tensor itself when the kernels can address its rows with strides, else a copy.
+
+    (N, C, d1, …, dk) is read in place (class dim strided) when d1…dk merge into one stride, as
+    for contiguous and channels-last tensors; other layouts are copied once.
+    """
+    from .ops import mergeable_stride
+    if t.dim() >= 3 and mergeable_stride(t.shape[2:], t.stride()[2:]) is None:
+        return t.contiguous()
+    return t
+
+
+def _check_common(input, target, ignore_index, reduction, label_smoothing) -> int:
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    n_classes = check_input(input)
+    check_target(input, target, ignore_index)
+    return n_classes
+
+
+def _check_finite(name: str, value: float, minimum: float = -math.inf) -> None:
+    if not (math.isfinite(value) and value >= minimum):
+        raise InvalidArgumentError(f"{name} must be a finite number >= {minimum}, got {value}")
+
+
+def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate: bool):
+    """(loss, lse) from the Triton kernels, through autograd when a gradient is needed."""
+    from .autograd import CrossEntropyFunction, forward_no_grad
+
+    input = _kernel_layout(input)
+    if target.is_floating_point():
+        target = _kernel_layout(target)
+    if class_factor is not None:
+        class_factor = class_factor.to(reference.compute_dtype(input.dtype)).contiguous()
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return forward_no_grad(input, target, class_factor, spec, validate)
+    if inplace_backward and input.is_leaf:
+        raise RuntimeError(
+            "fastce: inplace_backward=True writes the gradient over the logits, which cannot be a leaf "
+            "tensor that requires grad (its .grad would alias its data); pass non-leaf logits (the output "
+            "of a layer) or use inplace_backward=False")
+    outputs = CrossEntropyFunction.apply(input, target, class_factor, spec, inplace_backward, validate)
+    return outputs[0], outputs[1]
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    inplace_backward: bool = False,
+    validate: bool = True,
+    return_lse: bool = False,
+):
+    """Drop-in for torch.nn.functional.cross_entropy, plus z-loss and logit soft-capping.
+
+    Args beyond torch's:
+        z_loss: adds z_loss·lse² per non-ignored row (averaged over non-ignored rows for "mean").
+        softcap: replaces every logit x by softcap·tanh(x/softcap) first.
+        inplace_backward: write the gradient over the logits' storage (saves a logits-sized
+            buffer; the logits are then marked dirty and must not be a leaf).
+        validate: check class indices against [0, C) (one host sync). With False, an
+            out-of-range index gives NaN for its row instead of an error.
+        return_lse: also return the per-row fp32 log-sum-exp of the (soft-capped) logits,
+            shaped like the 'none' loss (0 at ignored rows).
+    """
+    n_classes = _check_common(input, target, ignore_index, reduction, label_smoothing)
+    check_class_factor(weight, n_classes, input, "weight")
+    _check_finite("z_loss", z_loss)
+    if softcap is not None:
+        _check_finite("softcap", softcap, 0.0)
+        if softcap == 0:
+            raise InvalidArgumentError("softcap must be positive (or None to disable soft-capping)")
+    # Gradients into probability targets (soft-label distillation) are served by the reference.
+    target_needs_grad = target.requires_grad and torch.is_grad_enabled()
+    if not uses_triton(input) or target_needs_grad:
+        if validate and not target.is_floating_point():
+            check_target_range(target, n_classes, ignore_index)
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                       z_loss=z_loss, softcap=softcap, return_lse=return_lse)
+    from .ops import LossSpec
+    spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                    None if softcap is None else float(softcap))
+    loss, lse = _run(input, target, weight, spec, inplace_backward=inplace_backward, validate=validate)
+    return (loss, lse) if return_lse else loss
+
+
+def focal_loss(
+    input: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    alpha: Union[None, float, Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """Focal loss −Σ_c α_c q_c (1 − p_c)^γ log p_c (Lin et al., 2017) with torch's target options.
+
+    alpha: None, a float (every class), or a (C,) tensor of per-class factors. "mean" divides by
+    the number of non-ignored rows. gamma = 0 with alpha = None is cross-entropy.
+    """
+    n_classes = _check_common(input, target, ignore_index, reduction, label_smoothing)
+    _check_finite("gamma", float(gamma), 0.0)
+    if alpha is not None and not isinstance(alpha, Tensor):
+        _check_finite("alpha", float(alpha))
+        alpha = torch.full((n_classes,), float(alpha), dtype=reference.compute_dtype(input.dtype),
+                           device=input.device)
+    check_class_factor(alpha, n_classes, input, "alpha")
+    if not uses_triton(input) or (target.requires_grad and torch.is_grad_enabled()):
+        if validate and not target.is_floating_point():
+            check_target_range(target, n_classes, ignore_index)
+        return reference.focal_loss(input, target, float(gamma), alpha, ignore_index, reduction, label_smoothing)
+    from .ops import LossSpec
+    spec = LossSpec(ignore_index, reduction, float(label_smoothing), gamma=float(gamma), focal=True)
+    loss, _ = _run(input, target, alpha, spec, inplace_backward=False, validate=validate)
+    return loss

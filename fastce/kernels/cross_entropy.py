@@ -1,0 +1,350 @@
+"""Triton kernels of the cross-entropy family (cross-entropy, focal loss, z-loss, soft-capping).
+
+Notation (DESIGN.md §2), per row i of the logits x (C classes):
+    x'    = s·tanh(x/s) if soft-capping, else x
+    lse   = log Σ_c exp(x'_c),  p_c = exp(x'_c − lse)
+    a_c   = w_c q_c, with q = (1−ε)·onehot(y) + ε/C (hard targets) or (1−ε)·t + ε/C (probabilities),
+            w the class weights (cross-entropy) or alpha (focal), 1 where absent
+    A     = Σ_c a_c
+    CE    = −Σ_c a_c log p_c = Σ_c a_c (lse − x'_c)
+    focal = −Σ_c a_c (1 − p_c)^γ log p_c
+    z     = z_loss · lse²
+
+A row is processed in tiles of ROWS × BLOCK_SIZE. When a whole row fits in one tile
+(SINGLE_PASS) it is read once and the gradient is written from the same registers; otherwise
+the row is streamed: one pass for the online log-sum-exp (and the target sums), one more for the
+focal sums, and one that re-reads the row to write the gradient.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 1 − 2/(exp(2u) + 1): tends to exactly ±1 as u → ±∞ (no inf/inf)
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _expm1(v):
+    # exp(v) − 1 without cancellation for small |v| (Taylor to v⁶ below 0.1, error < 1e-10)
+    series = v * (1.0 + v / 2.0 * (1.0 + v / 3.0 * (1.0 + v / 4.0 * (1.0 + v / 5.0 * (1.0 + v / 6.0)))))
+    return tl.where(tl.abs(v) < 0.1, series, tl.exp(v) - 1.0)
+
+
+@triton.jit
+def _row_offsets(rows, inner_size, stride_outer, stride_inner):
+    # row r of an (N, C, d1..dk) tensor is (n, s) = (r // S, r % S) with S = d1·…·dk (int64)
+    return (rows // inner_size) * stride_outer + (rows % inner_size) * stride_inner
+
+
+@triton.jit
+def _load_logits(logits_ptr, row_offs, cols, mask, stride_class, softcap,
+                 HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    x = tl.load(logits_ptr + row_offs[:, None] + cols[None, :].to(tl.int64) * stride_class,
+                mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+    if HAS_SOFTCAP:
+        # padded lanes stay −inf: tanh(−inf) would make them −s and give them probability
+        x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
+    return x
+
+
+@triton.jit
+def _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols, mask, y, w_y,
+                 label_smoothing, n_classes,
+                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                 COMPUTE_DTYPE: tl.constexpr):
+    # a_c = w_c q_c for the tile's classes; zero on padded lanes
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=cols < n_classes, other=0.0).to(COMPUTE_DTYPE)[None, :]
+    else:
+        w = 1.0
+    if PROB_TARGET:
+        t = tl.load(target_ptr + target_row_offs[:, None] + cols[None, :].to(tl.int64) * target_stride_class,
+                    mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        a = w * ((1.0 - label_smoothing) * t + label_smoothing / n_classes)
+    else:
+        a = tl.where(cols[None, :] == y[:, None], (1.0 - label_smoothing) * w_y[:, None], 0.0)
+        if HAS_SMOOTHING:
+            a += (label_smoothing / n_classes) * w
+    return tl.where(mask, a, 0.0)
+
+
+@triton.jit
+def _online_update(x, a, mask, m, s, mass, weighted_sum):
+    # Merge a tile into the running (max m, Σ exp(x − ref), A, Σ a(x − ref)) with ref = m, or 0
+    # while m is still −inf (masked vocabulary in leading tiles must not produce −inf − −inf).
+    m_new = tl.maximum(m, tl.max(x, 1))
+    ref_old = tl.where(m == float("-inf"), 0.0, m)
+    ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - ref_new) + tl.sum(tl.exp(x - ref_new[:, None]), 1)
+    # classes without target mass add nothing, even at x = −inf (0·log 0 = 0)
+    shifted = tl.where(mask & (a != 0.0), a * (x - ref_new[:, None]), 0.0)
+    weighted_sum = weighted_sum + mass * (ref_old - ref_new) + tl.sum(shifted, 1)
+    return m_new, s, mass + tl.sum(a, 1), weighted_sum
+
+
+@triton.jit
+def _focal_terms(x, a, lse, gamma):
+    # With u = 1 − p and h(p) = p·f'(p) = u^γ (γ p log p / u − 1), f(p) = −(1−p)^γ log p:
+    # returns the loss terms −a u^γ log p and a·h(p). u comes from expm1 so it is exact as p → 1,
+    # log p / u → −1 there, and p log p → 0 as p → 0: both limits are taken explicitly.
+    logp = x - lse[:, None]
+    p = tl.exp(logp)
+    u = -_expm1(logp)
+    u_pow = tl.where(u > 0.0, tl.exp2(gamma * tl.log2(u)), 0.0)
+    log_ratio = tl.where(u > 0.0, logp / u, -1.0)
+    p_log_ratio = tl.where(p > 0.0, p * log_ratio, 0.0)
+    h = u_pow * (gamma * p_log_ratio - 1.0)
+    loss_terms = tl.where(a != 0.0, -a * u_pow * logp, 0.0)
+    return loss_terms, tl.where(a != 0.0, a * h, 0.0), p
+
+
+@triton.jit
+def _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss, softcap,
+              HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr):
+    # Cross-entropy: ∂/∂x'_j Σ_c a_c (lse − x'_c) = A·p_j − a_j   (∂lse/∂x'_j = p_j).
+    #   Computed in fp32 and rounded once, so the target's p − 1 does not cancel in bf16.
+    # Focal: ∂L/∂x'_j = Σ_c a_c f'(p_c) ∂p_c/∂x'_j with ∂p_c/∂x'_j = p_c(δ_cj − p_j)
+    #   = a_j h(p_j) − p_j Σ_c a_c h(p_c),  h(p) = p f'(p).
+    # z-loss: ∂(z·lse²)/∂x'_j = 2 z lse p_j.
+    # Soft-cap: x' = s tanh(x/s) ⇒ ∂x'/∂x = 1 − tanh² = 1 − (x'/s)².
+    if FOCAL:
+        grad = a - p * focal_sum[:, None]  # a here is a·h(p) (see _focal_terms)
+    else:
+        grad = p * mass[:, None] - a
+    grad = grad * ce_scale[:, None]
+    if HAS_Z_LOSS:
+        grad += (2.0 * z_loss * lse * z_scale)[:, None] * p
+    if HAS_SOFTCAP:
+        capped = x / softcap
+        grad = grad * (1.0 - capped * capped)
+    return grad * upstream[:, None]
+
+
+@triton.jit
+def _mask_rows(grad, valid, bad_target):
+    # ignored rows get an exact zero gradient (also when the mean's divisor is 0); a row whose
+    # class index is out of range (validate=False) gets NaN
+    grad = tl.where(valid[:, None], grad, 0.0)
+    return tl.where(bad_target[:, None], float("nan"), grad)
+
+
+@triton.heuristics({
+    "SINGLE_PASS": lambda args: args["n_classes"] <= args["BLOCK_SIZE"],
+})
+@triton.jit
+def cross_entropy_fwd_kernel(
+    # pointers
+    logits_ptr, target_ptr, weight_ptr,            # inputs; weight = class weights / focal alpha
+    loss_ptr, lse_ptr, grad_ptr,                   # per-row loss and lse (fp32/fp64), gradient
+    ce_divisor_ptr, z_divisor_ptr,                 # device scalars of the "mean" reduction
+    grad_output_ptr,                               # upstream gradient (GRAD_OUTPUT > 0)
+    # strides, in elements: row r -> (r // inner_size)·outer + (r % inner_size)·inner
+    logits_stride_outer, logits_stride_inner, logits_stride_class,
+    target_stride_outer, target_stride_inner, target_stride_class,  # probability targets only
+    grad_stride_outer, grad_stride_inner, grad_stride_class,
+    # sizes
+    n_rows, n_classes, inner_size,
+    # scalars
+    ignore_index, label_smoothing, z_loss, softcap, gamma,
+    # compile-time flags
+    ROWS: tl.constexpr,            # rows per program (several when C is small)
+    BLOCK_SIZE: tl.constexpr,      # classes per tile
+    SINGLE_PASS: tl.constexpr,     # the whole row fits in one tile: read it once
+    PROB_TARGET: tl.constexpr,     # target is a (…, C) probability tensor, not class indices
+    HAS_WEIGHT: tl.constexpr,      # per-class weights (or alpha) at weight_ptr
+    HAS_SMOOTHING: tl.constexpr,   # label_smoothing > 0
+    HAS_Z_LOSS: tl.constexpr,      # z_loss != 0
+    HAS_SOFTCAP: tl.constexpr,     # soft-cap the logits
+    FOCAL: tl.constexpr,           # focal loss with exponent gamma instead of cross-entropy
+    MEAN: tl.constexpr,            # scale loss and gradient by the mean's device-side divisors
+    COMPUTE_GRAD: tl.constexpr,    # write the gradient (forward-fused or backward recompute)
+    GRAD_OUTPUT: tl.constexpr,     # upstream gradient: 0 none (=1), 1 scalar, 2 one per row
+    COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_in_bounds = rows < n_rows
+    logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
+    target_row_offs = _row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
+    grad_row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
+
+    if PROB_TARGET:
+        y = tl.zeros((ROWS,), dtype=tl.int64)
+        valid = row_in_bounds
+        bad_target = tl.zeros((ROWS,), dtype=tl.int1)
+        w_y = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    else:
+        y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
+        valid = row_in_bounds & (y != ignore_index)
+        # only possible with validate=False: NaN for the row, and no out-of-bounds access
+        bad_target = valid & ((y < 0) | (y >= n_classes))
+        valid = valid & ~bad_target
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+        else:
+            w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
+
+    if MEAN:
+        ce_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(ce_divisor_ptr).to(COMPUTE_DTYPE)
+        z_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(z_divisor_ptr).to(COMPUTE_DTYPE)
+    else:
+        ce_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+        z_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+    if GRAD_OUTPUT == 1:
+        upstream = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
+    elif GRAD_OUTPUT == 2:
+        upstream = tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        upstream = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+
+    m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
+    s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    weighted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    cols = tl.arange(0, BLOCK_SIZE)
+
+    if SINGLE_PASS:
+        mask = valid[:, None] & (cols < n_classes)[None, :]
+        x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
+                         HAS_SOFTCAP, COMPUTE_DTYPE)
+        a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols, mask, y, w_y,
+                         label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, COMPUTE_DTYPE)
+        m, s, mass, weighted_sum = _online_update(x, a, mask, m, s, mass, weighted_sum)
+    else:
+        for start in range(0, n_classes, BLOCK_SIZE):
+            block_cols = start + cols
+            mask = valid[:, None] & (block_cols < n_classes)[None, :]
+            x = _load_logits(logits_ptr, logits_row_offs, block_cols, mask, logits_stride_class, softcap,
+                             HAS_SOFTCAP, COMPUTE_DTYPE)
+            a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, block_cols, mask,
+                             y, w_y, label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
+                             COMPUTE_DTYPE)
+            m, s, mass, weighted_sum = _online_update(x, a, mask, m, s, mass, weighted_sum)
+
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    lse = ref + log_s
+    # CE = Σ a (lse − x) = A·(lse − ref) − Σ a (x − ref): no large numbers cancel
+    loss = mass * log_s - weighted_sum
+
+    focal_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    if FOCAL:
+        loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        if SINGLE_PASS:
+            loss_terms, a, p = _focal_terms(x, a, lse, gamma)
+            loss = tl.sum(loss_terms, 1)
+            focal_sum = tl.sum(a, 1)
+        else:
+            for start in range(0, n_classes, BLOCK_SIZE):
+                block_cols = start + cols
+                mask = valid[:, None] & (block_cols < n_classes)[None, :]
+                x = _load_logits(logits_ptr, logits_row_offs, block_cols, mask, logits_stride_class, softcap,
+                                 HAS_SOFTCAP, COMPUTE_DTYPE)
+                a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, block_cols,
+                                 mask, y, w_y, label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT,
+                                 HAS_SMOOTHING, COMPUTE_DTYPE)
+                loss_terms, a_h, p = _focal_terms(x, a, lse, gamma)
+                loss += tl.sum(loss_terms, 1)
+                focal_sum += tl.sum(a_h, 1)
+
+    z_term = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    if HAS_Z_LOSS:
+        z_term = tl.where(valid, z_loss * lse * lse, 0.0)
+    loss = tl.where(valid, loss, 0.0)
+    # ignored rows: 0·(1/divisor) is NaN when every row is ignored, as torch's 0/0
+    row_loss = loss * ce_scale + z_term * z_scale
+    row_loss = tl.where(bad_target, float("nan"), row_loss)
+    tl.store(loss_ptr + rows, row_loss, mask=row_in_bounds)
+    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_in_bounds)
+
+    if COMPUTE_GRAD:
+        if SINGLE_PASS:
+            store_mask = row_in_bounds[:, None] & (cols < n_classes)[None, :]
+            if not FOCAL:
+                p = tl.exp(x - lse[:, None])
+            grad = _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss, softcap,
+                             HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
+            grad = _mask_rows(grad, valid, bad_target)
+            tl.store(grad_ptr + grad_row_offs[:, None] + cols[None, :].to(tl.int64) * grad_stride_class,
+                     grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
+        else:
+            # Second read of the row. One row per program and about one program per SM in flight
+            # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so the
+            # re-read is served from cache rather than HBM.
+            for start in range(0, n_classes, BLOCK_SIZE):
+                block_cols = start + cols
+                mask = valid[:, None] & (block_cols < n_classes)[None, :]
+                store_mask = row_in_bounds[:, None] & (block_cols < n_classes)[None, :]
+                x = _load_logits(logits_ptr, logits_row_offs, block_cols, mask, logits_stride_class, softcap,
+                                 HAS_SOFTCAP, COMPUTE_DTYPE)
+                a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, block_cols,
+                                 mask, y, w_y, label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT,
+                                 HAS_SMOOTHING, COMPUTE_DTYPE)
+                if FOCAL:
+                    loss_terms, a, p = _focal_terms(x, a, lse, gamma)
+                else:
+                    p = tl.exp(x - lse[:, None])
+                grad = _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss,
+                                 softcap, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
+                grad = _mask_rows(grad, valid, bad_target)
+                tl.store(grad_ptr + grad_row_offs[:, None] + block_cols[None, :].to(tl.int64) * grad_stride_class,
+                         grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def cross_entropy_bwd_kernel(
+    grad_ptr, grad_output_ptr,                        # gradient written by the forward (in place), upstream
+    grad_stride_outer, grad_stride_inner, grad_stride_class,
+    n_rows, n_classes, inner_size,
+    ROWS: tl.constexpr,                 # rows per program
+    BLOCK_SIZE: tl.constexpr,           # classes per tile
+    PER_ROW: tl.constexpr,              # grad_output has one value per row ('none'), else a scalar
+):
+    # The forward stored ∂L/∂x for an upstream gradient of 1; the chain rule scales each row by
+    # its upstream g. Rows with g == 1 (the usual loss.backward()) are not touched at all, which
+    # the device decides here without a host sync.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_in_bounds = rows < n_rows
+    if PER_ROW:
+        g = tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=1.0).to(tl.float32)
+    else:
+        g = tl.zeros((ROWS,), dtype=tl.float32) + tl.load(grad_output_ptr).to(tl.float32)
+    needs_scaling = row_in_bounds & (g != 1.0)
+    if tl.max(needs_scaling.to(tl.int32), 0) > 0:
+        row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
+        cols = tl.arange(0, BLOCK_SIZE)
+        for start in range(0, n_classes, BLOCK_SIZE):
+            block_cols = start + cols
+            mask = needs_scaling[:, None] & (block_cols < n_classes)[None, :]
+            ptrs = grad_ptr + row_offs[:, None] + block_cols[None, :].to(tl.int64) * grad_stride_class
+            grad = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, (grad * g[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def reduction_divisor_kernel(
+    target_ptr, weight_ptr, divisor_ptr,   # divisor_ptr[0] = Σ_valid w_y, divisor_ptr[1] = #valid rows
+    n_rows, n_classes, ignore_index,
+    BLOCK_SIZE: tl.constexpr,              # targets per step
+    HAS_WEIGHT: tl.constexpr,              # class weights at weight_ptr
+    COMPUTE_DTYPE: tl.constexpr,           # fp32, or fp64 for float64 inputs
+):
+    # One program, fixed summation order: the mean is bitwise reproducible (no atomics).
+    weight_sum = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE_DTYPE)
+    count = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE_DTYPE)
+    for start in range(0, n_rows, BLOCK_SIZE):
+        rows = start + tl.arange(0, BLOCK_SIZE)
+        in_bounds = rows < n_rows
+        y = tl.load(target_ptr + rows, mask=in_bounds, other=ignore_index).to(tl.int64)
+        valid = in_bounds & (y != ignore_index)
+        in_range = (y >= 0) & (y < n_classes)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y, mask=valid & in_range, other=0.0).to(COMPUTE_DTYPE)
+        else:
+            w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
+        # an out-of-range class (validate=False) poisons the mean with NaN instead of reading memory
+        weight_sum += tl.where(valid & ~in_range, float("nan"), w_y)
+        count += tl.where(valid, 1.0, 0.0)
+    tl.store(divisor_ptr, tl.sum(weight_sum, 0))
+    tl.store(divisor_ptr + 1, tl.sum(count, 0))

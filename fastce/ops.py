@@ -1,0 +1,305 @@
+"""Launchers of the Triton kernels, registered as torch.library custom ops.
+
+Everything here takes already-validated arguments (fastce.functional checks them). Each op
+is a custom op with a fake (meta) implementation so that torch.compile(fullgraph=True) traces
+through fastce without a graph break; in eager mode the autograd layer calls the plain
+launchers directly to skip the custom-op dispatch overhead.
+
+Launch rules (block size, rows per program, warps) are written next to the constants below.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .kernels.cross_entropy import (
+    cross_entropy_bwd_kernel,
+    cross_entropy_fwd_kernel,
+    reduction_divisor_kernel,
+)
+from ._validation import check_target_range
+
+# A row of up to this many classes is kept on chip and read once. 64k covers the 32k-50k
+# vocabularies whose rows are read once (GPT-2's 50257 included); a 64k-element tile spread over
+# 32 warps is 64 fp32 values per thread, at the edge of the 255-register budget: some spill to
+# local memory (served by L1/L2), which still costs less than a second read of the row from HBM.
+SINGLE_PASS_MAX_CLASSES = 65536
+# Above it a row is streamed in tiles of this many classes: 16 fp32 values per thread at 32 warps
+# leaves registers for the online statistics and keeps several tiles' loads in flight.
+STREAM_BLOCK = 16384
+# For small C several rows share a program so that each program still moves a few KiB
+# (one 64-row tile of 64 classes, ...): fewer, fuller programs instead of thousands of tiny ones.
+SMALL_ROW_TILE = 4096
+MAX_ROWS_PER_PROGRAM = 64
+# One warp per 1024 tile elements (32 per thread per live tile value), between 4 and 32 warps:
+# enough threads to cover the memory latency, few enough that each holds a useful amount.
+ELEMENTS_PER_WARP = 1024
+
+MEAN_DIVISOR_BLOCK = 4096
+
+
+class LossSpec(NamedTuple):
+    """The scalar options of one loss call (hashable, so it can also key caches)."""
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    gamma: float = 0.0
+    focal: bool = False  # focal loss: "mean" divides by the non-ignored row count, not Σ w_y
+
+
+class LaunchConfig(NamedTuple):
+    rows: int
+    block_size: int
+    num_warps: int
+
+
+def launch_config(n_rows: int, n_classes: int) -> LaunchConfig:
+    block = triton.next_power_of_2(max(n_classes, 1))
+    if block > SINGLE_PASS_MAX_CLASSES:
+        block = STREAM_BLOCK
+    rows = max(1, min(SMALL_ROW_TILE // block, MAX_ROWS_PER_PROGRAM, triton.next_power_of_2(max(n_rows, 1))))
+    num_warps = min(32, max(4, triton.next_power_of_2(rows * block // ELEMENTS_PER_WARP)))
+    return LaunchConfig(rows, block, num_warps)
+
+
+def n_classes_of(logits: Tensor) -> int:
+    return logits.shape[0] if logits.dim() == 1 else logits.shape[1]
+
+
+def row_layout(t: Tensor) -> tuple[int, int, int, int]:
+    """(inner_size, stride_outer, stride_inner, stride_class) of a (C), (N, C) or (N, C, d…) tensor.
+
+    Row r lives at (r // inner_size)·stride_outer + (r % inner_size)·stride_inner; the trailing
+    dims must be mergeable into one stride (fastce.functional copies a tensor where they are not).
+    """
+    if t.dim() == 1:
+        return 1, 0, 0, t.stride(0)
+    if t.dim() == 2:
+        return 1, t.stride(0), 0, t.stride(1)
+    inner_stride = mergeable_stride(t.shape[2:], t.stride()[2:])
+    assert inner_stride is not None, "trailing dims must be mergeable"
+    return t[0, 0].numel(), t.stride(0), inner_stride, t.stride(1)
+
+
+def mergeable_stride(sizes, strides) -> Optional[int]:
+    """Stride of dims `sizes` flattened into one, or None when they cannot be (without a copy)."""
+    dims = [(n, st) for n, st in zip(sizes, strides) if n != 1]
+    for (_, outer), (n_inner, inner) in zip(dims, dims[1:]):
+        if outer != inner * n_inner:
+            return None
+    return dims[-1][1] if dims else 1
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_dtype(dtype: torch.dtype):
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_fwd_kernel():
+    # Opt-in (FASTCE_AUTOTUNE=1, GPU only: the interpreter has no timer): searches warps per
+    # kernel shape; the in-place buffers are restored between trials.
+    configs = [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)]
+    return triton.autotune(configs, key=["n_classes", "n_rows"],
+                           restore_value=["logits_ptr", "grad_ptr"])(cross_entropy_fwd_kernel)
+
+
+def _fwd_kernel_and_warps(logits: Tensor, config: LaunchConfig):
+    if logits.is_cuda and os.environ.get("FASTCE_AUTOTUNE") == "1":
+        return _autotuned_fwd_kernel(), {}
+    return cross_entropy_fwd_kernel, {"num_warps": config.num_warps}
+
+
+def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec) -> Tensor:
+    """Device tensor [divisor of the loss, divisor of the z-loss] of the "mean" reduction:
+    Σ w_y over non-ignored rows (cross-entropy), their count (focal, z-loss), or the row count
+    (probability targets). No host sync: the kernel reads them from device memory."""
+    n_classes = n_classes_of(logits)
+    n_rows = logits.numel() // max(n_classes, 1)
+    acc_dtype = compute_dtype(logits.dtype)
+    divisors = torch.empty(2, dtype=acc_dtype, device=logits.device)
+    if target.is_floating_point():
+        return divisors.fill_(float(n_rows))
+    reduction_divisor_kernel[(1,)](
+        target, weight, divisors, n_rows, n_classes, spec.ignore_index,
+        BLOCK_SIZE=MEAN_DIVISOR_BLOCK, HAS_WEIGHT=weight is not None and not spec.focal,
+        COMPUTE_DTYPE=_triton_dtype(logits.dtype))
+    if spec.focal:
+        divisors[0] = divisors[1]  # a device copy, not a sync
+    return divisors
+
+
+def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *,
+                   grad: Optional[Tensor], divisors: Tensor, grad_output: Optional[Tensor] = None,
+                   grad_output_per_row: bool = False) -> tuple[Tensor, Tensor]:
+    """Run the fused kernel: returns per-row (loss contribution, lse); writes `grad` if given.
+
+    The per-row loss is already divided by the mean's divisors when spec.reduction == "mean",
+    so every reduction is a plain sum of it. `grad` may alias `logits` (in-place backward): each
+    element is read before it is overwritten.
+    """
+    n_classes = n_classes_of(logits)
+    n_rows = logits.numel() // max(n_classes, 1)
+    acc_dtype = compute_dtype(logits.dtype)
+    loss_rows = torch.empty(n_rows, dtype=acc_dtype, device=logits.device)
+    lse = torch.empty(n_rows, dtype=acc_dtype, device=logits.device)
+    if n_rows == 0:
+        return loss_rows, lse
+    config = launch_config(n_rows, n_classes)
+    inner_size, l_outer, l_inner, l_class = row_layout(logits)
+    prob_target = target.is_floating_point()
+    t_outer, t_inner, t_class = row_layout(target)[1:] if prob_target else (0, 0, 0)
+    g_outer, g_inner, g_class = row_layout(grad)[1:] if grad is not None else (0, 0, 0)
+    if not prob_target:
+        target = target.reshape(-1)
+    kernel, warps = _fwd_kernel_and_warps(logits, config)
+    grid = (triton.cdiv(n_rows, config.rows),)
+    kernel[grid](
+        logits, target, weight, loss_rows, lse, grad if grad is not None else loss_rows,
+        divisors, divisors[1:], grad_output if grad_output is not None else divisors,
+        l_outer, l_inner, l_class, t_outer, t_inner, t_class, g_outer, g_inner, g_class,
+        n_rows, n_classes, inner_size,
+        spec.ignore_index, spec.label_smoothing, spec.z_loss,
+        spec.softcap if spec.softcap is not None else 1.0, spec.gamma,
+        ROWS=config.rows, BLOCK_SIZE=config.block_size,
+        PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=spec.label_smoothing > 0, HAS_Z_LOSS=spec.z_loss != 0,
+        HAS_SOFTCAP=spec.softcap is not None, FOCAL=spec.focal and spec.gamma != 0,
+        MEAN=spec.reduction == "mean", COMPUTE_GRAD=grad is not None,
+        GRAD_OUTPUT=0 if grad_output is None else (2 if grad_output_per_row else 1),
+        COMPUTE_DTYPE=_triton_dtype(logits.dtype), **warps)
+    return loss_rows, lse
+
+
+def launch_scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
+    """grad *= grad_output in place (a scalar, or one value per row), skipping rows where it is 1."""
+    n_classes = n_classes_of(grad)
+    n_rows = grad.numel() // max(n_classes, 1)
+    if n_rows == 0:
+        return
+    # one value per row ('none'); a single value (also 'none' of one row) scales every row
+    per_row = grad_output.numel() != 1
+    config = launch_config(n_rows, n_classes)
+    inner_size, g_outer, g_inner, g_class = row_layout(grad)
+    cross_entropy_bwd_kernel[(triton.cdiv(n_rows, config.rows),)](
+        grad, grad_output.reshape(-1), g_outer, g_inner, g_class, n_rows, n_classes, inner_size,
+        ROWS=config.rows, BLOCK_SIZE=min(config.block_size, STREAM_BLOCK), PER_ROW=per_row,
+        num_warps=config.num_warps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op bodies (shared by the eager path and the custom ops)
+
+
+def forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *,
+            compute_grad: bool, inplace: bool, validate: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """Loss per row, lse per row, the gradient for an upstream gradient of 1 (or None), and the
+    mean's divisors. With inplace=True the gradient is written over `logits` and returned as it."""
+    if validate and not target.is_floating_point():
+        check_target_range(target, n_classes_of(logits), spec.ignore_index)
+    divisors = mean_divisors(logits, target, weight, spec)
+    grad = None
+    if compute_grad:
+        grad = logits if inplace else torch.empty_like(logits)
+    loss_rows, lse = launch_forward(logits, target, weight, spec, grad=grad, divisors=divisors)
+    return loss_rows, lse, grad, divisors
+
+
+def recompute_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
+                       divisors: Tensor, grad_output: Tensor) -> Tensor:
+    """∂loss/∂logits for the given upstream gradient, from the logits (backward of 'none', or a
+    second backward through a retained graph)."""
+    grad = torch.empty_like(logits)
+    launch_forward(logits, target, weight, spec, grad=grad, divisors=divisors,
+                   grad_output=grad_output.reshape(-1).contiguous(),
+                   grad_output_per_row=spec.reduction == "none")
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile sees. Outputs never alias inputs, so the in-place
+# variants return the updated tensor through their mutated argument only.
+
+
+def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal) -> LossSpec:
+    return LossSpec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
+
+
+@torch.library.custom_op("fastce::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+    label_smoothing: float, z_loss: float, softcap: Optional[float], gamma: float, focal: bool,
+    compute_grad: bool, validate: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
+    loss_rows, lse, grad, divisors = forward(logits, target, weight, spec, compute_grad=compute_grad,
+                                             inplace=False, validate=validate)
+    return loss_rows, lse, grad if grad is not None else logits.new_empty(0), divisors
+
+
+@cross_entropy_forward_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal,
+      compute_grad, validate):
+    n_rows = logits.numel() // n_classes_of(logits)
+    acc = compute_dtype(logits.dtype)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return (logits.new_empty(n_rows, dtype=acc), logits.new_empty(n_rows, dtype=acc), grad,
+            logits.new_empty(2, dtype=acc))
+
+
+@torch.library.custom_op("fastce::cross_entropy_forward_inplace", mutates_args=("logits",))
+def cross_entropy_forward_inplace_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+    label_smoothing: float, z_loss: float, softcap: Optional[float], gamma: float, focal: bool,
+    validate: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
+    loss_rows, lse, _, divisors = forward(logits, target, weight, spec, compute_grad=True, inplace=True,
+                                          validate=validate)
+    return loss_rows, lse, divisors
+
+
+@cross_entropy_forward_inplace_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal,
+      validate):
+    n_rows = logits.numel() // n_classes_of(logits)
+    acc = compute_dtype(logits.dtype)
+    return (logits.new_empty(n_rows, dtype=acc), logits.new_empty(n_rows, dtype=acc),
+            logits.new_empty(2, dtype=acc))
+
+
+@torch.library.custom_op("fastce::cross_entropy_recompute_grad", mutates_args=())
+def cross_entropy_recompute_grad_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Tensor, grad_output: Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
+    gamma: float, focal: bool,
+) -> Tensor:
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
+    return recompute_gradient(logits, target, weight, spec, divisors, grad_output)
+
+
+@cross_entropy_recompute_grad_op.register_fake
+def _(logits, target, weight, divisors, grad_output, ignore_index, reduction, label_smoothing, z_loss,
+      softcap, gamma, focal):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("fastce::cross_entropy_scale_grad_", mutates_args=("grad",))
+def cross_entropy_scale_grad_op(grad: Tensor, grad_output: Tensor) -> None:
+    launch_scale_gradient(grad, grad_output)
+
+
+@cross_entropy_scale_grad_op.register_fake
+def _(grad, grad_output):
+    return None
