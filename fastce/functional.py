@@ -5,7 +5,6 @@ Where code runs (DESIGN §3): CUDA tensors → Triton kernels; CPU tensors with 
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Optional, Union
@@ -25,13 +24,18 @@ from ._validation import (
 )
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTABLE: Optional[bool] = None
+
+
 def _triton_importable() -> bool:
-    try:
-        from . import ops  # noqa: F401  (imports triton and registers the custom ops)
-    except ImportError:
-        return False
-    return True
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        try:
+            from . import ops  # noqa: F401  (imports triton and registers the custom ops)
+            _TRITON_IMPORTABLE = True
+        except ImportError:
+            _TRITON_IMPORTABLE = False
+    return _TRITON_IMPORTABLE
 
 
 def uses_triton(input: Tensor) -> bool:
