@@ -195,7 +195,7 @@ def launch_scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
     cross_entropy_bwd_kernel[(triton.cdiv(n_rows, config.rows),)](
         grad, grad_output.reshape(-1), g_outer, g_inner, g_class, n_rows, n_classes, inner_size,
         ROWS=config.rows, BLOCK_SIZE=min(config.block_size, STREAM_BLOCK), PER_ROW=per_row,
-        num_warps=config.num_warps)
+        COMPUTE_DTYPE=_triton_dtype(grad.dtype), num_warps=config.num_warps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -300,6 +300,7 @@ def cross_entropy_bwd_kernel(
     ROWS: tl.constexpr,                 # rows per program
     BLOCK_SIZE: tl.constexpr,           # classes per tile
     PER_ROW: tl.constexpr,              # grad_output has one value per row ('none'), else a scalar
+    COMPUTE_DTYPE: tl.constexpr,        # fp32, or fp64 for float64 gradients
 ):
     # The forward stored ∂L/∂x for an upstream gradient of 1; the chain rule scales each row by
     # its upstream g. Rows with g == 1 (the usual loss.backward()) are not touched at all, which
@@ -307,9 +308,9 @@ def cross_entropy_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
     if PER_ROW:
-        g = tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=1.0).to(tl.float32)
+        g = tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=1.0).to(COMPUTE_DTYPE)
     else:
-        g = tl.zeros((ROWS,), dtype=tl.float32) + tl.load(grad_output_ptr).to(tl.float32)
+        g = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
     needs_scaling = row_in_bounds & (g != 1.0)
     if tl.max(needs_scaling.to(tl.int32), 0) > 0:
         row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
@@ -318,7 +319,7 @@ def cross_entropy_bwd_kernel(
             block_cols = start + cols
             mask = needs_scaling[:, None] & (block_cols < n_classes)[None, :]
             ptrs = grad_ptr + row_offs[:, None] + block_cols[None, :].to(tl.int64) * grad_stride_class
-            grad = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.load(ptrs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             tl.store(ptrs, (grad * g[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
