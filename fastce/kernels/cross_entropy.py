@@ -130,6 +130,35 @@ def _mask_rows(grad, valid, bad_target):
     return tl.where(bad_target[:, None], float("nan"), grad)
 
 
+@triton.jit
+def _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr, target_row_offs,
+               target_stride_class, weight_ptr, y, w_y, n_classes, label_smoothing, softcap,
+               PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    # (logits x', target mass a, mask) of the tile's classes; ignored rows are not read at all
+    mask = valid[:, None] & (cols < n_classes)[None, :]
+    x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
+                     HAS_SOFTCAP, COMPUTE_DTYPE)
+    a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols, mask, y, w_y,
+                     label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, COMPUTE_DTYPE)
+    return x, a, mask
+
+
+@triton.jit
+def _store_gradient(x, a, cols, lse, mass, focal_sum, ce_scale, z_scale, upstream, valid, bad_target,
+                    row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma,
+                    HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr):
+    if FOCAL:
+        _, a, p = _focal_terms(x, a, lse, gamma)  # a becomes a·h(p)
+    else:
+        p = tl.exp(x - lse[:, None])
+    grad = _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss, softcap,
+                     HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
+    grad = _mask_rows(grad, valid, bad_target)
+    tl.store(grad_ptr + grad_row_offs[:, None] + cols[None, :].to(tl.int64) * grad_stride_class,
+             grad.to(grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
+
+
 @triton.heuristics({
     "SINGLE_PASS": lambda args: args["n_classes"] <= args["BLOCK_SIZE"],
 })
@@ -204,22 +233,19 @@ def cross_entropy_fwd_kernel(
     weighted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     cols = tl.arange(0, BLOCK_SIZE)
 
+    # Pass 1: online log-sum-exp and target sums. A single-pass row stays in registers (x, a).
     if SINGLE_PASS:
-        mask = valid[:, None] & (cols < n_classes)[None, :]
-        x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
-                         HAS_SOFTCAP, COMPUTE_DTYPE)
-        a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols, mask, y, w_y,
-                         label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, COMPUTE_DTYPE)
+        x, a, mask = _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr,
+                                target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
+                                label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                                COMPUTE_DTYPE)
         m, s, mass, weighted_sum = _online_update(x, a, mask, m, s, mass, weighted_sum)
     else:
         for start in range(0, n_classes, BLOCK_SIZE):
-            block_cols = start + cols
-            mask = valid[:, None] & (block_cols < n_classes)[None, :]
-            x = _load_logits(logits_ptr, logits_row_offs, block_cols, mask, logits_stride_class, softcap,
-                             HAS_SOFTCAP, COMPUTE_DTYPE)
-            a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, block_cols, mask,
-                             y, w_y, label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
-                             COMPUTE_DTYPE)
+            x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
+                                    target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
+                                    n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
+                                    HAS_SOFTCAP, COMPUTE_DTYPE)
             m, s, mass, weighted_sum = _online_update(x, a, mask, m, s, mass, weighted_sum)
 
     ref = tl.where(m == float("-inf"), 0.0, m)
@@ -228,23 +254,21 @@ def cross_entropy_fwd_kernel(
     # CE = Σ a (lse − x) = A·(lse − ref) − Σ a (x − ref): no large numbers cancel
     loss = mass * log_s - weighted_sum
 
+    # Pass 2 (focal only): the loss and Σ a h(p) need p, hence the final lse.
     focal_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     if FOCAL:
-        loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
         if SINGLE_PASS:
-            loss_terms, a, p = _focal_terms(x, a, lse, gamma)
+            loss_terms, a_h, _ = _focal_terms(x, a, lse, gamma)
             loss = tl.sum(loss_terms, 1)
-            focal_sum = tl.sum(a, 1)
+            focal_sum = tl.sum(a_h, 1)
         else:
+            loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
             for start in range(0, n_classes, BLOCK_SIZE):
-                block_cols = start + cols
-                mask = valid[:, None] & (block_cols < n_classes)[None, :]
-                x = _load_logits(logits_ptr, logits_row_offs, block_cols, mask, logits_stride_class, softcap,
-                                 HAS_SOFTCAP, COMPUTE_DTYPE)
-                a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, block_cols,
-                                 mask, y, w_y, label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT,
-                                 HAS_SMOOTHING, COMPUTE_DTYPE)
-                loss_terms, a_h, p = _focal_terms(x, a, lse, gamma)
+                x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
+                                        target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
+                                        n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
+                                        HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_DTYPE)
+                loss_terms, a_h, _ = _focal_terms(x, a, lse, gamma)
                 loss += tl.sum(loss_terms, 1)
                 focal_sum += tl.sum(a_h, 1)
 
@@ -258,38 +282,24 @@ def cross_entropy_fwd_kernel(
     tl.store(loss_ptr + rows, row_loss, mask=row_in_bounds)
     tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_in_bounds)
 
+    # Last pass: the gradient, from registers for a single-pass row.
     if COMPUTE_GRAD:
         if SINGLE_PASS:
-            store_mask = row_in_bounds[:, None] & (cols < n_classes)[None, :]
-            if not FOCAL:
-                p = tl.exp(x - lse[:, None])
-            grad = _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss, softcap,
-                             HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
-            grad = _mask_rows(grad, valid, bad_target)
-            tl.store(grad_ptr + grad_row_offs[:, None] + cols[None, :].to(tl.int64) * grad_stride_class,
-                     grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
+            _store_gradient(x, a, cols, lse, mass, focal_sum, ce_scale, z_scale, upstream, valid, bad_target,
+                            row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss, softcap,
+                            gamma, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
         else:
             # Second read of the row. One row per program and about one program per SM in flight
             # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so the
             # re-read is served from cache rather than HBM.
             for start in range(0, n_classes, BLOCK_SIZE):
-                block_cols = start + cols
-                mask = valid[:, None] & (block_cols < n_classes)[None, :]
-                store_mask = row_in_bounds[:, None] & (block_cols < n_classes)[None, :]
-                x = _load_logits(logits_ptr, logits_row_offs, block_cols, mask, logits_stride_class, softcap,
-                                 HAS_SOFTCAP, COMPUTE_DTYPE)
-                a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, block_cols,
-                                 mask, y, w_y, label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT,
-                                 HAS_SMOOTHING, COMPUTE_DTYPE)
-                if FOCAL:
-                    loss_terms, a, p = _focal_terms(x, a, lse, gamma)
-                else:
-                    p = tl.exp(x - lse[:, None])
-                grad = _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss,
-                                 softcap, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
-                grad = _mask_rows(grad, valid, bad_target)
-                tl.store(grad_ptr + grad_row_offs[:, None] + block_cols[None, :].to(tl.int64) * grad_stride_class,
-                         grad.to(grad_ptr.dtype.element_ty), mask=store_mask)
+                x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
+                                        target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
+                                        n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
+                                        HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_DTYPE)
+                _store_gradient(x, a, start + cols, lse, mass, focal_sum, ce_scale, z_scale, upstream, valid,
+                                bad_target, row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes,
+                                z_loss, softcap, gamma, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
 
 
 @triton.jit
