@@ -1,0 +1,343 @@
+"""Shared helpers for the fastce test suite: input factories, the one per-dtype tolerance
+table, comparison against the float64 reference, gradients with a chosen grad_output, and a
+kernel-launch counter.
+
+Every test compares fastce with ``fastce.reference`` evaluated on float64 copies of the very
+same (already rounded) inputs, so the only error allowed is fastce's own: fp32 arithmetic
+inside, and one rounding of the result to the input's dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastce import reference
+
+# ----------------------------------------------------------------------------------------
+# Dtypes and the tolerance table (the ONE table used by every test file)
+# ----------------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+@dataclass(frozen=True)
+class Tol:
+    rtol: float  # relative to each element of the expected value
+    atol: float  # relative to the largest finite |expected| of the whole tensor
+    floor: float = 0.0  # absolute: the dtype's subnormal spacing (fp16 cannot do better)
+
+
+# fastce computes in fp32, except that float64 inputs stay float64 (fastce.reference's
+# compute_dtype, which the kernels follow), so float64 can be gradchecked with torch's default
+# settings; its tolerance allows scalar arguments (label_smoothing, gamma, ...) rounded to
+# fp32 on their way into a kernel (~1e-8 relative).  Low-precision outputs add one rounding of the
+# result (bf16: 2^-9 relative, fp16: 2^-11), with room for a second rounding of grad_output
+# products.  The atol term (relative to the largest element) covers cancellation in the
+# target-class gradient p_y*S - w_y*q_y, where torch's own fp32 result is off by ~3e-6 of
+# the largest element (measured).  Torch's own CPU bf16 gradients are ~2.5e-2 off
+# (measured); fastce must do better.
+TOLERANCES = {
+    torch.float64: Tol(rtol=1e-7, atol=1e-7),
+    torch.float32: Tol(rtol=1e-5, atol=1e-5),
+    torch.float16: Tol(rtol=2e-3, atol=1e-4, floor=2.0 ** -24),
+    torch.bfloat16: Tol(rtol=1e-2, atol=1e-3),
+}
+
+# torch.autograd.gradcheck settings (float64 inputs): torch's defaults.
+GRADCHECK = dict(eps=1e-6, atol=1e-5, rtol=1e-3, nondet_tol=0.0)
+
+
+def tol(dtype: torch.dtype) -> Tol:
+    return TOLERANCES[dtype]
+
+
+def assert_close_dtype(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """Compare ``actual`` (fastce's output) with ``expected`` (float64 reference) at the
+    tolerance of ``dtype``.  NaN and ±inf must sit in the same places; finite elements must
+    satisfy |a - e| <= rtol |e| + max(atol * max|e|, floor)."""
+    assert isinstance(actual, Tensor), f"{what}: expected a Tensor, got {type(actual)}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(nan_a, nan_e), (
+        f"{what}: NaN pattern differs: actual has {int(nan_a.sum())} NaN, expected {int(nan_e.sum())}"
+        f" (first mismatch at {torch.nonzero(nan_a != nan_e)[:3].tolist()})")
+    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
+    assert torch.equal(inf_a, inf_e) and torch.equal(a[inf_a], e[inf_e]), f"{what}: ±inf pattern differs"
+    fin = torch.isfinite(e)
+    if not fin.any():
+        return
+    a, e = a[fin], e[fin]
+    t = tol(dtype)
+    scale = e.abs().max().item()
+    bound = t.rtol * e.abs() + max(t.atol * scale, t.floor)
+    err = (a - e).abs()
+    bad = err > bound
+    if bad.any():
+        i = int(torch.argmax((err - bound)))
+        raise AssertionError(
+            f"{what} [{dtype}]: {int(bad.sum())}/{e.numel()} elements out of tolerance "
+            f"(rtol={t.rtol}, atol={t.atol}*{scale:.3g}); worst: actual={a[i].item():.9g} "
+            f"expected={e[i].item():.9g} |diff|={err[i].item():.3g}")
+
+
+# ----------------------------------------------------------------------------------------
+# Input factories
+# ----------------------------------------------------------------------------------------
+
+def class_dim(shape: Sequence[int]) -> int:
+    return 0 if len(shape) == 1 else 1
+
+
+def target_shape(shape: Sequence[int]) -> tuple:
+    """Target shape for hard targets: the input's shape without the class dim."""
+    if len(shape) == 1:
+        return ()
+    return (shape[0],) + tuple(shape[2:])
+
+
+def make_logits(shape, dtype=torch.float32, device="cpu", *, scale: float = 2.0,
+                layout: str = "contiguous") -> Tensor:
+    """Random logits of ``shape`` (class dim at 1, or 0 for 1-D) in a given memory layout:
+
+    contiguous  : ordinary
+    transposed  : a (C, N) buffer transposed (2-D only): row stride 1, class stride N
+    sliced      : every other column of a wider buffer, offset by one (non-unit class stride)
+    channels_last: (N, d1.., C) buffer permuted to (N, C, d1..) (class stride 1 for K-dim)
+    """
+    shape = tuple(shape)
+    if layout == "contiguous":
+        x = torch.randn(shape, device=device, dtype=torch.float64) * scale
+        return x.to(dtype)
+    if layout == "transposed":
+        assert len(shape) == 2
+        return (torch.randn(shape[::-1], device=device, dtype=torch.float64) * scale).to(dtype).t()
+    if layout == "sliced":
+        cd = class_dim(shape)
+        wide = list(shape)
+        wide[cd] = 2 * shape[cd] + 1
+        buf = (torch.randn(wide, device=device, dtype=torch.float64) * scale).to(dtype)
+        return buf.narrow(cd, 1, 2 * shape[cd]).unflatten(cd, (shape[cd], 2)).select(cd + 1, 0)
+    if layout == "channels_last":
+        assert len(shape) >= 3
+        perm_shape = (shape[0],) + tuple(shape[2:]) + (shape[1],)
+        buf = (torch.randn(perm_shape, device=device, dtype=torch.float64) * scale).to(dtype)
+        return buf.movedim(-1, 1)
+    raise ValueError(layout)
+
+
+def make_targets(shape, device="cpu", *, ignore_frac: float = 0.0, ignore_index: int = -100,
+                 dtype=torch.int64) -> Tensor:
+    """Random class indices for an input of ``shape``; a fraction ``ignore_frac`` of them set
+    to ``ignore_index`` (at least one when ignore_frac > 0 and there is more than one row)."""
+    C = shape[class_dim(shape)]
+    tshape = target_shape(shape)
+    t = torch.randint(0, max(C, 1), tshape, device=device, dtype=torch.int64)
+    if ignore_frac > 0 and t.numel() > 0:
+        mask = torch.rand(tshape, device=device) < ignore_frac
+        if t.numel() > 1 and not mask.any():
+            mask.view(-1)[0] = True
+        if ignore_frac >= 1.0:
+            mask[...] = True
+        t = torch.where(mask, torch.full_like(t, ignore_index), t)
+    return t.to(dtype)
+
+
+def make_probs(shape, dtype=torch.float32, device="cpu") -> Tensor:
+    """Probability targets: same shape as the input, a distribution over the class dim."""
+    cd = class_dim(shape)
+    return torch.softmax(torch.randn(shape, device=device, dtype=torch.float64) * 2, dim=cd).to(dtype)
+
+
+def make_inputs(shape, dtype=torch.float32, device="cpu", *, ignore_frac: float = 0.0,
+                ignore_index: int = -100, probs: bool = False, scale: float = 2.0,
+                layout: str = "contiguous"):
+    """(logits, target) for ``shape``: hard targets with a fraction ignored, or probabilities."""
+    x = make_logits(shape, dtype, device, scale=scale, layout=layout)
+    if probs:
+        return x, make_probs(shape, dtype, device)
+    return x, make_targets(shape, device, ignore_frac=ignore_frac, ignore_index=ignore_index)
+
+
+def make_weight(C: int, device="cpu", dtype=torch.float32) -> Tensor:
+    """Positive class weights, far from 1 so that forgetting them is visible."""
+    return (torch.rand(C, device=device, dtype=torch.float64) * 2.0 + 0.1).to(dtype)
+
+
+def as64(t):
+    """A float64 copy of a floating tensor (other things unchanged), detached."""
+    if isinstance(t, Tensor) and t.is_floating_point():
+        return t.detach().to(torch.float64)
+    return t
+
+
+# ----------------------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------------------
+
+GRAD_OUTPUT_MODES = ["default", "random"]
+
+
+def random_grad_output(out: Tensor, mode: str = "random") -> Optional[Tensor]:
+    """None for mode 'default' on a scalar (plain .backward()); otherwise a random tensor
+    shaped like ``out``; for a scalar, a random value in [0.5, 2] that is never 1."""
+    if mode == "default":
+        return None if out.dim() == 0 else torch.ones_like(out)
+    if out.dim() == 0:
+        v = 0.5 + 1.5 * torch.rand(()).item()
+        if abs(v - 1.0) < 0.05:
+            v = 1.7
+        return torch.tensor(v, dtype=out.dtype, device=out.device)
+    return torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
+
+
+def grads(fn: Callable, inputs: Sequence, grad_output: Optional[Tensor] = None, *,
+          mode: Optional[str] = None, wrt: Sequence[int] = (0,), retain_graph: bool = False):
+    """Run ``out = fn(*leaves)`` on fresh leaf copies of ``inputs`` (those at positions
+    ``wrt`` require grad), backpropagate ``grad_output`` (or, with ``mode``, a grad_output
+    drawn by random_grad_output; None means plain ``.backward()``) and return
+    (out, grad_output, [grad of each input in wrt]).  A tuple output uses its first item."""
+    leaves = []
+    for i, t in enumerate(inputs):
+        if isinstance(t, Tensor):
+            t = t.detach().clone()
+            if i in wrt:
+                t.requires_grad_(True)
+        leaves.append(t)
+    out = fn(*leaves)
+    if isinstance(out, tuple):
+        out = out[0]
+    if mode is not None:
+        grad_output = random_grad_output(out, mode)
+    if grad_output is None:
+        out.backward()
+    else:
+        out.backward(grad_output)
+    return out.detach(), grad_output, [leaves[i].grad for i in wrt]
+
+
+def reference_grads(ref_fn: Callable, inputs: Sequence, grad_output: Optional[Tensor], *,
+                    wrt: Sequence[int] = (0,)):
+    """grads() for the reference, on float64 copies of every floating input."""
+    ins64 = [as64(t) for t in inputs]
+    go = None if grad_output is None else grad_output.detach().to(torch.float64)
+    out, _, gs = grads(ref_fn, ins64, go, wrt=wrt)
+    return out, gs
+
+
+def check_loss_and_grad(fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
+                        dtype: torch.dtype, mode: str = "random", what: str = "", *,
+                        wrt: Sequence[int] = (0,)):
+    """fast_fn(*inputs) vs ref_fn(*float64 copies): the loss's value and dtype (= input
+    dtype), and the gradient (value and dtype) of each input in ``wrt`` under the same
+    grad_output.  Returns (loss, grads)."""
+    out, go, gs = grads(fast_fn, inputs, mode=mode, wrt=wrt)
+    ref_out, ref_gs = reference_grads(ref_fn, inputs, go, wrt=wrt)
+    assert out.dtype == dtype, f"{what}: loss dtype {out.dtype}, input dtype {dtype}"
+    assert_close_dtype(out, ref_out, dtype, f"{what} loss")
+    for i, g, rg in zip(wrt, gs, ref_gs):
+        assert g is not None, f"{what}: no gradient for input {i}"
+        assert g.dtype == inputs[i].dtype, f"{what}: grad dtype {g.dtype} != input dtype {inputs[i].dtype}"
+        assert g.shape == inputs[i].shape, f"{what}: grad shape {tuple(g.shape)}"
+        assert_close_dtype(g, rg, inputs[i].dtype, f"{what} grad[{i}]")
+    return out, gs
+
+
+def ce_fns(weight: Optional[Tensor] = None, **kw):
+    """(fastce.cross_entropy, reference.cross_entropy) as functions of (input, target) with
+    the given keyword arguments; the reference gets a float64 copy of ``weight``."""
+    import fastce
+
+    w64 = as64(weight)
+
+    def fast(x, t):
+        return fastce.cross_entropy(x, t, weight=weight, **kw)
+
+    def ref(x, t):
+        return reference.cross_entropy(x, t, weight=w64, **kw)
+
+    return fast, ref
+
+
+def focal_fns(alpha=None, **kw):
+    """(fastce.focal_loss, reference.focal_loss) as functions of (input, target)."""
+    import fastce
+
+    a64 = as64(alpha)
+
+    def fast(x, t):
+        return fastce.focal_loss(x, t, alpha=alpha, **kw)
+
+    def ref(x, t):
+        return reference.focal_loss(x, t, alpha=a64, **kw)
+
+    return fast, ref
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel launches
+# ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def count_kernel_launches():
+    """Count Triton kernel launches (interpreter or compiled) inside the block.
+
+    Yields a list that receives the name of each launched kernel."""
+    launched = []
+    patched = []
+    try:
+        from triton.runtime.jit import JITFunction
+        patched.append(JITFunction)
+    except Exception:  # pragma: no cover - triton missing
+        pass
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        patched.append(InterpretedFunction)
+    except Exception:  # pragma: no cover
+        pass
+    originals = [(cls, cls.run) for cls in patched]
+
+    def wrap(orig):
+        def run(self, *args, **kwargs):
+            if not kwargs.get("warmup", False):
+                launched.append(getattr(getattr(self, "fn", None), "__name__", "?"))
+            return orig(self, *args, **kwargs)
+        return run
+
+    for cls, orig in originals:
+        cls.run = wrap(orig)
+    try:
+        yield launched
+    finally:
+        for cls, orig in originals:
+            cls.run = orig
+
+
+def snapshot(*tensors):
+    """Clones of the tensors (None passes through) to compare with ``assert_unchanged``."""
+    return [t.detach().clone() if isinstance(t, Tensor) else t for t in tensors]
+
+
+def assert_unchanged(tensors: Iterable, snaps: Iterable, what: str = "") -> None:
+    """Each tensor is bit-identical to its snapshot."""
+    for i, (t, s) in enumerate(zip(tensors, snaps)):
+        if not isinstance(t, Tensor):
+            continue
+        assert bitwise_equal(t, s), f"{what}: caller's tensor {i} was modified"
+
+
+def bitwise_equal(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    return torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
+                       b.detach().contiguous().reshape(-1).view(torch.uint8))

@@ -1,0 +1,475 @@
+"""fastce.cross_entropy against the float64 reference: every argument of
+torch.nn.functional.cross_entropy, plus z_loss, softcap and return_lse (DESIGN §1-2)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastce
+from fastce import reference
+
+from _support import (DTYPES, GRADCHECK, REDUCTIONS, as64, assert_close_dtype, bitwise_equal,
+                      ce_fns, check_loss_and_grad, count_kernel_launches, grads, make_inputs,
+                      make_logits, make_probs, make_targets, make_weight, random_grad_output)
+
+# Named argument sets: each exercises a different part of the semantics.
+CONFIGS = {
+    "plain": dict(),
+    "weight": dict(weight=True),
+    "ignore": dict(ignore=True),
+    "smooth": dict(label_smoothing=0.1),
+    "weight_smooth_ignore": dict(weight=True, ignore=True, label_smoothing=0.25),
+}
+
+SHAPES = {
+    "1d": (7,),
+    "2d": (37, 17),
+    "3d": (3, 5, 4),
+    "4d": (2, 6, 3, 2),
+}
+
+
+def _case(shape, config, dtype=torch.float32, device="cpu", ignore_index=-100, **extra):
+    """Inputs and fn pair for a config: returns (x, t, fast, ref)."""
+    C = shape[0 if len(shape) == 1 else 1]
+    ignore = config.get("ignore", False) and len(shape) > 1
+    x, t = make_inputs(shape, dtype, device, ignore_frac=0.3 if ignore else 0.0,
+                       ignore_index=ignore_index)
+    w = make_weight(C, device, dtype) if config.get("weight") else None
+    fast, ref = ce_fns(w, ignore_index=ignore_index,
+                       label_smoothing=config.get("label_smoothing", 0.0), **extra)
+    return x, t, fast, ref
+
+
+# ------------------------------------------------------------------------------------------
+# The oracle itself is trusted because it equals torch in float64, feature by feature.
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("config", list(CONFIGS.values()) + [dict(probs=True, weight=True, label_smoothing=0.2)],
+                         ids=list(CONFIGS) + ["probs_weight_smooth"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reference_matches_torch_float64(shape, config, reduction):
+    C = shape[0 if len(shape) == 1 else 1]
+    ignore = config.get("ignore", False) and len(shape) > 1
+    x, t = make_inputs(shape, torch.float64, ignore_frac=0.3 if ignore else 0.0,
+                       probs=config.get("probs", False))
+    w = make_weight(C, dtype=torch.float64) if config.get("weight") else None
+    kw = dict(weight=w, reduction=reduction, label_smoothing=config.get("label_smoothing", 0.0))
+    _, go, (g_ref,) = grads(lambda a, b: reference.cross_entropy(a, b, **kw), [x, t], mode="random")
+    out_t, _, (g_t,) = grads(lambda a, b: F.cross_entropy(a, b, **kw), [x, t], go)
+    out_ref = reference.cross_entropy(x, t, **kw)
+    torch.testing.assert_close(out_ref, out_t, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_ref, g_t, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_zloss_softcap_match_their_definitions():
+    """z_loss adds z*lse^2 averaged over non-ignored rows; softcap replaces x by s*tanh(x/s)."""
+    x, t = make_inputs((9, 11), torch.float64, ignore_frac=0.3)
+    valid = t != -100
+    z, s = 0.3, 4.0
+    lse = torch.logsumexp(x, -1)
+    expect = F.cross_entropy(x, t) + z * (lse[valid] ** 2).mean()
+    torch.testing.assert_close(reference.cross_entropy(x, t, z_loss=z), expect, rtol=1e-12, atol=0)
+    xs = s * torch.tanh(x / s)
+    for red in REDUCTIONS:
+        torch.testing.assert_close(reference.cross_entropy(x, t, reduction=red, softcap=s),
+                                   F.cross_entropy(xs, t, reduction=red), rtol=1e-12, atol=0)
+    per_row = F.cross_entropy(x, t, reduction="none") + torch.where(valid, z * lse ** 2, 0 * lse)
+    torch.testing.assert_close(reference.cross_entropy(x, t, reduction="none", z_loss=z), per_row,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(reference.cross_entropy(x, t, reduction="sum", z_loss=z), per_row.sum(),
+                               rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Dispatch: CPU tensors under TRITON_INTERPRET=1 (and CUDA tensors) run the Triton kernels.
+# ------------------------------------------------------------------------------------------
+
+def test_triton_kernels_run(device):
+    x, t = make_inputs((5, 13), torch.float32, device)
+    x.requires_grad_(True)
+    with count_kernel_launches() as launched:
+        fastce.cross_entropy(x, t).backward()
+    assert len(launched) >= 1, "cross_entropy ran no Triton kernel (DESIGN §3)"
+
+
+def test_is_autograd_function(device):
+    assert issubclass(fastce.CrossEntropyFunction, torch.autograd.Function)
+    x, t = make_inputs((4, 6), torch.float32, device)
+    x.requires_grad_(True)
+    loss = fastce.cross_entropy(x, t)
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    names = {type(n).__name__ for n in seen}
+    assert any("CrossEntropyFunction" in n for n in names), names
+
+
+# ------------------------------------------------------------------------------------------
+# Hard targets: shapes x argument sets x reductions, loss and gradient
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_hard_targets(device, shape, config, reduction):
+    x, t, fast, ref = _case(shape, config, device=device, reduction=reduction)
+    check_loss_and_grad(fast, ref, [x, t], x.dtype, "random", f"{shape} {config} {reduction}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("config", ["plain", "weight_smooth_ignore"])
+def test_scalar_default_grad_output(device, reduction, config):
+    """loss.backward() with the implicit grad_output of 1."""
+    x, t, fast, ref = _case((11, 9), CONFIGS[config], device=device, reduction=reduction)
+    check_loss_and_grad(fast, ref, [x, t], x.dtype, "default", config)
+
+
+@pytest.mark.parametrize("ignore_index", [-1, 0, 3, 1000])
+def test_custom_ignore_index(device, ignore_index):
+    x, t, fast, ref = _case((23, 8), dict(ignore=True, weight=True), device=device,
+                            ignore_index=ignore_index, reduction="mean")
+    assert (t == ignore_index).any()
+    check_loss_and_grad(fast, ref, [x, t], x.dtype, "random", f"ignore_index={ignore_index}")
+    # the ignored rows really are ignored: same result as when they are dropped
+    keep = t != ignore_index
+    sub = fastce.cross_entropy(x[keep], t[keep], ignore_index=ignore_index)
+    full = fastce.cross_entropy(x, t, ignore_index=ignore_index)
+    torch.testing.assert_close(full, sub, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 17, 100, 1000, 4099])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_num_classes(device, C, reduction):
+    """C = 1, C not a power of two, C above one block of a multi-block kernel."""
+    x, t, fast, ref = _case((5, C), CONFIGS["weight_smooth_ignore"], device=device, reduction=reduction)
+    check_loss_and_grad(fast, ref, [x, t], x.dtype, "random", f"C={C}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("config", ["plain", "weight_smooth_ignore"])
+def test_dtypes(device, dtype, reduction, config):
+    """Loss and gradient come back in the input's dtype, within that dtype's tolerance."""
+    x, t, fast, ref = _case((13, 300), CONFIGS[config], dtype=dtype, device=device, reduction=reduction)
+    check_loss_and_grad(fast, ref, [x, t], dtype, "random", f"{dtype} {config}")
+
+
+@pytest.mark.parametrize("shape,layout", [
+    ((9, 21), "transposed"),
+    ((9, 21), "sliced"),
+    ((21,), "sliced"),
+    ((2, 7, 3, 4), "channels_last"),
+    ((2, 7, 3, 4), "sliced"),
+    ((3, 5, 6), "channels_last"),
+])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_non_contiguous(device, shape, layout, reduction):
+    x = make_logits(shape, torch.float32, device, layout=layout)
+    assert not x.is_contiguous()
+    t = make_targets(shape, device, ignore_frac=0.2 if len(shape) > 1 else 0.0)
+    C = shape[0 if len(shape) == 1 else 1]
+    fast, ref = ce_fns(make_weight(C, device), reduction=reduction, label_smoothing=0.1)
+    # the gradient is checked on a non-contiguous leaf of the same layout
+    out, go, (g,) = grads(fast, [x, t], mode="random")
+    ref_out, _, (rg,) = grads(ref, [as64(x), t], None if go is None else go.double())
+    assert_close_dtype(out, ref_out, torch.float32, f"{layout} loss")
+    assert_close_dtype(g, rg, torch.float32, f"{layout} grad")
+    # and equals the result on a contiguous copy
+    torch.testing.assert_close(fast(x.contiguous(), t), fast(x, t), rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+def test_non_contiguous_target(device):
+    x = make_logits((10, 6), torch.float32, device)
+    t_wide = make_targets((10, 12), device)[:, None].expand(10, 2).contiguous() % 6
+    t = t_wide[:, 1]
+    assert not t.is_contiguous()
+    fast, ref = ce_fns(None, reduction="none")
+    check_loss_and_grad(fast, ref, [x, t], torch.float32, "random", "strided target")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_uint8_targets(device, reduction):
+    x, t = make_inputs((12, 9), torch.float32, device)
+    a = fastce.cross_entropy(x, t.to(torch.uint8), reduction=reduction)
+    b = reference.cross_entropy(x.double(), t, reduction=reduction)
+    assert_close_dtype(a, b, torch.float32, "uint8 target")
+
+
+# ------------------------------------------------------------------------------------------
+# Probability targets
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(7,), (10, 13), (2, 5, 3)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets(device, shape, weight, label_smoothing, reduction):
+    C = shape[0 if len(shape) == 1 else 1]
+    x = make_logits(shape, torch.float32, device)
+    q = make_probs(shape, torch.float32, device)
+    w = make_weight(C, device) if weight else None
+    fast, ref = ce_fns(w, reduction=reduction, label_smoothing=label_smoothing)
+    check_loss_and_grad(fast, ref, [x, q], torch.float32, "random", "probs")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_probability_targets_low_precision(device, dtype):
+    x = make_logits((8, 50), dtype, device)
+    q = make_probs((8, 50), dtype, device)
+    fast, ref = ce_fns(make_weight(50, device, dtype), label_smoothing=0.1)
+    check_loss_and_grad(fast, ref, [x, q], dtype, "random", "probs low precision")
+
+
+# ------------------------------------------------------------------------------------------
+# Edge cases of the reductions
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)])
+def test_all_rows_ignored(device, weight, shape):
+    """'mean' -> NaN (0/0) with an all-zero gradient; 'sum' -> 0; 'none' -> zeros (as torch)."""
+    x = make_logits(shape, torch.float32, device)
+    t = torch.full(shape[:1] + shape[2:], -100, dtype=torch.long, device=device)
+    w = make_weight(shape[1], device) if weight else None
+    for reduction in REDUCTIONS:
+        xx = x.clone().requires_grad_(True)
+        loss = fastce.cross_entropy(xx, t, weight=w, reduction=reduction, label_smoothing=0.1)
+        expect = F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+        assert_close_dtype(loss, expect.double(), torch.float32, reduction)
+        if reduction == "mean":
+            assert torch.isnan(loss)
+        loss.backward(random_grad_output(loss))
+        assert xx.grad is not None and torch.equal(xx.grad, torch.zeros_like(x)), reduction
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (2, 5, 0)])
+def test_empty_batch(device, shape):
+    """NaN for 'mean', 0 for 'sum', an empty tensor for 'none' (as torch); backward works."""
+    x = make_logits(shape, torch.float32, device)
+    t = make_targets(shape, device)
+    for reduction in REDUCTIONS:
+        xx = x.clone().requires_grad_(True)
+        loss = fastce.cross_entropy(xx, t, reduction=reduction)
+        expect = F.cross_entropy(x, t, reduction=reduction)
+        assert loss.shape == expect.shape and loss.dtype == expect.dtype
+        assert torch.equal(torch.isnan(loss), torch.isnan(expect))
+        if reduction == "sum":
+            assert loss.item() == 0.0
+        if reduction == "mean":
+            assert torch.isnan(loss).item()
+        loss.sum().backward()
+        assert xx.grad is not None and xx.grad.shape == x.shape
+
+
+def test_weighted_mean_divisor(device):
+    """The 'mean' divides by the sum of the target classes' weights, not by N."""
+    x, t = make_inputs((40, 4), torch.float32, device, ignore_frac=0.2)
+    w = torch.tensor([0.1, 1.0, 3.0, 7.0], device=device)
+    fast = fastce.cross_entropy(x, t, weight=w)
+    valid = t != -100
+    per_row = fastce.cross_entropy(x, t, weight=w, reduction="none")
+    expect = per_row.double().sum() / w.double()[t[valid]].sum()
+    assert_close_dtype(fast, expect, torch.float32, "weighted mean")
+    assert_close_dtype(fast, F.cross_entropy(x.double(), t, weight=w.double()), torch.float32, "vs torch")
+
+
+# ------------------------------------------------------------------------------------------
+# z_loss, softcap, return_lse
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("z_loss,softcap", [(1e-2, None), (0.0, 3.0), (0.1, 5.0)])
+@pytest.mark.parametrize("config", ["plain", "weight_smooth_ignore"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_zloss_softcap(device, z_loss, softcap, config, reduction):
+    x, t, fast, ref = _case((19, 33), CONFIGS[config], device=device, reduction=reduction,
+                            z_loss=z_loss, softcap=softcap)
+    x = x * 3  # large enough that soft-capping bends the logits
+    check_loss_and_grad(fast, ref, [x, t], x.dtype, "random", f"z={z_loss} s={softcap}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_zloss_softcap_dtypes(device, dtype):
+    x, t, fast, ref = _case((9, 130), CONFIGS["weight_smooth_ignore"], dtype=dtype, device=device,
+                            z_loss=0.05, softcap=4.0)
+    check_loss_and_grad(fast, ref, [x, t], dtype, "random", f"zloss softcap {dtype}")
+
+
+def test_softcap_padded_lanes(device):
+    """C not a multiple of the block: padded lanes must not enter the lse after tanh(-inf)=-1."""
+    x, t, fast, ref = _case((3, 1000), CONFIGS["plain"], device=device, reduction="none",
+                            softcap=2.0, z_loss=0.1)
+    check_loss_and_grad(fast, ref, [x, t], x.dtype, "random", "softcap padding")
+
+
+def test_zloss_probability_targets(device):
+    x = make_logits((6, 10), torch.float32, device)
+    q = make_probs((6, 10), torch.float32, device)
+    for reduction in REDUCTIONS:
+        fast, ref = ce_fns(None, reduction=reduction, z_loss=0.2, softcap=3.0)
+        check_loss_and_grad(fast, ref, [x, q], torch.float32, "random", f"zloss probs {reduction}")
+
+
+@pytest.mark.parametrize("shape", [(17, 40), (2, 9, 3), (40,)])
+@pytest.mark.parametrize("softcap", [None, 6.0])
+def test_return_lse(device, shape, softcap):
+    x, t = make_inputs(shape, torch.float32, device, ignore_frac=0.2)
+    out = fastce.cross_entropy(x, t, reduction="none", return_lse=True, softcap=softcap)
+    assert isinstance(out, tuple) and len(out) == 2
+    loss, lse = out
+    ref_loss, ref_lse = reference.cross_entropy(x.double(), t, reduction="none", return_lse=True,
+                                                softcap=softcap)
+    assert_close_dtype(loss, ref_loss, torch.float32, "loss")
+    assert lse.shape == ref_lse.shape
+    valid = t != -100
+    assert_close_dtype(lse[valid], ref_lse[valid], torch.float32, "lse")
+    # loss unchanged by asking for the lse, and still differentiable
+    torch.testing.assert_close(fastce.cross_entropy(x, t, reduction="none", softcap=softcap), loss)
+    xx = x.clone().requires_grad_(True)
+    l2, _ = fastce.cross_entropy(xx, t, reduction="mean", return_lse=True, softcap=softcap)
+    l2.backward()
+    _, _, (rg,) = grads(lambda a, b: reference.cross_entropy(a, b, softcap=softcap), [x.double(), t])
+    assert_close_dtype(xx.grad, rg, torch.float32, "grad with return_lse")
+
+
+# ------------------------------------------------------------------------------------------
+# gradcheck (float64, tiny shapes)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [
+    dict(reduction="mean"),
+    dict(reduction="none", label_smoothing=0.2, weight=True, ignore=True),
+    dict(reduction="sum", z_loss=0.1, softcap=2.0, weight=True),
+    dict(reduction="mean", probs=True, label_smoothing=0.1),
+], ids=["plain", "none_smooth_weight_ignore", "sum_zloss_softcap", "probs"])
+def test_gradcheck(device, kw):
+    kw = dict(kw)
+    probs = kw.pop("probs", False)
+    ignore = kw.pop("ignore", False)
+    w = make_weight(4, device, torch.float64) if kw.pop("weight", False) else None
+    x, t = make_inputs((3, 4), torch.float64, device, probs=probs, ignore_frac=0.3 if ignore else 0)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: fastce.cross_entropy(a, t, weight=w, **kw), (x,),
+                                    **GRADCHECK)
+
+
+# ------------------------------------------------------------------------------------------
+# Determinism, no hidden mutation, inplace_backward, retain_graph
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_deterministic(device, reduction):
+    x, t, fast, _ = _case((37, 700), CONFIGS["weight_smooth_ignore"], device=device, reduction=reduction,
+                          z_loss=1e-3)
+    runs = []
+    for _ in range(2):
+        xx = x.clone().requires_grad_(True)
+        loss = fast(xx, t)
+        loss.backward(torch.ones_like(loss) * 0.75)
+        runs.append((loss.detach(), xx.grad))
+    assert bitwise_equal(runs[0][0], runs[1][0])
+    assert bitwise_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("probs", [False, True])
+def test_does_not_modify_inputs(device, dtype, probs):
+    x, t = make_inputs((8, 30), dtype, device, ignore_frac=0.2, probs=probs)
+    w = make_weight(30, device, dtype)
+    x.requires_grad_(True)
+    before = [x.detach().clone(), t.clone(), w.clone()]
+    loss = fastce.cross_entropy(x, t, weight=w, label_smoothing=0.1, z_loss=0.01)
+    loss.backward()
+    assert x.grad is not None
+    for a, b in zip([x.detach(), t, w], before):
+        assert bitwise_equal(a, b), "caller's tensor modified"
+
+
+def _inplace_setup(device, dtype=torch.float32):
+    h = make_logits((10, 8), dtype, device)
+    W = make_logits((8, 25), dtype, device)
+    t = make_targets((10, 25), device, ignore_frac=0.2)
+    return h, W, t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_same_gradient(device, reduction, dtype):
+    """inplace_backward=True: same loss and d loss / d logits as the default (both checked
+    against the fp64 reference), and the logits' storage ends up holding that gradient."""
+    x, t = make_inputs((10, 25), dtype, device, ignore_frac=0.2)
+    w = make_weight(25, device, dtype)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=0.01)
+    x64 = x.double().requires_grad_(True)
+    ref = reference.cross_entropy(x64, t, weight=w.double(), **kw_without_weight(kw))
+    go = torch.linspace(0.5, 1.5, ref.numel(), device=device).reshape(ref.shape).to(dtype)
+    ref.backward(go.double())
+    for inplace in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        logits = leaf * 1.0  # non-leaf logits (as the output of a model); passes grad through
+        loss = fastce.cross_entropy(logits, t, inplace_backward=inplace, **kw)
+        loss.backward(go)
+        what = "inplace" if inplace else "default"
+        assert_close_dtype(loss, ref.detach(), dtype, f"{what} loss")
+        assert_close_dtype(leaf.grad, x64.grad, dtype, f"{what} grad")
+        if inplace:
+            assert_close_dtype(logits.detach(), x64.grad, dtype, "overwritten logits")
+        else:
+            assert bitwise_equal(logits.detach(), x), "default mode modified the logits"
+
+
+def kw_without_weight(kw):
+    return {k: v for k, v in kw.items() if k != "weight"}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_through_matmul(device, reduction):
+    """In a model: logits = h @ W; the parameters' gradients match the default mode."""
+    h, W, t = _inplace_setup(device)
+    grads_by_mode = []
+    for inplace in (False, True):
+        hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        loss = fastce.cross_entropy(hh @ WW, t, reduction=reduction, inplace_backward=inplace)
+        loss.backward(torch.full_like(loss, 0.7))
+        grads_by_mode.append((hh.grad, WW.grad))
+    for a, b in zip(*grads_by_mode):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inplace_backward_second_backward_raises(device):
+    h, W, t = _inplace_setup(device)
+    hh = h.clone().requires_grad_(True)
+    loss = fastce.cross_entropy(hh @ W, t, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_retain_graph_accumulates(device, reduction):
+    x, t, fast, ref = _case((12, 20), CONFIGS["weight_smooth_ignore"], device=device, reduction=reduction)
+    xx = x.clone().requires_grad_(True)
+    loss = fast(xx, t)
+    go1, go2 = random_grad_output(loss), random_grad_output(loss)
+    loss.backward(go1, retain_graph=True)
+    first = xx.grad.clone()
+    loss.backward(go2)
+    _, _, (r1,) = grads(ref, [x.double(), t], go1.double())
+    _, _, (r2,) = grads(ref, [x.double(), t], go2.double())
+    assert_close_dtype(first, r1, torch.float32, "first backward")
+    assert_close_dtype(xx.grad, r1 + r2, torch.float32, "accumulated")
+    assert bitwise_equal(xx.detach(), x), "default mode modified the logits"
+
+
+def test_no_grad_forward(device):
+    x, t, fast, ref = _case((7, 30), CONFIGS["weight_smooth_ignore"], device=device, reduction="none")
+    with torch.no_grad():
+        out = fast(x, t)
+    assert not out.requires_grad
+    assert_close_dtype(out, ref(x.double(), t), torch.float32, "no_grad")
+    # and a no-grad input simply gives a loss without grad_fn
+    assert fast(x, t).grad_fn is None
