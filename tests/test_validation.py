@@ -1,0 +1,218 @@
+"""Bad input (DESIGN §2): a clear Python exception raised before any kernel runs, with the
+caller's tensors left bit-identical; validate=False never reads out of bounds."""
+import pytest
+import torch
+
+import fastce
+from fastce import reference
+
+from _support import (assert_close_dtype, assert_unchanged, count_kernel_launches, grads,
+                      make_logits, make_probs, make_targets, make_weight, snapshot)
+
+C = 5
+
+
+def _hard(device, shape=(4, C)):
+    return make_logits(shape, torch.float32, device), make_targets(shape, device)
+
+
+def _call(fn_name, x, t, **kw):
+    if fn_name == "cross_entropy":
+        return fastce.cross_entropy(x, t, **kw)
+    if fn_name == "focal_loss":
+        return fastce.focal_loss(x, t, **kw)
+    if fn_name == "CrossEntropyLoss":
+        return fastce.CrossEntropyLoss(**kw)(x, t)
+    if fn_name == "FocalLoss":
+        return fastce.FocalLoss(**kw)(x, t)
+    raise ValueError(fn_name)
+
+
+FUNCTIONS = ["cross_entropy", "focal_loss", "CrossEntropyLoss", "FocalLoss"]
+
+
+def _expect_clean_error(exc_types, fn_name, x, t, match=None, **kw):
+    """The call raises one of exc_types, launches no kernel, leaves every tensor as it was,
+    and the exception is a plain Python one with a readable message."""
+    x = x.detach().clone().requires_grad_(x.is_floating_point())
+    tensors = [x, t] + [v for v in kw.values() if isinstance(v, torch.Tensor)]
+    before = snapshot(*tensors)
+    with count_kernel_launches() as launched:
+        with pytest.raises(exc_types) as info:
+            _call(fn_name, x, t, **kw)
+    assert not launched, f"kernel(s) {launched} ran before the input was rejected"
+    assert_unchanged(tensors, before, "after a rejected call")
+    assert x.grad is None
+    msg = str(info.value)
+    assert len(msg) >= 10, f"unhelpful message: {msg!r}"
+    assert not type(info.value).__module__.startswith("triton"), type(info.value)
+    if match is not None:
+        assert match in msg, f"{match!r} not in message {msg!r}"
+    return info.value
+
+
+# ------------------------------------------------------------------------------------------
+# Target out of [0, C) and not ignore_index -> IndexError naming the value
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+@pytest.mark.parametrize("bad", [C, 123, -7, -1])
+def test_target_out_of_range(device, fn_name, bad):
+    x, t = _hard(device)
+    t[2] = bad
+    _expect_clean_error(IndexError, fn_name, x, t, match=str(bad))
+
+
+def test_target_out_of_range_kdim_and_1d(device):
+    x, t = _hard(device, (2, C, 3))
+    t[1, 2] = 77
+    _expect_clean_error(IndexError, "cross_entropy", x, t, match="77")
+    x1 = make_logits((C,), torch.float32, device)
+    _expect_clean_error(IndexError, "cross_entropy", x1, torch.tensor(42, device=device), match="42")
+
+
+def test_out_of_range_next_to_ignored_rows(device):
+    """A custom ignore_index is allowed; a different out-of-range value still is not."""
+    x, t = _hard(device, (6, C))
+    t[0] = -1
+    fastce.cross_entropy(x, t, ignore_index=-1)  # fine
+    t[3] = -100  # out of range now that ignore_index is -1
+    _expect_clean_error(IndexError, "cross_entropy", x, t, match="-100", ignore_index=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes, dtypes, arguments
+# ------------------------------------------------------------------------------------------
+
+SHAPE_MISMATCH = {
+    "batch": ((4, C), (3,)),
+    "kdim_spatial": ((2, C, 3), (2, 4)),
+    "kdim_rank": ((2, C, 3), (2,)),
+    "2d_target_for_2d_input": ((4, C), (4, 1)),
+}
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+@pytest.mark.parametrize("case", list(SHAPE_MISMATCH), ids=list(SHAPE_MISMATCH))
+def test_shape_mismatch(device, fn_name, case):
+    xs, ts = SHAPE_MISMATCH[case]
+    x = make_logits(xs, torch.float32, device)
+    t = torch.zeros(ts, dtype=torch.long, device=device)
+    _expect_clean_error((ValueError, RuntimeError), fn_name, x, t)
+
+
+def test_probability_target_shape_mismatch(device):
+    x = make_logits((4, C), torch.float32, device)
+    q = make_probs((4, C + 1), torch.float32, device)
+    _expect_clean_error((ValueError, RuntimeError), "cross_entropy", x, q)
+
+
+def test_weight_shape_mismatch(device):
+    x, t = _hard(device)
+    _expect_clean_error((ValueError, RuntimeError), "cross_entropy", x, t, weight=make_weight(C - 2, device))
+
+
+def test_shape_checks_stay_with_validate_false(device):
+    """validate=False drops only the checks that need a host sync."""
+    x = make_logits((4, C), torch.float32, device)
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    _expect_clean_error((ValueError, RuntimeError), "cross_entropy", x, t, validate=False)
+    _expect_clean_error(ValueError, "cross_entropy", x, torch.zeros(4, dtype=torch.long, device=device),
+                        validate=False, reduction="avg")
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+@pytest.mark.parametrize("tdtype", [torch.int32, torch.int16, torch.int8, torch.bool, torch.float32],
+                         ids=str)
+def test_wrong_target_dtype(device, fn_name, tdtype):
+    """Class indices must be int64 or uint8 (as torch); a float target must be input-shaped."""
+    x, t = _hard(device)
+    _expect_clean_error((TypeError, ValueError, RuntimeError), fn_name, x, t.to(tdtype))
+
+
+def test_uint8_and_int64_accepted(device):
+    x, t = _hard(device)
+    a = fastce.cross_entropy(x, t)
+    b = fastce.cross_entropy(x, t.to(torch.uint8))
+    assert_close_dtype(a, reference.cross_entropy(x.double(), t), torch.float32, "int64")
+    assert_close_dtype(b, reference.cross_entropy(x.double(), t), torch.float32, "uint8")
+
+
+@pytest.mark.parametrize("fn_name", ["cross_entropy", "CrossEntropyLoss"])
+@pytest.mark.parametrize("ignore_index", [0, -1, 3])
+def test_probability_targets_with_ignore_index(device, fn_name, ignore_index):
+    x = make_logits((4, C), torch.float32, device)
+    q = make_probs((4, C), torch.float32, device)
+    _expect_clean_error((ValueError, RuntimeError), fn_name, x, q, ignore_index=ignore_index)
+
+
+def test_probability_targets_default_ignore_index_fine(device):
+    x = make_logits((4, C), torch.float32, device)
+    q = make_probs((4, C), torch.float32, device)
+    out = fastce.cross_entropy(x, q, ignore_index=-100)
+    assert_close_dtype(out, reference.cross_entropy(x.double(), q.double()), torch.float32, "probs")
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+@pytest.mark.parametrize("reduction", ["avg", "elementwise_mean", "MEAN", None])
+def test_unknown_reduction(device, fn_name, reduction):
+    x, t = _hard(device)
+    _expect_clean_error(ValueError, fn_name, x, t, reduction=reduction)
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+@pytest.mark.parametrize("label_smoothing", [-0.1, -1e-6, 1.0001, 2.0])
+def test_label_smoothing_out_of_range(device, fn_name, label_smoothing):
+    x, t = _hard(device)
+    _expect_clean_error((ValueError, RuntimeError), fn_name, x, t, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 1.0])
+def test_label_smoothing_bounds_accepted(device, label_smoothing):
+    x, t = _hard(device)
+    out = fastce.cross_entropy(x, t, label_smoothing=label_smoothing)
+    assert_close_dtype(out, reference.cross_entropy(x.double(), t, label_smoothing=label_smoothing),
+                       torch.float32, f"label_smoothing={label_smoothing}")
+
+
+def test_probability_targets_out_of_range_smoothing(device):
+    x = make_logits((4, C), torch.float32, device)
+    q = make_probs((4, C), torch.float32, device)
+    _expect_clean_error((ValueError, RuntimeError), "cross_entropy", x, q, label_smoothing=-0.5)
+
+
+def test_kernel_counter_sees_launches(device):
+    """Positive control for the 'no kernel ran' checks above."""
+    x, t = _hard(device)
+    with count_kernel_launches() as launched:
+        fastce.cross_entropy(x, t)
+    assert launched
+
+
+# ------------------------------------------------------------------------------------------
+# validate=False: out-of-range targets give NaN for that row, never a crash
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["C", "C+3", 10**9, -7, -(2**40)])
+@pytest.mark.parametrize("num_classes", [C, 3000])
+def test_validate_false_out_of_range_is_nan_row(device, bad, num_classes):
+    x, t = _hard(device, (6, num_classes))
+    bad = {"C": num_classes, "C+3": num_classes + 3}.get(bad, bad)
+    t[2] = bad
+    t[4] = -100
+    xx = x.clone().requires_grad_(True)
+    loss = fastce.cross_entropy(xx, t, reduction="none", validate=False)
+    assert loss.shape == (6,)
+    assert torch.isnan(loss[2]), f"row with target {bad} gave {loss[2].item()}, not NaN"
+    ok = torch.ones(6, dtype=torch.bool)
+    ok[2] = False
+    ref = reference.cross_entropy(x.double(), t, reduction="none")
+    assert_close_dtype(loss.detach()[ok], ref[ok], torch.float32, "other rows")
+    # backward does not crash either, and the other rows' gradients are right
+    go = torch.rand(6, device=device)
+    loss.backward(go)
+    _, _, (rg,) = grads(lambda a, b: reference.cross_entropy(a, b, reduction="none"), [x.double(), t],
+                        go.double())
+    assert_close_dtype(xx.grad[ok], rg[ok], torch.float32, "other rows' gradient")
+    # and with 'mean' the bad row makes the loss NaN instead of reading garbage
+    assert torch.isnan(fastce.cross_entropy(x, t, validate=False))
