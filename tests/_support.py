@@ -108,10 +108,12 @@ def make_logits(shape, dtype=torch.float32, device="cpu", *, scale: float = 2.0,
                 layout: str = "contiguous") -> Tensor:
     """Random logits of ``shape`` (class dim at 1, or 0 for 1-D) in a given memory layout:
 
-    contiguous  : ordinary
-    transposed  : a (C, N) buffer transposed (2-D only): row stride 1, class stride N
-    sliced      : every other column of a wider buffer, offset by one (non-unit class stride)
+    contiguous   : ordinary
+    transposed   : a (C, N) buffer transposed (2-D only): row stride 1, class stride N
+    sliced       : every other class of a wider buffer, offset by one (non-unit class stride)
     channels_last: (N, d1.., C) buffer permuted to (N, C, d1..) (class stride 1 for K-dim)
+    spatial_step : every other position of d1 in a longer buffer (K-dim; d1.. do not merge)
+    permuted     : (N, d1, C, d2..) buffer permuted to (N, C, d1, d2..) (K-dim, k >= 2)
     """
     shape = tuple(shape)
     if layout == "contiguous":
@@ -131,6 +133,17 @@ def make_logits(shape, dtype=torch.float32, device="cpu", *, scale: float = 2.0,
         perm_shape = (shape[0],) + tuple(shape[2:]) + (shape[1],)
         buf = (torch.randn(perm_shape, device=device, dtype=torch.float64) * scale).to(dtype)
         return buf.movedim(-1, 1)
+    if layout == "spatial_step":
+        assert len(shape) >= 3
+        long = list(shape)
+        long[2] = 2 * shape[2]
+        buf = (torch.randn(long, device=device, dtype=torch.float64) * scale).to(dtype)
+        return buf[:, :, ::2]
+    if layout == "permuted":
+        assert len(shape) >= 4
+        perm_shape = (shape[0], shape[2], shape[1]) + tuple(shape[3:])
+        buf = (torch.randn(perm_shape, device=device, dtype=torch.float64) * scale).to(dtype)
+        return buf.transpose(1, 2)
     raise ValueError(layout)
 
 
@@ -208,7 +221,7 @@ def grads(fn: Callable, inputs: Sequence, grad_output: Optional[Tensor] = None, 
     leaves = []
     for i, t in enumerate(inputs):
         if isinstance(t, Tensor):
-            t = t.detach().clone()
+            t = clone_keep_strides(t)
             if i in wrt:
                 t.requires_grad_(True)
         leaves.append(t)
@@ -222,6 +235,14 @@ def grads(fn: Callable, inputs: Sequence, grad_output: Optional[Tensor] = None, 
     else:
         out.backward(grad_output)
     return out.detach(), grad_output, [leaves[i].grad for i in wrt]
+
+
+def clone_keep_strides(t: Tensor) -> Tensor:
+    """A detached copy with exactly ``t``'s sizes and strides (Tensor.clone() makes sliced,
+    non-dense tensors contiguous, which would hide the layout from the code under test)."""
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    out.copy_(t.detach())
+    return out
 
 
 def reference_grads(ref_fn: Callable, inputs: Sequence, grad_output: Optional[Tensor], *,

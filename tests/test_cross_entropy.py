@@ -166,6 +166,8 @@ def test_dtypes(device, dtype, reduction, config):
     ((2, 7, 3, 4), "channels_last"),
     ((2, 7, 3, 4), "sliced"),
     ((3, 5, 6), "channels_last"),
+    ((2, 6, 4, 3), "spatial_step"),
+    ((2, 6, 4, 3), "permuted"),
 ])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_non_contiguous(device, shape, layout, reduction):
@@ -176,6 +178,7 @@ def test_non_contiguous(device, shape, layout, reduction):
     fast, ref = ce_fns(make_weight(C, device), reduction=reduction, label_smoothing=0.1)
     # the gradient is checked on a non-contiguous leaf of the same layout
     out, go, (g,) = grads(fast, [x, t], mode="random")
+    assert g.shape == x.shape
     ref_out, _, (rg,) = grads(ref, [as64(x), t], None if go is None else go.double())
     assert_close_dtype(out, ref_out, torch.float32, f"{layout} loss")
     assert_close_dtype(g, rg, torch.float32, f"{layout} grad")
@@ -183,13 +186,32 @@ def test_non_contiguous(device, shape, layout, reduction):
     torch.testing.assert_close(fast(x.contiguous(), t), fast(x, t), rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
-def test_non_contiguous_target(device):
-    x = make_logits((10, 6), torch.float32, device)
-    t_wide = make_targets((10, 12), device)[:, None].expand(10, 2).contiguous() % 6
-    t = t_wide[:, 1]
+@pytest.mark.parametrize("case", ["hard_2d", "hard_kdim", "probs_transposed"])
+def test_non_contiguous_target(device, case):
+    """Targets are views too: every-other-element class indices, a (C, N) probability buffer
+    transposed.  (Compared with torch via the reference on the same values.)"""
+    if case == "hard_2d":
+        x = make_logits((10, 6), torch.float32, device)
+        t = make_targets((10, 6), device, ignore_frac=0.2)
+        t = torch.stack([torch.randint(0, 6, (10,), device=device), t], 1)[:, 1]
+    elif case == "hard_kdim":
+        x = make_logits((2, 6, 5), torch.float32, device)
+        t = torch.stack([make_targets((2, 6, 5), device), make_targets((2, 6, 5), device)], -1)[..., 0]
+    else:
+        x = make_logits((10, 6), torch.float32, device)
+        t = make_probs((10, 6), torch.float32, device).t().contiguous().t()
     assert not t.is_contiguous()
-    fast, ref = ce_fns(None, reduction="none")
+    fast, ref = ce_fns(make_weight(6, device), reduction="none", label_smoothing=0.05)
     check_loss_and_grad(fast, ref, [x, t], torch.float32, "random", "strided target")
+
+
+def test_non_contiguous_weight(device):
+    x, t = make_inputs((10, 6), torch.float32, device, ignore_frac=0.2)
+    w = make_weight(12, device)[::2]
+    assert not w.is_contiguous()
+    for reduction in REDUCTIONS:
+        fast, ref = ce_fns(w, reduction=reduction, label_smoothing=0.1)
+        check_loss_and_grad(fast, ref, [x, t], torch.float32, "random", f"strided weight {reduction}")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -447,6 +469,59 @@ def test_inplace_backward_second_backward_raises(device):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError):
         loss.backward()
+
+
+def test_inplace_backward_error_messages(device):
+    """A leaf that requires grad cannot take its own gradient in place: a clear error; the
+    second backward's error names the option."""
+    x, t = make_inputs((5, 7), torch.float32, device)
+    leaf = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError):
+        fastce.cross_entropy(leaf, t, inplace_backward=True).backward()
+    logits = x.clone().requires_grad_(True) * 1.0
+    loss = fastce.cross_entropy(logits, t, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        loss.backward()
+
+
+def test_inplace_backward_without_grad_leaves_logits(device):
+    """No gradient wanted (no_grad, or logits without requires_grad): nothing is overwritten."""
+    x, t = make_inputs((6, 9), torch.float32, device)
+    before = x.clone()
+    loss = fastce.cross_entropy(x, t, inplace_backward=True)
+    assert bitwise_equal(x, before)
+    xr = x.clone().requires_grad_(True) * 1.0
+    with torch.no_grad():
+        loss2 = fastce.cross_entropy(xr, t, inplace_backward=True)
+    assert bitwise_equal(xr.detach(), before)
+    expect = reference.cross_entropy(x.double(), t)
+    assert_close_dtype(loss, expect, torch.float32, "loss")
+    assert_close_dtype(loss2, expect, torch.float32, "loss under no_grad")
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 5, 4)])
+@pytest.mark.parametrize("downstream", ["sum", "mean", "transposed", "strided"])
+def test_none_grad_output_layouts(device, shape, downstream):
+    """'none' losses feed arbitrary graphs: expanded (from .sum()), transposed or sliced
+    grad_outputs must be read with their strides."""
+    x, t = make_inputs(shape, torch.float32, device, ignore_frac=0.2)
+
+    def head(loss):
+        if downstream == "sum":
+            return loss.sum()
+        if downstream == "mean":
+            return loss.mean()
+        if downstream == "transposed":
+            m = loss.reshape(loss.shape[0], -1)
+            return (m.t() * torch.arange(1.0, m.numel() + 1, device=device).reshape(m.t().shape)).sum()
+        return loss.reshape(-1)[::2].sum() * 3
+
+    fast, ref = ce_fns(make_weight(5, device), reduction="none", label_smoothing=0.1)
+    out, _, (g,) = grads(lambda a, b: head(fast(a, b)), [x, t])
+    ref_out, _, (rg,) = grads(lambda a, b: head(ref(a, b)), [x.double(), t])
+    assert_close_dtype(out, ref_out, torch.float32, f"{downstream} loss")
+    assert_close_dtype(g, rg, torch.float32, f"{downstream} grad")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

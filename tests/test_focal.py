@@ -145,6 +145,15 @@ def test_focal_non_contiguous(device):
     check_loss_and_grad(fast, ref, [xt, tt], torch.float32, "random", "focal transposed")
 
 
+def test_focal_non_contiguous_target_and_alpha(device):
+    x = make_logits((9, 13), torch.float32, device)
+    t = torch.stack([make_targets((9, 13), device, ignore_frac=0.2)] * 2, 1)[:, 0]
+    alpha = make_weight(26, device)[::2]
+    assert not t.is_contiguous() and not alpha.is_contiguous()
+    fast, ref = focal_fns(alpha, gamma=2.0, reduction="none", label_smoothing=0.1)
+    check_loss_and_grad(fast, ref, [x, t], torch.float32, "random", "strided target, alpha")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_focal_probability_targets(device, reduction):
     """q as for cross-entropy: probability targets work too ('mean' over all rows)."""

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import fastce
 from fastce import reference
 
-from _support import (assert_close_dtype, ce_fns, check_loss_and_grad, grads, make_logits,
-                      make_targets, make_weight, tol)
+from _support import (DTYPES, assert_close_dtype, ce_fns, check_loss_and_grad, grads,
+                      make_logits, make_targets, make_weight, tol)
 
 NEG_INF = float("-inf")
 
@@ -98,7 +98,8 @@ def test_confident_target_gradient(device, dtype, p_target):
     x[torch.arange(N), t] = math.log(p_target * (C - 1) / (1 - p_target))
     x = (x + 0.01 * torch.randn(N, C, dtype=torch.float64)).to(dtype).to(device)
     t = t.to(device)
-    fast, ref = ce_fns(None, reduction="mean")
+    # 'sum': the gradient is p - q itself (with 'mean' the fp16 values would be subnormal)
+    fast, ref = ce_fns(None, reduction="sum")
     out, (g,) = check_loss_and_grad(fast, ref, [x, t], dtype, "default", "confident target")
     # the target entries themselves, to relative accuracy of the dtype
     _, _, (rg,) = grads(ref, [x.double(), t])
@@ -108,7 +109,7 @@ def test_confident_target_gradient(device, dtype, p_target):
     rel = ((gt - rgt).abs() / rgt.abs()).max().item()
     assert rel <= tol(dtype).rtol, f"target-class gradient off by {rel:.3g} relative"
     # not worse than torch's own low-precision result
-    _, _, (tg,) = grads(lambda a, b: F.cross_entropy(a, b), [x, t])
+    _, _, (tg,) = grads(lambda a, b: F.cross_entropy(a, b, reduction="sum"), [x, t])
     torch_rel = ((tg[rows, t].double() - rgt).abs() / rgt.abs()).max().item()
     assert rel <= max(torch_rel, 2 ** -8), (rel, torch_rel)
 
@@ -189,3 +190,32 @@ def test_lse_is_fp32_accurate_in_bf16(device):
     expect = reference.cross_entropy(x.double(), t, reduction="none")
     rel = ((loss.double() - expect).abs() / expect.abs()).max().item()
     assert rel <= 2 ** -8, f"relative error {rel:.3g} exceeds one bf16 rounding"
+
+
+# ------------------------------------------------------------------------------------------
+# The tolerance table itself
+# ------------------------------------------------------------------------------------------
+
+def test_tolerance_table_is_fair_and_can_fail():
+    """torch's own fp32 results pass the fp32 entry (the table is not tighter than fp32
+    rounding), and for every dtype a result off by 4 rtol is rejected (it can fail)."""
+    x = make_logits((37, 300), torch.float32, scale=3.0)
+    t = make_targets((37, 300), ignore_frac=0.2)
+    w = make_weight(300)
+    kw = dict(weight=w, label_smoothing=0.1)
+    for reduction in ("none", "mean"):
+        go = torch.rand(37) + 0.5 if reduction == "none" else torch.tensor(1.3)
+        out, _, (g,) = grads(lambda a, b: F.cross_entropy(a, b, reduction=reduction, **kw), [x, t], go)
+        ref_out, _, (rg,) = grads(lambda a, b: F.cross_entropy(a, b, reduction=reduction, weight=w.double(),
+                                                               label_smoothing=0.1), [x.double(), t], go.double())
+        assert_close_dtype(out, ref_out, torch.float32, "torch fp32 loss")
+        assert_close_dtype(g, rg, torch.float32, "torch fp32 grad")
+    for dtype in DTYPES:
+        expected = torch.randn(50, dtype=torch.float64)
+        assert_close_dtype(expected * (1 + 0.5 * tol(dtype).rtol), expected, dtype, "within")
+        with pytest.raises(AssertionError):
+            assert_close_dtype(expected * (1 + 4 * tol(dtype).rtol), expected, dtype, "perturbed")
+        nan_where_finite = expected.clone()
+        nan_where_finite[3] = float("nan")
+        with pytest.raises(AssertionError):
+            assert_close_dtype(nan_where_finite, expected, dtype, "NaN")
