@@ -1,0 +1,176 @@
+"""The implementations compared, each imported only when first used.
+
+A provider maps an operation to a factory: ``factory(case)`` returns ``loss(inputs)``, a
+function of the tensors made by ``cases.make_inputs``. A provider that cannot be imported
+raises ``NotRun`` from ``load()``; one that lacks an operation or a reduction raises it from
+``loss_fn()``. Either way the suite prints the note instead of a number.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from .cases import OPS, Case
+
+LossFn = Callable[[Dict[str, torch.Tensor]], torch.Tensor]
+Factory = Callable[[Case], LossFn]
+
+
+class NotRun(Exception):
+    """A provider or an operation that cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    description: str
+    load_ops: Callable[[], Dict[str, Factory]] = field(repr=False)
+    # Operations whose memory traffic the CPU mode cannot count, and why (the others run as
+    # Triton kernels on the interpreter, or as aten operators, which fastce.profiling sees).
+    cpu_blind_ops: Tuple[str, ...] = ()
+    cpu_blind_reason: str = ""
+
+    def load(self) -> Dict[str, Factory]:
+        """The operations it has; raises NotRun (every time) when it cannot be imported."""
+        if self.name not in _LOADED:
+            try:
+                _LOADED[self.name] = self.load_ops()
+            except NotRun as note:
+                _LOADED[self.name] = note
+        if isinstance(_LOADED[self.name], NotRun):
+            raise _LOADED[self.name]
+        return _LOADED[self.name]
+
+    def loss_fn(self, case: Case, on_gpu: bool) -> LossFn:
+        ops = self.load()
+        if case.op not in ops:
+            raise NotRun(f"{self.name} has no {case.op}")
+        if not on_gpu and case.op in self.cpu_blind_ops:
+            raise NotRun(f"not measured on CPU: {self.cpu_blind_reason}")
+        return ops[case.op](case)
+
+
+_LOADED: Dict[str, object] = {}  # provider name -> its operations, or the NotRun it raised
+
+
+def _require(module: str, install: str):
+    """Import ``module`` or say how to install it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # a broken install is as unusable as a missing one
+        raise NotRun(f"cannot import {module} ({type(error).__name__}: {error}); "
+                     f"install with: {install}") from None
+
+
+def _on_logits(call):
+    """Factory for a loss called as ``call(logits, target, reduction=...)``."""
+    return lambda case: lambda x: call(x["logits"], x["target"], reduction=case.reduction)
+
+
+def _on_hidden(call):
+    """Factory for a linear loss called as ``call(hidden, weight, target, reduction=...)``."""
+    return lambda case: lambda x: call(x["hidden"], x["weight"], x["target"], reduction=case.reduction)
+
+
+# ---- fastce and PyTorch ------------------------------------------------------------------------
+
+def _fastce_ops():
+    fastce = _require("fastce", "pip install -e .")
+    ops = {op: adapt(getattr(fastce, op)) for op, adapt in
+           (("cross_entropy", _on_logits), ("focal_loss", _on_logits),
+            ("linear_cross_entropy", _on_hidden)) if hasattr(fastce, op)}
+    if not ops:
+        raise NotRun("fastce exports no loss yet (fastce.cross_entropy is missing)")
+    return ops
+
+
+def _reference_ops():
+    """fastce.reference, the tests' oracle, is the PyTorch eager baseline."""
+    from fastce import reference
+    return {"cross_entropy": _on_logits(reference.cross_entropy),
+            "focal_loss": _on_logits(reference.focal_loss),
+            "linear_cross_entropy": _on_hidden(reference.linear_cross_entropy)}
+
+
+def _torch_compile_ops():
+    def compiled(factory):
+        def build(case):
+            torch.compiler.reset()  # a fresh cache per case: never fall back to eager silently
+            return torch.compile(factory(case), dynamic=False)
+        return build
+    return {op: compiled(factory) for op, factory in _reference_ops().items()}
+
+
+def _torch_native_ops():
+    import torch.nn.functional as F
+    ops = {"cross_entropy": _on_logits(F.cross_entropy)}
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        chunked = torch.nn.LinearCrossEntropyOptions()  # the chunked path, not the reference one
+        ops["linear_cross_entropy"] = _on_hidden(functools.partial(F.linear_cross_entropy, options=chunked))
+    return ops
+
+
+# ---- peers -------------------------------------------------------------------------------------
+
+def _liger_ops():
+    liger = _require("liger_kernel.transformers", "pip install liger-kernel")
+
+    def cross_entropy(case):
+        module = liger.LigerCrossEntropyLoss(reduction=case.reduction)
+        return lambda x: module(x["logits"], x["target"])
+
+    def linear_cross_entropy(case):
+        module = liger.LigerFusedLinearCrossEntropyLoss(reduction=case.reduction)
+        return lambda x: module(x["weight"], x["hidden"], x["target"])  # weight comes first
+
+    return {"cross_entropy": cross_entropy, "linear_cross_entropy": linear_cross_entropy}
+
+
+def _flash_attn_ops():
+    losses = _require("flash_attn.losses.cross_entropy", "pip install flash-attn (needs CUDA)")
+
+    def cross_entropy(case):
+        module = losses.CrossEntropyLoss(reduction=case.reduction)
+        return lambda x: module(x["logits"], x["target"])
+
+    return {"cross_entropy": cross_entropy}
+
+
+def _cut_cross_entropy_ops():
+    cce = _require("cut_cross_entropy", "pip install cut-cross-entropy")
+    # impl="cce" is the Triton kernel (without CUDA the package defaults to torch.compile)
+    return {"linear_cross_entropy": _on_hidden(functools.partial(cce.linear_cross_entropy, impl="cce"))}
+
+
+def _quack_ops():
+    quack_ce = _require("quack.cross_entropy", "pip install quack-kernels (needs CUDA)")
+    quack_lce = _require("quack.linear_cross_entropy", "pip install quack-kernels (needs CUDA)")
+    chunked = _on_hidden(quack_lce.chunked_linear_cross_entropy)
+
+    def linear_cross_entropy(case):
+        if case.reduction == "none":
+            raise NotRun("QuACK's linear cross-entropy has no reduction='none'")
+        return chunked(case)
+
+    return {"cross_entropy": _on_logits(quack_ce.cross_entropy), "linear_cross_entropy": linear_cross_entropy}
+
+
+PROVIDERS = {p.name: p for p in (
+    Provider("fastce", "fastce (Triton kernels)", _fastce_ops),
+    Provider("pytorch-eager", "fastce.reference: the PyTorch eager baseline, as the tests use it",
+             _reference_ops),
+    Provider("torch-native", "torch.nn.functional.cross_entropy / linear_cross_entropy (chunked)",
+             _torch_native_ops, cpu_blind_ops=("linear_cross_entropy",),
+             cpu_blind_reason="one fused aten operator, whose inner traffic the byte counter cannot see"),
+    Provider("torch-compile", "torch.compile of the PyTorch eager baseline", _torch_compile_ops,
+             cpu_blind_ops=OPS, cpu_blind_reason="compiled kernels are invisible to the byte counter"),
+    Provider("liger", "Liger-Kernel LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss", _liger_ops),
+    Provider("flash-attn", "flash-attention's Triton cross-entropy", _flash_attn_ops),
+    Provider("cut-cross-entropy", "Cut Cross-Entropy (Apple), linear cross-entropy", _cut_cross_entropy_ops),
+    Provider("quack", "QuACK (CuTe DSL) cross-entropy and chunked linear cross-entropy", _quack_ops,
+             cpu_blind_ops=OPS, cpu_blind_reason="CuTe DSL kernels need an NVIDIA GPU"),
+)}

@@ -1,0 +1,97 @@
+"""The benchmark suite runs on the CPU (Triton interpreter) and writes what it promises."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from bench.cases import Case
+from bench.gpu import gpu_metrics
+from bench.providers import PROVIDERS
+
+REPO = Path(__file__).resolve().parents[1]
+ENVIRONMENT_FIELDS = ("device", "torch", "triton", "fastce", "git_commit", "date")
+
+
+def run_bench(*args, timeout=120):
+    # CPU mode even on a GPU machine: this is what CI runs
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=True)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    printed = run_bench("-m", "bench", "--quick", "--no-progress", "--out", str(out)).stdout
+    return out, printed, json.loads((out / "results.json").read_text())
+
+
+def test_quick_mode_has_a_row_per_available_provider(quick_run):
+    out, printed, saved = quick_run
+    rows = saved["rows"]
+    available = set(PROVIDERS) - set(saved["skipped_providers"])
+    assert {"fastce", "pytorch-eager"} <= available
+    assert {row["provider"] for row in rows} == available
+    providers_by_case = defaultdict(list)
+    for row in rows:
+        providers_by_case[row["op"], row["pass"], row["tokens"], row["vocab"]].append(row["provider"])
+    for providers in providers_by_case.values():  # each case: every available provider, once
+        assert sorted(providers) == sorted(available)
+    measured = {row["provider"] for row in rows if row["status"] == "ok"}
+    assert {"fastce", "pytorch-eager"} <= measured
+    assert all(row["note"] for row in rows if row["status"] != "ok")
+    with (out / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    assert "CPU: Triton interpreter — bytes/peak/syncs only, no timings" in printed
+    for name in saved["skipped_providers"]:
+        assert f"skipped {name}: " in printed
+
+
+def test_quick_mode_reports_bytes_peak_and_syncs_not_timings(quick_run):
+    _, _, saved = quick_run
+    for row in saved["rows"]:
+        assert all(row[field] for field in ENVIRONMENT_FIELDS)
+        assert "median_ms" not in row
+        if row["status"] != "ok":
+            continue
+        # nothing can move less than the floor: read the inputs (and write their gradients)
+        assert row["moved_x"] >= row["floor_x"] * 0.999, row
+        assert row["distinct_x"] <= row["moved_x"]
+        assert row["peak_bytes"] >= 0 and row["syncs"] >= 0 and row["launches"] >= 1
+        assert row["max_rel_err"] < 0.05, row  # bf16 inputs: a wrong kernel shows here
+
+
+def test_quick_mode_writes_the_plot(quick_run):
+    out, _, _ = quick_run
+    png = (out / "results.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "| provider |" in (out / "results.md").read_text()
+
+
+def test_pytest_benchmark_json_feeds_the_same_report(tmp_path):
+    saved = tmp_path / "benchmark.json"
+    run_bench("-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+              "-k", "cross_entropy-forward-bf16-N16-V256-mean", f"--benchmark-json={saved}")
+    benchmarks = json.loads(saved.read_text())["benchmarks"]
+    assert {b["extra_info"]["provider"] for b in benchmarks} >= {"fastce", "pytorch-eager"}
+    out = tmp_path / "report"
+    printed = run_bench("-m", "bench", "--from-pytest-benchmark", str(saved), "--out", str(out)).stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == len(benchmarks) and all(row["status"] == "ok" for row in rows)
+    assert "fastce" in printed and (out / "results.png").exists()
+
+
+def test_gpu_numbers_follow_from_the_median():
+    case = Case("linear_cross_entropy", "forward+backward", "bf16", tokens=4096, vocab=32000, hidden=4096)
+    assert case.floor_bytes == 2 * (4096 + 32000) * 4096 * 2  # read h and W, write their gradients
+    metrics = gpu_metrics(case, time_ms=2.0, copy_time_ms=1.0, peak=123)
+    assert metrics["gbps"] == pytest.approx(case.floor_bytes / 2e-3 / 1e9)
+    assert metrics["vs_copy"] == 2.0 and metrics["peak_bytes"] == 123
+    assert metrics["tflops"] == pytest.approx(6 * 4096 * 4096 * 32000 / 2e-3 / 1e12)
+    logits = Case("cross_entropy", "forward", "fp32", tokens=8, vocab=10)
+    assert logits.floor_bytes == 8 * 10 * 4 and gpu_metrics(logits, 1.0, 1.0, 0)["tflops"] is None
