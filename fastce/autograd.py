@@ -68,13 +68,24 @@ def forward_no_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], sp
     return reduce_rows(loss_rows, spec.reduction, shape, logits.dtype), lse.reshape(shape)
 
 
+# target, weight, spec, inplace_backward, validate, return_lse get no gradient
+_NO_GRADS = (None,) * 6
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """apply(logits, target, weight, spec: LossSpec, inplace_backward: bool, validate: bool)
-    -> (loss, lse); with inplace_backward also the logits, which then hold their gradient."""
+    """apply(logits, target, weight=None, spec=LossSpec(), inplace_backward=False, validate=True,
+    return_lse=False) -> loss, or (loss, lse) with return_lse.
+
+    `spec` (fastce.ops.LossSpec) carries ignore_index, reduction, label_smoothing, z_loss,
+    softcap and the focal options. With inplace_backward the logits are written over by their
+    gradient and marked dirty; autograd then also receives them as the last output.
+    """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
-                inplace_backward: bool = False, validate: bool = True):
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                spec: Optional[LossSpec] = None, inplace_backward: bool = False, validate: bool = True,
+                return_lse: bool = False):
+        spec = LossSpec() if spec is None else spec
         ctx.set_materialize_grads(False)
         ctx.spec = spec
         ctx.inplace = inplace_backward
@@ -91,17 +102,18 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.grad_in_forward = grad_in_forward
             ctx.save_for_backward(logits, target, weight, divisors, grad)
         shape = row_shape(logits)
-        loss = reduce_rows(loss_rows, spec.reduction, shape, logits.dtype)
-        lse = lse.reshape(shape)
-        ctx.mark_non_differentiable(lse)
+        outputs = [reduce_rows(loss_rows, spec.reduction, shape, logits.dtype)]
+        if return_lse:
+            outputs.append(lse.reshape(shape))
+            ctx.mark_non_differentiable(outputs[-1])
         if inplace_backward:
-            return loss, lse, logits
-        return loss, lse
+            outputs.append(logits)  # autograd requires a dirty input to be returned
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused_grads):
         if grad_loss is None:
-            return None, None, None, None, None, None
+            return None, *_NO_GRADS
         if ctx.inplace:
             grad, *_ = ctx.saved_tensors
             if ctx.grad_handed_out:
@@ -111,12 +123,12 @@ class CrossEntropyFunction(torch.autograd.Function):
                     "Use inplace_backward=False to backward through the same graph more than once.")
             ctx.grad_handed_out = True
             _scale_grad_op(grad, grad_loss)
-            return grad, None, None, None, None, None
+            return grad, *_NO_GRADS
         logits, target, weight, divisors, grad = ctx.saved_tensors
         if ctx.grad_in_forward and not ctx.grad_handed_out:
             # First backward: scale the forward's gradient in place (a no-op when grad_loss == 1)
             # and hand the buffer out; a later backward through a retained graph recomputes.
             ctx.grad_handed_out = True
             _scale_grad_op(grad, grad_loss)
-            return grad, None, None, None, None, None
-        return _recompute_grad_op(logits, target, weight, ctx.spec, divisors, grad_loss), None, None, None, None, None
+            return grad, *_NO_GRADS
+        return _recompute_grad_op(logits, target, weight, ctx.spec, divisors, grad_loss), *_NO_GRADS

@@ -18,6 +18,7 @@ from ._validation import (
     check_class_factor,
     check_input,
     check_label_smoothing,
+    check_linear,
     check_reduction,
     check_target,
     check_target_range,
@@ -72,6 +73,14 @@ def _check_finite(name: str, value: float, minimum: float = -math.inf) -> None:
         raise InvalidArgumentError(f"{name} must be a finite number >= {minimum}, got {value}")
 
 
+def _check_z_loss_softcap(z_loss: float, softcap: Optional[float]) -> None:
+    _check_finite("z_loss", z_loss)
+    if softcap is not None:
+        _check_finite("softcap", softcap, 0.0)
+        if softcap == 0:
+            raise InvalidArgumentError("softcap must be positive (or None to disable soft-capping)")
+
+
 def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate: bool):
     """(loss, lse) from the Triton kernels, through autograd when a gradient is needed."""
     from .autograd import CrossEntropyFunction, forward_no_grad
@@ -88,7 +97,7 @@ def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate:
             "fastce: inplace_backward=True writes the gradient over the logits, which cannot be a leaf "
             "tensor that requires grad (its .grad would alias its data); pass non-leaf logits (the output "
             "of a layer) or use inplace_backward=False")
-    outputs = CrossEntropyFunction.apply(input, target, class_factor, spec, inplace_backward, validate)
+    outputs = CrossEntropyFunction.apply(input, target, class_factor, spec, inplace_backward, validate, True)
     return outputs[0], outputs[1]
 
 
@@ -120,11 +129,7 @@ def cross_entropy(
     """
     n_classes = _check_common(input, target, ignore_index, reduction, label_smoothing)
     check_class_factor(weight, n_classes, input, "weight")
-    _check_finite("z_loss", z_loss)
-    if softcap is not None:
-        _check_finite("softcap", softcap, 0.0)
-        if softcap == 0:
-            raise InvalidArgumentError("softcap must be positive (or None to disable soft-capping)")
+    _check_z_loss_softcap(z_loss, softcap)
     # Gradients into probability targets (soft-label distillation) are served by the reference.
     target_needs_grad = target.requires_grad and torch.is_grad_enabled()
     if not uses_triton(input) or target_needs_grad:
@@ -170,3 +175,56 @@ def focal_loss(
     spec = LossSpec(ignore_index, reduction, float(label_smoothing), gamma=float(gamma), focal=True)
     loss, _ = _run(input, target, alpha, spec, inplace_backward=False, validate=validate)
     return loss
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    validate: bool = True,
+    return_lse: bool = False,
+    chunk_size: Optional[int] = None,
+    options=None,
+):
+    """Drop-in for torch.nn.functional.linear_cross_entropy (PyTorch 2.13), also on older PyTorch:
+    cross_entropy(input @ linear_weight.T + linear_bias, target, …) for input (…, H),
+    linear_weight (V, H), linear_bias (V), with gradients for all three, computed in chunks of
+    rows so that the (…, V) logits never exist at once (see fastce/linear.py).
+
+    target: class indices of shape (…) or probabilities of shape (…, V). 'none' returns the loss
+    shaped (…). ignore_index=None means -100, as in torch.
+    Args beyond torch's: z_loss, softcap, validate and return_lse as in fastce.cross_entropy;
+    chunk_size: rows per chunk (default: fastce's rule, a chunk's logits ≤ 1/32 of the full ones).
+    options: torch's LinearCrossEntropyOptions, accepted for drop-in use and ignored (fastce
+    always chunks, by the rule above).
+    """
+    ignore_index = -100 if ignore_index is None else ignore_index
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    n_classes = check_linear(input, linear_weight, linear_bias, target, ignore_index)
+    check_class_factor(weight, n_classes, input, "weight")
+    _check_z_loss_softcap(z_loss, softcap)
+    if chunk_size is not None and chunk_size < 1:
+        raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    if not uses_triton(input) or (target.requires_grad and torch.is_grad_enabled()):
+        if validate and not target.is_floating_point():
+            check_target_range(target, n_classes, ignore_index)
+        return reference.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            return_lse=return_lse)
+    from . import linear
+    from .ops import LossSpec
+    spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                    None if softcap is None else float(softcap))
+    loss, lse = linear.run(input, linear_weight, linear_bias, target, weight, spec, chunk_rows=chunk_size,
+                           validate=validate)
+    return (loss, lse) if return_lse else loss

@@ -7,15 +7,17 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._validation import InvalidArgumentError, check_label_smoothing
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
-    """Drop-in for torch.nn.CrossEntropyLoss (it is one: same arguments, same state_dict keys),
+    """Drop-in for torch.nn.CrossEntropyLoss (a subclass: same state_dict keys, same attributes),
     computed by fastce's kernels, with the extra options z_loss and softcap."""
 
-    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
-                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 z_loss: float = 0.0, softcap: Optional[float] = None) -> None:
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
+                 size_average=None, reduce=None) -> None:
+        # DESIGN §1's argument order; torch's deprecated size_average/reduce stay accepted by keyword
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
@@ -57,3 +59,45 @@ class FocalLoss(nn.Module):
     def extra_repr(self) -> str:
         alpha = "tensor" if isinstance(self.alpha, torch.Tensor) else self.alpha
         return f"gamma={self.gamma}, alpha={alpha}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
+    """Drop-in for torch.nn.LinearCrossEntropyLoss (PyTorch 2.13), also on older PyTorch: owns
+    `linear` = nn.Linear(in_features, num_classes, bias) and computes cross_entropy(linear(input),
+    target) by fastce.linear_cross_entropy, without the logits. Same state_dict keys as torch's
+    (`linear.weight`, `linear.bias`, and the class `weight` as a buffer, as _WeightedLoss keeps it),
+    plus the options z_loss and softcap. `options` (torch's chunking options) is accepted and ignored.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False, device=None, dtype=None,
+                 reduction: str = "mean", weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+                 options=None) -> None:
+        if weight is not None and weight.shape != (num_classes,):
+            raise InvalidArgumentError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        check_label_smoothing(label_smoothing)
+        super().__init__(weight, reduction=reduction)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.options = options
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,
+                                      weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
+                                      label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
+
+    def extra_repr(self) -> str:
+        extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
+                  f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
+                  f"ignore_index={self.ignore_index}"]
+        if self.label_smoothing:
+            extras.append(f"label_smoothing={self.label_smoothing}")
+        if self.z_loss:
+            extras.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            extras.append(f"softcap={self.softcap}")
+        return ", ".join(extras)

@@ -132,7 +132,7 @@ def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec
     if target.is_floating_point():
         return divisors.fill_(float(n_rows))
     reduction_divisor_kernel[(1,)](
-        target, weight, divisors, n_rows, n_classes, spec.ignore_index,
+        target.reshape(-1).contiguous(), weight, divisors, n_rows, n_classes, spec.ignore_index,
         BLOCK_SIZE=MEAN_DIVISOR_BLOCK, HAS_WEIGHT=weight is not None and not spec.focal,
         COMPUTE_DTYPE=_triton_dtype(logits.dtype))
     if spec.focal:
@@ -162,7 +162,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spe
     t_outer, t_inner, t_class = row_layout(target)[1:] if prob_target else (0, 0, 0)
     g_outer, g_inner, g_class = row_layout(grad)[1:] if grad is not None else (0, 0, 0)
     if not prob_target:
-        target = target.reshape(-1)
+        target = target.reshape(-1).contiguous()  # the kernel reads class indices densely
     kernel, warps = _fwd_kernel_and_warps(logits, config)
     grid = (triton.cdiv(n_rows, config.rows),)
     kernel[grid](

@@ -71,25 +71,36 @@ def _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, c
 
 
 @triton.jit
-def _online_update(x, a, mask, m, s, mass, weighted_sum):
-    # Merge a tile into the running (max m, Σ exp(x − ref), A, Σ a(x − ref)) with ref = m, or 0
-    # while m is still −inf (masked vocabulary in leading tiles must not produce −inf − −inf).
+def _online_update(x, a, mask, is_target, m, s, s_other, mass, weighted_sum):
+    # Merge a tile into the running (max m, Σ exp(x − ref), the same sum without the target
+    # class, A, Σ a(x − ref)) with ref = m, or 0 while m is still −inf (masked vocabulary in
+    # leading tiles must not produce −inf − −inf).
     m_new = tl.maximum(m, tl.max(x, 1))
     ref_old = tl.where(m == float("-inf"), 0.0, m)
     ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - ref_new) + tl.sum(tl.exp(x - ref_new[:, None]), 1)
+    rescale = tl.exp(m - ref_new)
+    e = tl.exp(x - ref_new[:, None])
+    s = s * rescale + tl.sum(e, 1)
+    s_other = s_other * rescale + tl.sum(tl.where(is_target, 0.0, e), 1)
     # classes without target mass add nothing, even at x = −inf (0·log 0 = 0)
     shifted = tl.where(mask & (a != 0.0), a * (x - ref_new[:, None]), 0.0)
     weighted_sum = weighted_sum + mass * (ref_old - ref_new) + tl.sum(shifted, 1)
-    return m_new, s, mass + tl.sum(a, 1), weighted_sum
+    return m_new, s, s_other, mass + tl.sum(a, 1), weighted_sum
 
 
 @triton.jit
-def _focal_terms(x, a, lse, gamma):
+def _log_softmax(x, ref, log_s):
+    # (x − ref) − log Σ exp(x − ref): x − ref is exact near the max, where x − lse would inherit
+    # lse's rounding (an ulp of a 1e4 logit is 1e-3)
+    return (x - ref[:, None]) - log_s[:, None]
+
+
+@triton.jit
+def _focal_terms(x, a, ref, log_s, gamma):
     # With u = 1 − p and h(p) = p·f'(p) = u^γ (γ p log p / u − 1), f(p) = −(1−p)^γ log p:
     # returns the loss terms −a u^γ log p and a·h(p). u comes from expm1 so it is exact as p → 1,
     # log p / u → −1 there, and p log p → 0 as p → 0: both limits are taken explicitly.
-    logp = x - lse[:, None]
+    logp = _log_softmax(x, ref, log_s)
     p = tl.exp(logp)
     u = -_expm1(logp)
     u_pow = tl.where(u > 0.0, tl.exp2(gamma * tl.log2(u)), 0.0)
@@ -101,8 +112,9 @@ def _focal_terms(x, a, lse, gamma):
 
 
 @triton.jit
-def _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss, softcap,
-              HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr):
+def _gradient(x, a, p, lse, is_target, target_miss, mass, focal_sum, ce_scale, z_scale, upstream, z_loss,
+              softcap, PROB_TARGET: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              FOCAL: tl.constexpr):
     # Cross-entropy: ∂/∂x'_j Σ_c a_c (lse − x'_c) = A·p_j − a_j   (∂lse/∂x'_j = p_j).
     #   Computed in fp32 and rounded once, so the target's p − 1 does not cancel in bf16.
     # Focal: ∂L/∂x'_j = Σ_c a_c f'(p_c) ∂p_c/∂x'_j with ∂p_c/∂x'_j = p_c(δ_cj − p_j)
@@ -113,6 +125,11 @@ def _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss
         grad = a - p * focal_sum[:, None]  # a here is a·h(p) (see _focal_terms)
     else:
         grad = p * mass[:, None] - a
+        if not PROB_TARGET:
+            # At the target class A·p − a = (A − a)·p − a·(1 − p), with 1 − p_y = Σ_{c≠y} p_c summed
+            # on its own: exact to fp32 even at p_y = 0.9999, where 1 − p would keep 3 digits.
+            at_target = (mass[:, None] - a) * p - a * target_miss[:, None]
+            grad = tl.where(is_target, at_target, grad)
     grad = grad * ce_scale[:, None]
     if HAS_Z_LOSS:
         grad += (2.0 * z_loss * lse * z_scale)[:, None] * p
@@ -145,15 +162,16 @@ def _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, ta
 
 
 @triton.jit
-def _store_gradient(x, a, cols, lse, mass, focal_sum, ce_scale, z_scale, upstream, valid, bad_target,
-                    row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma,
-                    HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr):
+def _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale, upstream, valid,
+                    bad_target, row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss,
+                    softcap, gamma, PROB_TARGET: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr):
     if FOCAL:
-        _, a, p = _focal_terms(x, a, lse, gamma)  # a becomes a·h(p)
+        _, a, p = _focal_terms(x, a, ref, log_s, gamma)  # a becomes a·h(p)
     else:
-        p = tl.exp(x - lse[:, None])
-    grad = _gradient(x, a, p, lse, mass, focal_sum, ce_scale, z_scale, upstream, z_loss, softcap,
-                     HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
+        p = tl.exp(_log_softmax(x, ref, log_s))
+    grad = _gradient(x, a, p, ref + log_s, cols[None, :] == y[:, None], target_miss, mass, focal_sum, ce_scale,
+                     z_scale, upstream, z_loss, softcap, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
     grad = _mask_rows(grad, valid, bad_target)
     tl.store(grad_ptr + grad_row_offs[:, None] + cols[None, :].to(tl.int64) * grad_stride_class,
              grad.to(grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
@@ -229,6 +247,7 @@ def cross_entropy_fwd_kernel(
 
     m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
     s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    s_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     weighted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     cols = tl.arange(0, BLOCK_SIZE)
@@ -239,18 +258,21 @@ def cross_entropy_fwd_kernel(
                                 target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
                                 label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
                                 COMPUTE_DTYPE)
-        m, s, mass, weighted_sum = _online_update(x, a, mask, m, s, mass, weighted_sum)
+        m, s, s_other, mass, weighted_sum = _online_update(x, a, mask, cols[None, :] == y[:, None], m, s,
+                                                           s_other, mass, weighted_sum)
     else:
         for start in range(0, n_classes, BLOCK_SIZE):
             x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
                                     target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
                                     n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
                                     HAS_SOFTCAP, COMPUTE_DTYPE)
-            m, s, mass, weighted_sum = _online_update(x, a, mask, m, s, mass, weighted_sum)
+            m, s, s_other, mass, weighted_sum = _online_update(x, a, mask, (start + cols)[None, :] == y[:, None],
+                                                               m, s, s_other, mass, weighted_sum)
 
     ref = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(s)
     lse = ref + log_s
+    target_miss = s_other / s  # 1 − p_y for hard targets
     # CE = Σ a (lse − x) = A·(lse − ref) − Σ a (x − ref): no large numbers cancel
     loss = mass * log_s - weighted_sum
 
@@ -258,7 +280,7 @@ def cross_entropy_fwd_kernel(
     focal_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     if FOCAL:
         if SINGLE_PASS:
-            loss_terms, a_h, _ = _focal_terms(x, a, lse, gamma)
+            loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
             loss = tl.sum(loss_terms, 1)
             focal_sum = tl.sum(a_h, 1)
         else:
@@ -268,7 +290,7 @@ def cross_entropy_fwd_kernel(
                                         target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
                                         n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
                                         HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_DTYPE)
-                loss_terms, a_h, _ = _focal_terms(x, a, lse, gamma)
+                loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
                 loss += tl.sum(loss_terms, 1)
                 focal_sum += tl.sum(a_h, 1)
 
@@ -285,9 +307,9 @@ def cross_entropy_fwd_kernel(
     # Last pass: the gradient, from registers for a single-pass row.
     if COMPUTE_GRAD:
         if SINGLE_PASS:
-            _store_gradient(x, a, cols, lse, mass, focal_sum, ce_scale, z_scale, upstream, valid, bad_target,
-                            row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss, softcap,
-                            gamma, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
+            _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale, upstream,
+                            valid, bad_target, row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes,
+                            z_loss, softcap, gamma, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
         else:
             # Second read of the row. One row per program and about one program per SM in flight
             # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so the
@@ -297,9 +319,10 @@ def cross_entropy_fwd_kernel(
                                         target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
                                         n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
                                         HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_DTYPE)
-                _store_gradient(x, a, start + cols, lse, mass, focal_sum, ce_scale, z_scale, upstream, valid,
-                                bad_target, row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes,
-                                z_loss, softcap, gamma, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
+                _store_gradient(x, a, start + cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale,
+                                upstream, valid, bad_target, row_in_bounds, grad_ptr, grad_row_offs,
+                                grad_stride_class, n_classes, z_loss, softcap, gamma, PROB_TARGET, HAS_Z_LOSS,
+                                HAS_SOFTCAP, FOCAL)
 
 
 @triton.jit
