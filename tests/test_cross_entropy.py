@@ -384,9 +384,14 @@ def test_gradcheck(device, kw):
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_deterministic(device, reduction):
+@pytest.mark.parametrize("fn", ["cross_entropy", "focal_loss"])
+def test_deterministic(device, reduction, fn):
+    """Same inputs: bitwise identical loss and gradient (no atomics-order dependence)."""
     x, t, fast, _ = _case((37, 700), CONFIGS["weight_smooth_ignore"], device=device, reduction=reduction,
                           z_loss=1e-3)
+    if fn == "focal_loss":
+        def fast(a, b):
+            return fastce.focal_loss(a, b, gamma=2.0, alpha=0.5, reduction=reduction, label_smoothing=0.1)
     runs = []
     for _ in range(2):
         xx = x.clone().requires_grad_(True)

@@ -67,7 +67,8 @@ def test_row_all_neg_inf_as_torch(device, C):
     assert_close_dtype(loss, expect, torch.float32, "all -inf row")
     loss.backward(torch.tensor([1.0, 0.0, 1.0, 0.0], device=device))
     x64 = x.double().requires_grad_(True)
-    F.cross_entropy(x64, t, reduction="none").backward(torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64))
+    F.cross_entropy(x64, t, reduction="none").backward(
+        torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64, device=device))
     for r in (0, 2):
         assert_close_dtype(xx.grad[r], x64.grad[r], torch.float32, f"row {r} gradient")
 

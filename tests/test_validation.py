@@ -181,6 +181,26 @@ def test_probability_targets_out_of_range_smoothing(device):
     _expect_clean_error((ValueError, RuntimeError), "cross_entropy", x, q, label_smoothing=-0.5)
 
 
+OTHER_BAD = {
+    "int_logits": lambda x, t: ("cross_entropy", x.long(), t, {}),
+    "0d_logits": lambda x, t: ("cross_entropy", x[0, 0], t[0], {}),
+    "int_weight": lambda x, t: ("cross_entropy", x, t, dict(weight=torch.ones(C, dtype=torch.long, device=x.device))),
+    "2d_weight": lambda x, t: ("cross_entropy", x, t, dict(weight=torch.ones(1, C, device=x.device))),
+    "nan_label_smoothing": lambda x, t: ("cross_entropy", x, t, dict(label_smoothing=float("nan"))),
+    "zero_softcap": lambda x, t: ("cross_entropy", x, t, dict(softcap=0.0)),
+    "negative_softcap": lambda x, t: ("cross_entropy", x, t, dict(softcap=-2.0)),
+    "alpha_wrong_shape": lambda x, t: ("focal_loss", x, t, dict(alpha=torch.rand(C - 1, device=x.device))),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_BAD), ids=list(OTHER_BAD))
+def test_other_bad_arguments(device, case):
+    """Beyond the list in DESIGN §2: still a clear exception before any kernel runs."""
+    x, t = _hard(device)
+    fn_name, x, t, kw = OTHER_BAD[case](x, t)
+    _expect_clean_error((ValueError, TypeError, RuntimeError), fn_name, x, t, **kw)
+
+
 def test_kernel_counter_sees_launches(device):
     """Positive control for the 'no kernel ran' checks above."""
     x, t = _hard(device)
@@ -204,7 +224,7 @@ def test_validate_false_out_of_range_is_nan_row(device, bad, num_classes):
     loss = fastce.cross_entropy(xx, t, reduction="none", validate=False)
     assert loss.shape == (6,)
     assert torch.isnan(loss[2]), f"row with target {bad} gave {loss[2].item()}, not NaN"
-    ok = torch.ones(6, dtype=torch.bool)
+    ok = torch.ones(6, dtype=torch.bool, device=device)
     ok[2] = False
     ref = reference.cross_entropy(x.double(), t, reduction="none")
     assert_close_dtype(loss.detach()[ok], ref[ok], torch.float32, "other rows")
