@@ -11,7 +11,8 @@ measures them without a GPU:
   the upper bound.
 * **torch operators** are counted by a ``TorchDispatchMode``: an operator reads its tensor
   inputs and writes its outputs. Views and allocations move nothing; write-only operators
-  (``copy_``, ``fill_``, ``zero_``, ``out=`` arguments) do not read what they overwrite.
+  (``copy_``, ``fill_``, ``zero_``, ``out=`` arguments) do not read what they overwrite, nor
+  ``zeros_like``-style factories the tensor they copy the shape of.
   The interpreter's own host copies around a kernel launch are not counted.
 * **Peak memory**: the most bytes of tensor storages created inside the block that were
   alive at once (storages alive before the block are not counted).
@@ -310,6 +311,9 @@ _FREE_OPS = frozenset({"empty", "empty_like", "empty_strided", "empty_permuted",
 _WRITE_ONLY_SELF_OPS = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform_", "random_",
                                   "bernoulli_", "exponential_", "geometric_", "cauchy_",
                                   "log_normal_"})
+# Factories that look only at a tensor's shape, dtype and device, never at its data.
+_SHAPE_ONLY_OPS = frozenset({"zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+                             "randint_like", "new_zeros", "new_ones", "new_full"})
 # Operators whose output size or value the host must read back from the device.
 _SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique",
                        "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
@@ -377,7 +381,7 @@ class _TorchOpCounter(TorchDispatchMode):
             if is_mutated:
                 mutated += tensors
             write_only = is_mutated and (argument.is_out or name in _WRITE_ONLY_SELF_OPS)
-            if not write_only:
+            if not write_only and name not in _SHAPE_ONLY_OPS:
                 read += tensors
         return read, mutated or _tensors(output)
 

@@ -137,6 +137,13 @@ def test_write_only_operators_do_not_read_their_destination():
     assert m.ops["add"].read == 2 * 50 * FLOAT and m.ops["add"].write == 50 * FLOAT
 
 
+def test_factories_like_a_tensor_do_not_read_it():
+    x = torch.randn(30)
+    with measure() as m:
+        torch.zeros_like(x), torch.ones_like(x), x.new_zeros(30), torch.full_like(x, 2.0)
+    assert (m.torch_read, m.torch_write) == (0, 4 * 30 * FLOAT)
+
+
 def test_host_sync_operators_are_counted():
     y = torch.tensor([1, 0, 3, 2])
     x = torch.randn(4)
@@ -205,7 +212,7 @@ def test_agrees_with_the_shared_traffic_tool():
     def workload():
         # eager cross-entropy forward + backward with a given grad_output, Triton kernels
         # (masked, re-reading, atomic) and a sync; no operator where the two models differ
-        # (write-only operators, which traffic.py also charges a read)
+        # (write-only operators and zeros_like-style factories, which traffic.py charges a read)
         logits = torch.randn(8, 45, requires_grad=True)
         target, grad_output = torch.randint(0, 45, (8,)), torch.randn(8)
         dst, total = torch.empty(45), torch.zeros(1)
