@@ -51,16 +51,46 @@ def text_table(rows: Sequence[Row]) -> str:
     headers, body = _cells(rows)
     widths = [max(len(cell) for cell in column) for column in zip(headers, *body)]
     widths[-1] = len(headers[-1])  # the status is last and may be long: no padding
-    render = lambda cells: "  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w)  # noqa: E731
-                                     for i, (cell, w) in enumerate(zip(cells, widths)))
+
+    def render(cells):  # words (op, pass, dtype) to the left, numbers and names to the right
+        return "  ".join(cell.ljust(width) if index < 3 else cell.rjust(width)
+                         for index, (cell, width) in enumerate(zip(cells, widths)))
     return "\n".join([render(headers), render(["-" * w for w in widths])] + [render(line) for line in body])
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    headers, body = _cells(rows)
+def _markdown(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in body]
     return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    return _markdown(*_cells(rows))
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """Markdown: one line per (op, pass, dtype) at its largest shape, one column per provider
+    with its headline numbers."""
+    ok = [row for row in rows if row["status"] == "ok"]
+    providers = list(dict.fromkeys(row["provider"] for row in ok))
+    largest: Dict[Tuple, Row] = {}
+    for row in ok:
+        key = (row["op"], row["pass"], row["dtype"])
+        if key not in largest or Case.from_row(row).input_bytes > Case.from_row(largest[key]).input_bytes:
+            largest[key] = row
+    body = []
+    for (op, pass_, dtype), biggest in largest.items():
+        cells = {row["provider"]: _headline(row) for row in ok
+                 if (row["op"], row["pass"], row["dtype"]) == (op, pass_, dtype) and _shape(row) == _shape(biggest)}
+        body.append([op, pass_, dtype, _shape(biggest).replace("\n", " ")]
+                    + [cells.get(provider, "–") for provider in providers])
+    return _markdown(["op", "pass", "dtype", "shape"] + providers, body)
+
+
+def _headline(row: Row) -> str:
+    if row["mode"] == "gpu":
+        return f"{row['gbps']:.0f} GB/s, {row['vs_copy']:.2f}× copy, peak {row['peak_bytes'] / 1e9:.2f} GB"
+    return f"{row['moved_x']:.2f}× moved, {row['peak_x']:.2f}× peak, {row['syncs']} sync"
 
 
 def write(rows: Sequence[Row], skipped: Dict[str, str], out_dir: Path) -> Dict[str, Path]:
@@ -76,7 +106,8 @@ def write(rows: Sequence[Row], skipped: Dict[str, str], out_dir: Path) -> Dict[s
     paths["json"].write_text(json.dumps({"note": mode_note(mode), "skipped_providers": skipped,
                                          "rows": list(rows)}, indent=1) + "\n")
     skipped_lines = "".join(f"\n- {name}: {note}" for name, note in skipped.items())
-    paths["md"].write_text(f"{mode_note(mode)}\n\n{markdown_table(rows)}\n"
+    paths["md"].write_text(f"{mode_note(mode)}\n\n## Largest shape of each operation\n\n{summary_table(rows)}\n"
+                           f"\n## Every case\n\n{markdown_table(rows)}\n"
                            + (f"\nNot measured:{skipped_lines}\n" if skipped else ""))
     plot(rows, paths["png"])
     return paths
