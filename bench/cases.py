@@ -68,11 +68,6 @@ class Case:
         return self.pass_ != "forward"
 
     @property
-    def label(self) -> str:
-        shape = f"N={self.tokens} V={self.vocab}" + (f" H={self.hidden}" if self.hidden else "")
-        return f"{self.op} {self.pass_} {self.dtype} {shape} ({self.reduction})"
-
-    @property
     def test_id(self) -> str:
         hidden = f"-H{self.hidden}" if self.hidden else ""
         return f"{self.op}-{self.pass_}-{self.dtype}-N{self.tokens}-V{self.vocab}{hidden}-{self.reduction}"

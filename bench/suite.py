@@ -11,6 +11,8 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
+from fastce.profiling import interpreter_active
+
 from . import interpreter
 from .cases import Case
 from .passes import check_case, max_relative_error
@@ -26,7 +28,8 @@ def environment(on_gpu: bool) -> Row:
         from . import gpu
         device = gpu.device_name()
     else:
-        device = f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+        runner = "Triton interpreter" if interpreter_active() else "no Triton interpreter (TRITON_INTERPRET=0)"
+        device = f"CPU ({platform.processor() or platform.machine()}), {runner}"
     return {
         "mode": "gpu" if on_gpu else "cpu-interpreter",
         "device": device,
