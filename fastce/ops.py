@@ -40,6 +40,11 @@ MAX_ROWS_PER_PROGRAM = 64
 # enough threads to cover the memory latency, few enough that each holds a useful amount.
 ELEMENTS_PER_WARP = 1024
 
+# The in-place rescale of the backward is a plain streaming multiply: 4096-element tiles over
+# 8 warps (16 values per thread) never spill, and a loop covers longer rows.
+SCALE_BLOCK = 4096
+SCALE_WARPS = 8
+
 MEAN_DIVISOR_BLOCK = 4096
 
 
@@ -194,8 +199,8 @@ def launch_scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
     inner_size, g_outer, g_inner, g_class = row_layout(grad)
     cross_entropy_bwd_kernel[(triton.cdiv(n_rows, config.rows),)](
         grad, grad_output.reshape(-1), g_outer, g_inner, g_class, n_rows, n_classes, inner_size,
-        ROWS=config.rows, BLOCK_SIZE=min(config.block_size, STREAM_BLOCK), PER_ROW=per_row,
-        COMPUTE_DTYPE=_triton_dtype(grad.dtype), num_warps=config.num_warps)
+        ROWS=config.rows, BLOCK_SIZE=min(config.block_size, SCALE_BLOCK), PER_ROW=per_row,
+        COMPUTE_DTYPE=_triton_dtype(grad.dtype), num_warps=min(config.num_warps, SCALE_WARPS))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,9 +39,18 @@ def _row_offsets(rows, inner_size, stride_outer, stride_inner):
 
 
 @triton.jit
+def _class_offsets(cols, stride_class, WIDE_OFFSETS: tl.constexpr):
+    # int32 unless the last class sits 2^31 elements or more past its row (a huge class stride):
+    # an int64 tile costs two registers per element for as long as it is live
+    if WIDE_OFFSETS:
+        return cols[None, :].to(tl.int64) * stride_class
+    return cols[None, :] * stride_class
+
+
+@triton.jit
 def _load_logits(logits_ptr, row_offs, cols, mask, stride_class, softcap,
-                 HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    x = tl.load(logits_ptr + row_offs[:, None] + cols[None, :].to(tl.int64) * stride_class,
+                 HAS_SOFTCAP: tl.constexpr, WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    x = tl.load(logits_ptr + row_offs[:, None] + _class_offsets(cols, stride_class, WIDE_OFFSETS),
                 mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
     if HAS_SOFTCAP:
         # padded lanes stay −inf: tanh(−inf) would make them −s and give them probability
@@ -53,14 +62,14 @@ def _load_logits(logits_ptr, row_offs, cols, mask, stride_class, softcap,
 def _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols, mask, y, w_y,
                  label_smoothing, n_classes,
                  PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                 COMPUTE_DTYPE: tl.constexpr):
+                 WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
     # a_c = w_c q_c for the tile's classes; zero on padded lanes
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + cols, mask=cols < n_classes, other=0.0).to(COMPUTE_DTYPE)[None, :]
     else:
         w = 1.0
     if PROB_TARGET:
-        t = tl.load(target_ptr + target_row_offs[:, None] + cols[None, :].to(tl.int64) * target_stride_class,
+        t = tl.load(target_ptr + target_row_offs[:, None] + _class_offsets(cols, target_stride_class, WIDE_OFFSETS),
                     mask=mask, other=0.0).to(COMPUTE_DTYPE)
         a = w * ((1.0 - label_smoothing) * t + label_smoothing / n_classes)
     else:
@@ -151,13 +160,14 @@ def _mask_rows(grad, valid, bad_target):
 def _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr, target_row_offs,
                target_stride_class, weight_ptr, y, w_y, n_classes, label_smoothing, softcap,
                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
     # (logits x', target mass a, mask) of the tile's classes; ignored rows are not read at all
     mask = valid[:, None] & (cols < n_classes)[None, :]
     x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
-                     HAS_SOFTCAP, COMPUTE_DTYPE)
+                     HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
     a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols, mask, y, w_y,
-                     label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, COMPUTE_DTYPE)
+                     label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, WIDE_OFFSETS,
+                     COMPUTE_DTYPE)
     return x, a, mask
 
 
@@ -165,7 +175,7 @@ def _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, ta
 def _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale, upstream, valid,
                     bad_target, row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss,
                     softcap, gamma, PROB_TARGET: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
     if FOCAL:
         _, a, p = _focal_terms(x, a, ref, log_s, gamma)  # a becomes a·h(p)
     else:
@@ -173,12 +183,14 @@ def _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, ce_
     grad = _gradient(x, a, p, ref + log_s, cols[None, :] == y[:, None], target_miss, mass, focal_sum, ce_scale,
                      z_scale, upstream, z_loss, softcap, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
     grad = _mask_rows(grad, valid, bad_target)
-    tl.store(grad_ptr + grad_row_offs[:, None] + cols[None, :].to(tl.int64) * grad_stride_class,
+    tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
              grad.to(grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
 
 
 @triton.heuristics({
     "SINGLE_PASS": lambda args: args["n_classes"] <= args["BLOCK_SIZE"],
+    "WIDE_OFFSETS": lambda args: args["n_classes"] * max(
+        abs(args[f"{t}_stride_class"]) for t in ("logits", "target", "grad")) >= 2**31,
 })
 @triton.jit
 def cross_entropy_fwd_kernel(
@@ -199,6 +211,7 @@ def cross_entropy_fwd_kernel(
     ROWS: tl.constexpr,            # rows per program (several when C is small)
     BLOCK_SIZE: tl.constexpr,      # classes per tile
     SINGLE_PASS: tl.constexpr,     # the whole row fits in one tile: read it once
+    WIDE_OFFSETS: tl.constexpr,    # class offsets need int64 (class stride × C ≥ 2^31)
     PROB_TARGET: tl.constexpr,     # target is a (…, C) probability tensor, not class indices
     HAS_WEIGHT: tl.constexpr,      # per-class weights (or alpha) at weight_ptr
     HAS_SMOOTHING: tl.constexpr,   # label_smoothing > 0
@@ -257,7 +270,7 @@ def cross_entropy_fwd_kernel(
         x, a, mask = _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr,
                                 target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
                                 label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                                COMPUTE_DTYPE)
+                                WIDE_OFFSETS, COMPUTE_DTYPE)
         m, s, s_other, mass, weighted_sum = _online_update(x, a, mask, cols[None, :] == y[:, None], m, s,
                                                            s_other, mass, weighted_sum)
     else:
@@ -265,7 +278,7 @@ def cross_entropy_fwd_kernel(
             x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
                                     target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
                                     n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
-                                    HAS_SOFTCAP, COMPUTE_DTYPE)
+                                    HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
             m, s, s_other, mass, weighted_sum = _online_update(x, a, mask, (start + cols)[None, :] == y[:, None],
                                                                m, s, s_other, mass, weighted_sum)
 
@@ -289,7 +302,7 @@ def cross_entropy_fwd_kernel(
                 x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
                                         target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
                                         n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
-                                        HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_DTYPE)
+                                        HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
                 loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
                 loss += tl.sum(loss_terms, 1)
                 focal_sum += tl.sum(a_h, 1)
@@ -307,9 +320,15 @@ def cross_entropy_fwd_kernel(
     # Last pass: the gradient, from registers for a single-pass row.
     if COMPUTE_GRAD:
         if SINGLE_PASS:
+            if not PROB_TARGET:
+                # rebuilt from (y, w): cheaper than keeping a second row-sized tile live in registers
+                a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols,
+                                 valid[:, None] & (cols < n_classes)[None, :], y, w_y, label_smoothing, n_classes,
+                                 PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, WIDE_OFFSETS, COMPUTE_DTYPE)
             _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale, upstream,
                             valid, bad_target, row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes,
-                            z_loss, softcap, gamma, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
+                            z_loss, softcap, gamma, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL,
+                            WIDE_OFFSETS)
         else:
             # Second read of the row. One row per program and about one program per SM in flight
             # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so the
@@ -318,13 +337,16 @@ def cross_entropy_fwd_kernel(
                 x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
                                         target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
                                         n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
-                                        HAS_SMOOTHING, HAS_SOFTCAP, COMPUTE_DTYPE)
+                                        HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
                 _store_gradient(x, a, start + cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale,
                                 upstream, valid, bad_target, row_in_bounds, grad_ptr, grad_row_offs,
                                 grad_stride_class, n_classes, z_loss, softcap, gamma, PROB_TARGET, HAS_Z_LOSS,
-                                HAS_SOFTCAP, FOCAL)
+                                HAS_SOFTCAP, FOCAL, WIDE_OFFSETS)
 
 
+@triton.heuristics({
+    "WIDE_OFFSETS": lambda args: args["n_classes"] * abs(args["grad_stride_class"]) >= 2**31,
+})
 @triton.jit
 def cross_entropy_bwd_kernel(
     grad_ptr, grad_output_ptr,                        # gradient written by the forward (in place), upstream
@@ -334,6 +356,7 @@ def cross_entropy_bwd_kernel(
     BLOCK_SIZE: tl.constexpr,           # classes per tile
     PER_ROW: tl.constexpr,              # grad_output has one value per row ('none'), else a scalar
     COMPUTE_DTYPE: tl.constexpr,        # fp32, or fp64 for float64 gradients
+    WIDE_OFFSETS: tl.constexpr,         # class offsets need int64 (class stride × C ≥ 2^31)
 ):
     # The forward stored ∂L/∂x for an upstream gradient of 1; the chain rule scales each row by
     # its upstream g. Rows with g == 1 (the usual loss.backward()) are not touched at all, which
@@ -351,7 +374,7 @@ def cross_entropy_bwd_kernel(
         for start in range(0, n_classes, BLOCK_SIZE):
             block_cols = start + cols
             mask = needs_scaling[:, None] & (block_cols < n_classes)[None, :]
-            ptrs = grad_ptr + row_offs[:, None] + block_cols[None, :].to(tl.int64) * grad_stride_class
+            ptrs = grad_ptr + row_offs[:, None] + _class_offsets(block_cols, grad_stride_class, WIDE_OFFSETS)
             grad = tl.load(ptrs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             tl.store(ptrs, (grad * g[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
 
