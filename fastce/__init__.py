@@ -9,8 +9,8 @@ TRITON_INTERPRET=1 is set before import, else the pure-PyTorch reference (fastce
 Importing fastce never needs Triton or a GPU.
 """
 from . import reference
-from .functional import cross_entropy, focal_loss, uses_triton
-from .modules import CrossEntropyLoss, FocalLoss
+from .functional import cross_entropy, focal_loss, linear_cross_entropy, uses_triton
+from .modules import CrossEntropyLoss, FocalLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
@@ -23,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastce' has no attribute {name!r}")
 
 
-__all__ = ["cross_entropy", "focal_loss", "CrossEntropyLoss", "FocalLoss", "CrossEntropyFunction",
-           "reference", "uses_triton", "__version__"]
+__all__ = ["cross_entropy", "focal_loss", "linear_cross_entropy", "CrossEntropyLoss", "FocalLoss",
+           "LinearCrossEntropyLoss", "CrossEntropyFunction", "reference", "uses_triton", "__version__"]

@@ -96,3 +96,57 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
     if bad.any():
         value = target[bad].reshape(-1)[0].item()
         raise IndexError(f"Target {value} is out of bounds.")
+
+
+def logits_placeholder(like: Tensor, n_rows: int, n_classes: int) -> Tensor:
+    """A (n_rows, n_classes) tensor of `like`'s dtype and device that owns a single element: it
+    stands for logits that are never materialised, where only their shape, dtype and device count."""
+    return like.new_empty(()).expand(n_rows, n_classes)
+
+
+def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+                 ignore_index: int) -> int:
+    """Shapes, dtypes and devices of linear_cross_entropy's arguments (no device sync); returns V.
+
+    input (…, H), linear_weight (V, H), linear_bias (V) or None, all of one floating dtype and
+    device; target (…) of class indices or (…, V) of probabilities.
+    """
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TargetDtypeError(f"expected a floating point {name}, but got {t.dtype}")
+        if t.dtype != input.dtype or t.device != input.device:
+            raise InvalidArgumentError(
+                f"{name} is {t.dtype} on {t.device} but input is {input.dtype} on {input.device}: "
+                "the linear layer needs one dtype and one device")
+    if input.dim() == 0:
+        raise InvalidArgumentError("input must have a feature dimension: expected (..., in_features), got a 0-dim tensor")
+    if linear_weight.dim() != 2:
+        raise InvalidArgumentError(
+            f"expected linear_weight of shape (num_classes, in_features), got {list(linear_weight.shape)} "
+            "(K-dimensional class shapes are not supported: reshape the logits and use cross_entropy)")
+    n_classes, in_features = linear_weight.shape
+    if input.shape[-1] != in_features:
+        raise InvalidArgumentError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.shape[-1]} and {in_features}, respectively")
+    if n_classes == 0:
+        raise InvalidArgumentError(f"linear_weight has no classes: shape {list(linear_weight.shape)}")
+    if linear_bias is not None and linear_bias.shape != (n_classes,):
+        raise InvalidArgumentError(f"expected linear_bias shape {[n_classes]}, got {list(linear_bias.shape)}")
+    row_shape, n_rows = input.shape[:-1], input.shape[:-1].numel()
+    rows_target = target
+    if isinstance(target, Tensor):
+        if target.shape == row_shape:
+            rows_target = target.reshape(n_rows)
+        elif target.shape == row_shape + (n_classes,):
+            rows_target = target.reshape(n_rows, n_classes)
+        else:
+            raise InvalidArgumentError(
+                f"expected target of shape {list(row_shape)} (class indices) or {list(row_shape) + [n_classes]} "
+                f"(probabilities) for input {list(input.shape)}, got {list(target.shape)}")
+    check_target(logits_placeholder(input, n_rows, n_classes), rows_target, ignore_index)
+    return n_classes

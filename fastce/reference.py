@@ -172,8 +172,13 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     return_lse: bool = False,
 ):
-    """cross_entropy(input @ linear_weight.T + linear_bias) with every logit materialised."""
-    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
-    return cross_entropy(logits.reshape(-1, linear_weight.shape[0]), target.reshape(-1), weight,
-                         ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
-                         return_lse=return_lse)
+    """cross_entropy(input @ linear_weight.T + linear_bias) with every logit materialised, for input
+    (…, H) and class indices (…) or probabilities (…, V); per-row outputs are shaped (…)."""
+    n_classes, row_shape = linear_weight.shape[0], input.shape[:-1]
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias).reshape(-1, n_classes)
+    rows_target = target.reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
+    loss, lse = cross_entropy(logits, rows_target, weight, ignore_index, reduction, label_smoothing,
+                              z_loss=z_loss, softcap=softcap, return_lse=True)
+    if reduction == "none":
+        loss = loss.reshape(row_shape)
+    return (loss, lse.reshape(row_shape)) if return_lse else loss
