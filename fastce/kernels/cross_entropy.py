@@ -80,21 +80,28 @@ def _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, c
 
 
 @triton.jit
-def _online_update(x, a, mask, is_target, m, s, s_other, mass, weighted_sum):
+def _online_update(x, a, mask, is_target, m, s, s_other, mass, weighted_sum, DENSE_TARGET: tl.constexpr):
     # Merge a tile into the running (max m, Σ exp(x − ref), the same sum without the target
     # class, A, Σ a(x − ref)) with ref = m, or 0 while m is still −inf (masked vocabulary in
     # leading tiles must not produce −inf − −inf).
     m_new = tl.maximum(m, tl.max(x, 1))
-    ref_old = tl.where(m == float("-inf"), 0.0, m)
     ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = tl.exp(m - ref_new)
     e = tl.exp(x - ref_new[:, None])
     s = s * rescale + tl.sum(e, 1)
     s_other = s_other * rescale + tl.sum(tl.where(is_target, 0.0, e), 1)
-    # classes without target mass add nothing, even at x = −inf (0·log 0 = 0)
-    shifted = tl.where(mask & (a != 0.0), a * (x - ref_new[:, None]), 0.0)
-    weighted_sum = weighted_sum + mass * (ref_old - ref_new) + tl.sum(shifted, 1)
-    return m_new, s, s_other, mass + tl.sum(a, 1), weighted_sum
+    if DENSE_TARGET:
+        # probabilities or smoothing put mass on every class; classes without mass add nothing,
+        # even at x = −inf (0·log 0 = 0)
+        ref_old = tl.where(m == float("-inf"), 0.0, m)
+        shifted = tl.where(mask & (a != 0.0), a * (x - ref_new[:, None]), 0.0)
+        weighted_sum = weighted_sum + mass * (ref_old - ref_new) + tl.sum(shifted, 1)
+        mass = mass + tl.sum(a, 1)
+    else:
+        # one class holds all the mass: keep just its logit (A and Σ a(x − ref) follow from it),
+        # which spares the registers of a second row-sized tile
+        weighted_sum = weighted_sum + tl.sum(tl.where(is_target, x, 0.0), 1)
+    return m_new, s, s_other, mass, weighted_sum
 
 
 @triton.jit
@@ -272,7 +279,8 @@ def cross_entropy_fwd_kernel(
                                 label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
                                 WIDE_OFFSETS, COMPUTE_DTYPE)
         m, s, s_other, mass, weighted_sum = _online_update(x, a, mask, cols[None, :] == y[:, None], m, s,
-                                                           s_other, mass, weighted_sum)
+                                                           s_other, mass, weighted_sum,
+                                                           PROB_TARGET or HAS_SMOOTHING)
     else:
         for start in range(0, n_classes, BLOCK_SIZE):
             x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
@@ -280,9 +288,13 @@ def cross_entropy_fwd_kernel(
                                     n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
                                     HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
             m, s, s_other, mass, weighted_sum = _online_update(x, a, mask, (start + cols)[None, :] == y[:, None],
-                                                               m, s, s_other, mass, weighted_sum)
+                                                               m, s, s_other, mass, weighted_sum,
+                                                               PROB_TARGET or HAS_SMOOTHING)
 
     ref = tl.where(m == float("-inf"), 0.0, m)
+    if not (PROB_TARGET or HAS_SMOOTHING):
+        mass = w_y  # weighted_sum held the target logit
+        weighted_sum = w_y * (weighted_sum - ref)
     log_s = tl.log(s)
     lse = ref + log_s
     target_miss = s_other / s  # 1 − p_y for hard targets
