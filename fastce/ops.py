@@ -40,6 +40,13 @@ MAX_ROWS_PER_PROGRAM = 64
 # enough threads to cover the memory latency, few enough that each holds a useful amount.
 ELEMENTS_PER_WARP = 1024
 
+# Opt-in (FASTCE_CLUSTER=1, Hopper and later), awaiting a GPU run to check and time it: compiled
+# for sm_90, the single-pass training step spills 320 B per thread at V=32k and 1.2 KB at 64k with
+# one CTA per row (tools/sm90_compile.py), and none when a cluster of CTAs shares the row with
+# 8192 classes each, the way QuACK keeps 256k-class rows on chip.
+CLUSTER_TILE = 8192
+MAX_CLUSTER = 8
+
 # The in-place rescale of the backward is a plain streaming multiply: 4096-element tiles over
 # 8 warps (16 values per thread) never spill, and a loop covers longer rows.
 SCALE_BLOCK = 4096
@@ -63,15 +70,23 @@ class LaunchConfig(NamedTuple):
     rows: int
     block_size: int
     num_warps: int
+    num_ctas: int = 1  # > 1: a Hopper thread-block cluster shares each tile (see below)
 
 
-def launch_config(n_rows: int, n_classes: int) -> LaunchConfig:
+def launch_config(n_rows: int, n_classes: int, clustered: bool = False) -> LaunchConfig:
+    """The launch rule. With `clustered`, a single-pass tile above CLUSTER_TILE classes is split
+    across a Hopper cluster of up to MAX_CLUSTER CTAs (each holds CLUSTER_TILE classes in
+    registers, the row's max and sums cross CTAs through distributed shared memory)."""
     block = triton.next_power_of_2(max(n_classes, 1))
     if block > SINGLE_PASS_MAX_CLASSES:
         block = STREAM_BLOCK
     rows = max(1, min(SMALL_ROW_TILE // block, MAX_ROWS_PER_PROGRAM, triton.next_power_of_2(max(n_rows, 1))))
-    num_warps = min(32, max(4, triton.next_power_of_2(rows * block // ELEMENTS_PER_WARP)))
-    return LaunchConfig(rows, block, num_warps)
+    num_ctas = 1
+    if clustered and CLUSTER_TILE < block and n_classes <= SINGLE_PASS_MAX_CLASSES:
+        num_ctas = min(MAX_CLUSTER, block // CLUSTER_TILE)
+    per_cta = rows * block // num_ctas
+    num_warps = min(32, max(4, triton.next_power_of_2(per_cta // ELEMENTS_PER_WARP)))
+    return LaunchConfig(rows, block, num_warps, num_ctas)
 
 
 def n_classes_of(logits: Tensor) -> int:
@@ -120,10 +135,15 @@ def _autotuned_fwd_kernel():
                            restore_value=["logits_ptr", "grad_ptr"])(cross_entropy_fwd_kernel)
 
 
-def _fwd_kernel_and_warps(logits: Tensor, config: LaunchConfig):
+def clusters_enabled(logits: Tensor) -> bool:
+    return (logits.is_cuda and os.environ.get("FASTCE_CLUSTER") == "1"
+            and torch.cuda.get_device_capability(logits.device)[0] >= 9)
+
+
+def _fwd_kernel_and_options(logits: Tensor, config: LaunchConfig):
     if logits.is_cuda and os.environ.get("FASTCE_AUTOTUNE") == "1":
         return _autotuned_fwd_kernel(), {}
-    return cross_entropy_fwd_kernel, {"num_warps": config.num_warps}
+    return cross_entropy_fwd_kernel, {"num_warps": config.num_warps, "num_ctas": config.num_ctas}
 
 
 def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec) -> Tensor:
@@ -161,14 +181,14 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spe
     lse = torch.empty(n_rows, dtype=acc_dtype, device=logits.device)
     if n_rows == 0:
         return loss_rows, lse
-    config = launch_config(n_rows, n_classes)
+    config = launch_config(n_rows, n_classes, clusters_enabled(logits))
     inner_size, l_outer, l_inner, l_class = row_layout(logits)
     prob_target = target.is_floating_point()
     t_outer, t_inner, t_class = row_layout(target)[1:] if prob_target else (0, 0, 0)
     g_outer, g_inner, g_class = row_layout(grad)[1:] if grad is not None else (0, 0, 0)
     if not prob_target:
         target = target.reshape(-1).contiguous()  # the kernel reads class indices densely
-    kernel, warps = _fwd_kernel_and_warps(logits, config)
+    kernel, launch_options = _fwd_kernel_and_options(logits, config)
     grid = (triton.cdiv(n_rows, config.rows),)
     kernel[grid](
         logits, target, weight, loss_rows, lse, grad if grad is not None else loss_rows,
@@ -183,7 +203,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spe
         HAS_SOFTCAP=spec.softcap is not None, FOCAL=spec.focal and spec.gamma != 0,
         MEAN=spec.reduction == "mean", COMPUTE_GRAD=grad is not None,
         GRAD_OUTPUT=0 if grad_output is None else (2 if grad_output_per_row else 1),
-        COMPUTE_DTYPE=_triton_dtype(logits.dtype), **warps)
+        COMPUTE_DTYPE=_triton_dtype(logits.dtype), **launch_options)
     return loss_rows, lse
 
 

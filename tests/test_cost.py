@@ -149,3 +149,8 @@ def test_launch_rule_bounds_warps_and_tiles():
             assert config.block_size >= n_classes  # one tile holds the row: read once
         else:
             assert config.block_size == ops.STREAM_BLOCK
+        clustered = ops.launch_config(8192, n_classes, clustered=True)
+        assert clustered.block_size == config.block_size  # same tiles, only split across CTAs
+        if clustered.num_ctas > 1:  # only single-pass rows, each CTA holding at most CLUSTER_TILE classes
+            assert n_classes <= ops.SINGLE_PASS_MAX_CLASSES
+            assert clustered.block_size // clustered.num_ctas <= ops.CLUSTER_TILE

@@ -33,6 +33,7 @@ class Variant(NamedTuple):
     dtype: str = "bf16"
     flags: tuple = ()  # names of the forward kernel's boolean constexprs set to True
     grad_output: int = 0
+    clustered: bool = False  # the FASTCE_CLUSTER=1 launch rule
 
 
 def forward_variants() -> list[Variant]:
@@ -40,6 +41,8 @@ def forward_variants() -> list[Variant]:
         Variant("training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN")),
         Variant("training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN")),
         Variant("training step, V=256k (streamed)", 262144, flags=("COMPUTE_GRAD", "MEAN")),
+        Variant("clustered training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN"), clustered=True),
+        Variant("clustered training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN"), clustered=True),
         Variant("no-grad forward, V=128k", 131072),
         Variant("small V=256, rows per program", 256, flags=("COMPUTE_GRAD",)),
         Variant("all options, V=32k", 32768,
@@ -56,14 +59,14 @@ FLAGS = ("PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCA
          "COMPUTE_GRAD")
 
 
-def _compile(fn, signature: dict, constexprs: dict, num_warps: int):
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_ctas: int = 1):
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps})
+    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_ctas": num_ctas})
 
 
 def _forward_source(variant: Variant):
     import triton.language as tl
-    config = ops.launch_config(8192, variant.n_classes)
+    config = ops.launch_config(8192, variant.n_classes, variant.clustered)
     acc = "fp64" if variant.dtype == "fp64" else "fp32"
     flags = {name: name in variant.flags for name in FLAGS}
     constexprs = dict(ROWS=config.rows, BLOCK_SIZE=config.block_size,
@@ -107,7 +110,8 @@ def compile_all(variants: Iterable[Variant]) -> list[tuple]:
     rows = []
     for variant in variants:
         signature, constexprs, config = _forward_source(variant)
-        compiled = _compile(kernels.cross_entropy_fwd_kernel.fn, signature, constexprs, config.num_warps)
+        compiled = _compile(kernels.cross_entropy_fwd_kernel.fn, signature, constexprs, config.num_warps,
+                            config.num_ctas)
         rows.append((variant.name, config, *resource_usage(compiled.asm["cubin"])))
     # the backward scale kernel and the divisor kernel, once each
     scale_sig = {"grad_ptr": "*bf16", "grad_output_ptr": "*fp32", "grad_stride_outer": "i64",
@@ -135,9 +139,10 @@ def compile_all(variants: Iterable[Variant]) -> list[tuple]:
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    print(f"{'kernel variant':40s} {'rows':>4s} {'block':>7s} {'warps':>5s} {'regs':>5s} {'stack B':>8s}")
+    print(f"{'kernel variant':40s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} {'regs':>5s} {'stack B':>8s}")
     for name, config, registers, spills in compile_all(forward_variants()):
-        print(f"{name:40s} {config.rows:4d} {config.block_size:7d} {config.num_warps:5d} {registers:5d} {spills:8d}")
+        print(f"{name:40s} {config.rows:4d} {config.block_size:7d} {config.num_ctas:4d} {config.num_warps:5d} "
+              f"{registers:5d} {spills:8d}")
 
 
 if __name__ == "__main__":
