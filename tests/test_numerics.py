@@ -220,3 +220,35 @@ def test_tolerance_table_is_fair_and_can_fail():
         nan_where_finite[3] = float("nan")
         with pytest.raises(AssertionError):
             assert_close_dtype(nan_where_finite, expected, dtype, "NaN")
+
+
+# ------------------------------------------------------------------------------------------
+# Offsets past 2^31 elements (DESIGN §5.2): huge strides over a lazily committed buffer
+# ------------------------------------------------------------------------------------------
+
+OFFSET_CASES = {
+    # name: (shape, strides); every case reaches 2^31 elements or more past the base pointer
+    "row_stride_2^31": ((2, 5), (2**31, 1)),
+    "class_stride_2^30": ((2, 3), (1, 2**30)),
+    "kdim_inner_stride_2^31": ((1, 4, 2), (8, 1, 2**31)),
+}
+
+
+@pytest.mark.parametrize("case", list(OFFSET_CASES), ids=list(OFFSET_CASES))
+def test_offsets_beyond_int32(device, case):
+    """Rows or classes 2^31 elements apart must be addressed with 64-bit offsets.  The bf16
+    buffer is 4 GiB of address space, but only the pages holding the few elements are touched."""
+    shape, strides = OFFSET_CASES[case]
+    x = torch.empty_strided(shape, strides, dtype=torch.bfloat16, device=device)
+    x.copy_(torch.randn(shape, dtype=torch.float64, device=device).to(torch.bfloat16))
+    t = make_targets(shape, device)
+    for reduction in ("none", "mean"):
+        leaf = x.detach().requires_grad_(True)
+        loss = fastce.cross_entropy(leaf, t, reduction=reduction, label_smoothing=0.1)
+        go = torch.rand(loss.shape, device=device).to(torch.bfloat16) + 0.5
+        (g,) = torch.autograd.grad(loss, leaf, go)
+        x64 = x.double().requires_grad_(True)
+        ref = reference.cross_entropy(x64, t, reduction=reduction, label_smoothing=0.1)
+        (rg,) = torch.autograd.grad(ref, x64, go.double())
+        assert_close_dtype(loss, ref, torch.bfloat16, f"{case} {reduction} loss")
+        assert_close_dtype(g, rg, torch.bfloat16, f"{case} {reduction} grad")
