@@ -10,6 +10,18 @@ from . import functional as F
 from ._validation import InvalidArgumentError, check_label_smoothing
 
 
+def _options_set(module) -> list[str]:
+    """extra_repr entries for the options a loss module has away from their defaults."""
+    extras = []
+    if module.label_smoothing:
+        extras.append(f"label_smoothing={module.label_smoothing}")
+    if module.z_loss:
+        extras.append(f"z_loss={module.z_loss}")
+    if module.softcap is not None:
+        extras.append(f"softcap={module.softcap}")
+    return extras
+
+
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Drop-in for torch.nn.CrossEntropyLoss (a subclass: same state_dict keys, same attributes),
     computed by fastce's kernels, with the extra options z_loss and softcap."""
@@ -27,14 +39,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
                                self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
 
     def extra_repr(self) -> str:
-        extras = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
-        if self.label_smoothing:
-            extras.append(f"label_smoothing={self.label_smoothing}")
-        if self.z_loss:
-            extras.append(f"z_loss={self.z_loss}")
-        if self.softcap is not None:
-            extras.append(f"softcap={self.softcap}")
-        return ", ".join(extras)
+        return ", ".join([f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}",
+                          *_options_set(self)])
 
 
 class FocalLoss(nn.Module):
@@ -94,10 +100,4 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
                   f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
                   f"ignore_index={self.ignore_index}"]
-        if self.label_smoothing:
-            extras.append(f"label_smoothing={self.label_smoothing}")
-        if self.z_loss:
-            extras.append(f"z_loss={self.z_loss}")
-        if self.softcap is not None:
-            extras.append(f"softcap={self.softcap}")
-        return ", ".join(extras)
+        return ", ".join(extras + _options_set(self))
