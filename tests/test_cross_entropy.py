@@ -467,6 +467,29 @@ def test_inplace_backward_through_matmul(device, reduction):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("view", ["flatten_view", "column_slice"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_on_a_view(device, view, reduction):
+    """The usual language-model call, cross_entropy(logits.view(-1, V), y.view(-1)), passes a
+    view of a non-leaf; inplace_backward=True must work there as well (same gradient)."""
+    B, T, H, V = 2, 3, 4, 7
+    h = make_logits((B, T, H), torch.float32, device)
+    W = make_logits((H, V + 2), torch.float32, device)
+    y = make_targets((B * T, V), device, ignore_frac=0.2)
+    results = []
+    for inplace in (False, True):
+        hh = h.clone().requires_grad_(True)
+        full = hh @ W  # (B, T, V + 2), non-leaf
+        if view == "flatten_view":
+            logits = full[..., :V].contiguous().view(-1, V)
+        else:
+            logits = full.view(-1, V + 2)[:, 1:V + 1]
+        loss = fastce.cross_entropy(logits, y, reduction=reduction, inplace_backward=inplace)
+        loss.backward(torch.linspace(0.5, 1.5, loss.numel(), device=device).reshape(loss.shape))
+        results.append(hh.grad)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
 def test_inplace_backward_second_backward_raises(device):
     h, W, t = _inplace_setup(device)
     hh = h.clone().requires_grad_(True)
