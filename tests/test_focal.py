@@ -194,6 +194,23 @@ def test_focal_masked_vocabulary(device):
     assert_close_dtype(g[:, masked:], rg, torch.float32, "unmasked columns' gradient")
 
 
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_certain_rows(device, gamma):
+    """p = 1 exactly (C = 1, or every other logit -inf): loss 0 and gradient 0, no NaN from
+    (1 - p)^(gamma - 1) at u = 0."""
+    x1 = make_logits((4, 1), torch.float32, device).requires_grad_(True)
+    t1 = torch.zeros(4, dtype=torch.long, device=device)
+    x2 = torch.full((3, 5), float("-inf"), device=device)
+    x2[:, 2] = 1.0
+    x2.requires_grad_(True)
+    t2 = torch.full((3,), 2, device=device)
+    for x, t, ls in ((x1, t1, 0.1), (x2, t2, 0.0)):
+        loss = fastce.focal_loss(x, t, gamma=gamma, reduction="sum", label_smoothing=ls)
+        loss.backward(torch.tensor(1.5, device=device))
+        assert loss.item() == 0.0
+        assert torch.equal(x.grad, torch.zeros_like(x.grad)), x.grad
+
+
 def test_focal_all_ignored_and_empty(device):
     x = make_logits((5, 6), torch.float32, device).requires_grad_(True)
     t = torch.full((5,), -100, device=device)
