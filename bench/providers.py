@@ -71,6 +71,15 @@ def _on_logits(call):
     return lambda case: lambda x: call(x["logits"], x["target"], reduction=case.reduction)
 
 
+def _module_on_logits(module_class):
+    """Factory for an nn.Module loss built as ``module_class(reduction=...)``, called on
+    (logits, target); built once per case, outside what is measured."""
+    def build(case):
+        module = module_class(reduction=case.reduction)
+        return lambda x: module(x["logits"], x["target"])
+    return build
+
+
 def _on_hidden(call):
     """Factory for a linear loss called as ``call(hidden, weight, target, reduction=...)``."""
     return lambda case: lambda x: call(x["hidden"], x["weight"], x["target"], reduction=case.reduction)
@@ -119,25 +128,17 @@ def _torch_native_ops():
 def _liger_ops():
     liger = _require("liger_kernel.transformers", "pip install liger-kernel")
 
-    def cross_entropy(case):
-        module = liger.LigerCrossEntropyLoss(reduction=case.reduction)
-        return lambda x: module(x["logits"], x["target"])
-
     def linear_cross_entropy(case):
         module = liger.LigerFusedLinearCrossEntropyLoss(reduction=case.reduction)
         return lambda x: module(x["weight"], x["hidden"], x["target"])  # weight comes first
 
-    return {"cross_entropy": cross_entropy, "linear_cross_entropy": linear_cross_entropy}
+    return {"cross_entropy": _module_on_logits(liger.LigerCrossEntropyLoss),
+            "linear_cross_entropy": linear_cross_entropy}
 
 
 def _flash_attn_ops():
     losses = _require("flash_attn.losses.cross_entropy", "pip install flash-attn (needs CUDA)")
-
-    def cross_entropy(case):
-        module = losses.CrossEntropyLoss(reduction=case.reduction)
-        return lambda x: module(x["logits"], x["target"])
-
-    return {"cross_entropy": cross_entropy}
+    return {"cross_entropy": _module_on_logits(losses.CrossEntropyLoss)}
 
 
 def _cut_cross_entropy_ops():

@@ -9,6 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from .cases import Case
 from .interpreter import MODE_NOTE
+from .providers import PROVIDERS
 from .suite import Row
 
 GPU_NOTE = "GPU: median of triton.testing.do_bench over rotated inputs; GB/s against the bytes floor"
@@ -103,10 +104,13 @@ def write(rows: Sequence[Row], skipped: Dict[str, str], out_dir: Path) -> Dict[s
         writer.writeheader()
         writer.writerows(rows)
     mode = rows[0]["mode"] if rows else "cpu-interpreter"
-    paths["json"].write_text(json.dumps({"note": mode_note(mode), "skipped_providers": skipped,
-                                         "rows": list(rows)}, indent=1) + "\n")
-    skipped_lines = "".join(f"\n- {name}: {note}" for name, note in skipped.items())
-    paths["md"].write_text(f"{mode_note(mode)}\n\n## Largest shape of each operation\n\n{summary_table(rows)}\n"
+    providers = {name: PROVIDERS[name].description for name in dict.fromkeys(row["provider"] for row in rows)}
+    paths["json"].write_text(json.dumps({"note": mode_note(mode), "providers": providers,
+                                         "skipped_providers": skipped, "rows": list(rows)}, indent=1) + "\n")
+    provider_lines = "".join(f"\n- `{name}`: {description}" for name, description in providers.items())
+    skipped_lines = "".join(f"\n- `{name}`: {note}" for name, note in skipped.items())
+    paths["md"].write_text(f"{mode_note(mode)}\n\nProviders:{provider_lines}\n"
+                           f"\n## Largest shape of each operation\n\n{summary_table(rows)}\n"
                            f"\n## Every case\n\n{markdown_table(rows)}\n"
                            + (f"\nNot measured:{skipped_lines}\n" if skipped else ""))
     plot(rows, paths["png"])
