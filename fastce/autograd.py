@@ -4,8 +4,12 @@ Gradient strategy (DESIGN §6): for 'mean' and 'sum' the forward kernel already 
 ∂loss/∂logits for an upstream gradient of 1, so backward only rescales it, on the device and only
 when the upstream gradient is not 1. For 'none' the upstream gradient is a per-row tensor that
 is usually not 1: backward recomputes the gradient from the logits in one fused pass, which moves
-fewer bytes than writing a gradient in forward and rescaling it. With inplace_backward=True the
-gradient is written over the logits in forward (marked dirty), for every reduction.
+fewer bytes than writing a gradient in forward and rescaling it.
+
+With inplace_backward=True the gradient is written over the logits in forward, for every
+reduction, by two Functions: one overwrites the logits and marks them dirty (it returns only
+them, which autograd requires when the logits are a view, as `(h @ W).view(-1, V)` is), the next
+turns the loss rows into the loss and hands the overwritten logits out as the gradient.
 """
 from __future__ import annotations
 
@@ -26,12 +30,13 @@ def _forward_op(logits, target, weight, spec: LossSpec, *, compute_grad: bool, v
     return ops.forward(logits, target, weight, spec, compute_grad=compute_grad, inplace=False, validate=validate)
 
 
-def _forward_inplace_op(logits, target, weight, spec: LossSpec, *, validate: bool):
+def _forward_inplace_op(logits, loss_rows, lse, divisors, target, weight, spec: LossSpec, *, validate: bool):
     if torch.compiler.is_compiling():
-        return torch.ops.fastce.cross_entropy_forward_inplace(logits, target, weight, *spec, validate)
-    loss_rows, lse, _, divisors = ops.forward(logits, target, weight, spec, compute_grad=True, inplace=True,
-                                              validate=validate)
-    return loss_rows, lse, divisors
+        torch.ops.fastce.cross_entropy_forward_inplace_(logits, loss_rows, lse, divisors, target, weight, *spec,
+                                                       validate)
+    else:
+        ops.forward(logits, target, weight, spec, compute_grad=True, inplace=True, validate=validate,
+                    out=(loss_rows, lse, divisors))
 
 
 def _recompute_grad_op(logits, target, weight, spec: LossSpec, divisors, grad_output):
@@ -68,62 +73,42 @@ def forward_no_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], sp
     return reduce_rows(loss_rows, spec.reduction, shape, logits.dtype), lse.reshape(shape)
 
 
-# target, weight, spec, inplace_backward, validate, return_lse get no gradient
-_NO_GRADS = (None,) * 6
+# target, weight, spec, validate, return_lse get no gradient
+_NO_GRADS = (None,) * 5
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """apply(logits, target, weight=None, spec=LossSpec(), inplace_backward=False, validate=True,
-    return_lse=False) -> loss, or (loss, lse) with return_lse.
+    """apply(logits, target, weight=None, spec=LossSpec(), validate=True, return_lse=False)
+    -> loss, or (loss, lse) with return_lse.
 
     `spec` (fastce.ops.LossSpec) carries ignore_index, reduction, label_smoothing, z_loss,
-    softcap and the focal options. With inplace_backward the logits are written over by their
-    gradient and marked dirty; autograd then also receives them as the last output.
+    softcap and the focal options. (inplace_backward=True goes through `cross_entropy_inplace`.)
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                spec: Optional[LossSpec] = None, inplace_backward: bool = False, validate: bool = True,
-                return_lse: bool = False):
+                spec: Optional[LossSpec] = None, validate: bool = True, return_lse: bool = False):
         spec = LossSpec() if spec is None else spec
         ctx.set_materialize_grads(False)
         ctx.spec = spec
-        ctx.inplace = inplace_backward
         ctx.grad_handed_out = False
-        if inplace_backward:
-            loss_rows, lse, divisors = _forward_inplace_op(logits, target, weight, spec, validate=validate)
-            ctx.mark_dirty(logits)
-            ctx.save_for_backward(logits, target, weight, divisors)
-        else:
-            # A compiled graph recomputes in backward instead: it may not mutate a saved buffer.
-            grad_in_forward = spec.reduction != "none" and not torch.compiler.is_compiling()
-            loss_rows, lse, grad, divisors = _forward_op(logits, target, weight, spec,
-                                                         compute_grad=grad_in_forward, validate=validate)
-            ctx.grad_in_forward = grad_in_forward
-            ctx.save_for_backward(logits, target, weight, divisors, grad)
+        # A compiled graph recomputes in backward instead: it may not mutate a saved buffer.
+        ctx.grad_in_forward = spec.reduction != "none" and not torch.compiler.is_compiling()
+        loss_rows, lse, grad, divisors = _forward_op(logits, target, weight, spec,
+                                                     compute_grad=ctx.grad_in_forward, validate=validate)
+        ctx.save_for_backward(logits, target, weight, divisors, grad)
         shape = row_shape(logits)
-        outputs = [reduce_rows(loss_rows, spec.reduction, shape, logits.dtype)]
-        if return_lse:
-            outputs.append(lse.reshape(shape))
-            ctx.mark_non_differentiable(outputs[-1])
-        if inplace_backward:
-            outputs.append(logits)  # autograd requires a dirty input to be returned
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        loss = reduce_rows(loss_rows, spec.reduction, shape, logits.dtype)
+        if not return_lse:
+            return loss
+        lse = lse.reshape(shape)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused_grads):
         if grad_loss is None:
             return None, *_NO_GRADS
-        if ctx.inplace:
-            grad, *_ = ctx.saved_tensors
-            if ctx.grad_handed_out:
-                raise RuntimeError(
-                    "fastce: backward through cross_entropy(..., inplace_backward=True) a second time: the "
-                    "logits' storage already holds their gradient and was handed out by the first backward. "
-                    "Use inplace_backward=False to backward through the same graph more than once.")
-            ctx.grad_handed_out = True
-            _scale_grad_op(grad, grad_loss)
-            return grad, *_NO_GRADS
         logits, target, weight, divisors, grad = ctx.saved_tensors
         if ctx.grad_in_forward and not ctx.grad_handed_out:
             # First backward: scale the forward's gradient in place (a no-op when grad_loss == 1)
@@ -132,3 +117,59 @@ class CrossEntropyFunction(torch.autograd.Function):
             _scale_grad_op(grad, grad_loss)
             return grad, *_NO_GRADS
         return _recompute_grad_op(logits, target, weight, ctx.spec, divisors, grad_loss), *_NO_GRADS
+
+
+class _OverwriteLogitsWithGradient(torch.autograd.Function):
+    """logits ← ∂loss/∂logits for an upstream gradient of 1, in place; fills the loss-row buffers.
+
+    Autograd-wise the identity: the gradient reaching the overwritten logits (from
+    _LossFromOverwrittenLogits) is the logits' gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, spec, validate, loss_rows, lse, divisors):
+        _forward_inplace_op(logits, loss_rows, lse, divisors, target, weight, spec, validate=validate)
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None, None, None, None
+
+
+class _LossFromOverwrittenLogits(torch.autograd.Function):
+    """The loss from the kernel's loss rows; its backward hands out the overwritten logits,
+    scaled by the upstream gradient on the device."""
+
+    @staticmethod
+    def forward(ctx, gradient, loss_rows, reduction, shape, dtype):
+        ctx.save_for_backward(gradient)
+        ctx.grad_handed_out = False
+        return reduce_rows(loss_rows, reduction, shape, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grad_handed_out:
+            raise RuntimeError(
+                "fastce: backward through cross_entropy(..., inplace_backward=True) a second time: the "
+                "logits' storage already holds their gradient and was handed out by the first backward. "
+                "Use inplace_backward=False to backward through the same graph more than once.")
+        ctx.grad_handed_out = True
+        gradient, = ctx.saved_tensors
+        _scale_grad_op(gradient, grad_loss)
+        # a fresh alias that nothing else references, so a leaf's AccumulateGrad can take it
+        # without a copy even while the caller still holds the (overwritten) logits
+        return gradient.detach(), None, None, None, None
+
+
+def cross_entropy_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
+                          validate: bool) -> tuple[Tensor, Tensor]:
+    """(loss, lse) with the gradient written over the logits (inplace_backward=True)."""
+    n_rows = logits.numel() // ops.n_classes_of(logits)
+    acc = ops.compute_dtype(logits.dtype)
+    loss_rows = logits.new_empty(n_rows, dtype=acc)
+    lse = logits.new_empty(n_rows, dtype=acc)
+    divisors = logits.new_empty(2, dtype=acc)
+    gradient = _OverwriteLogitsWithGradient.apply(logits, target, weight, spec, validate, loss_rows, lse, divisors)
+    shape = row_shape(logits)
+    loss = _LossFromOverwrittenLogits.apply(gradient, loss_rows, spec.reduction, shape, logits.dtype)
+    return loss, lse.reshape(shape)

@@ -83,7 +83,7 @@ def _check_z_loss_softcap(z_loss: float, softcap: Optional[float]) -> None:
 
 def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate: bool):
     """(loss, lse) from the Triton kernels, through autograd when a gradient is needed."""
-    from .autograd import CrossEntropyFunction, forward_no_grad
+    from .autograd import CrossEntropyFunction, cross_entropy_inplace, forward_no_grad
 
     input = _kernel_layout(input)
     if target.is_floating_point():
@@ -97,8 +97,9 @@ def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate:
             "fastce: inplace_backward=True writes the gradient over the logits, which cannot be a leaf "
             "tensor that requires grad (its .grad would alias its data); pass non-leaf logits (the output "
             "of a layer) or use inplace_backward=False")
-    outputs = CrossEntropyFunction.apply(input, target, class_factor, spec, inplace_backward, validate, True)
-    return outputs[0], outputs[1]
+    if inplace_backward:
+        return cross_entropy_inplace(input, target, class_factor, spec, validate)
+    return CrossEntropyFunction.apply(input, target, class_factor, spec, validate, True)
 
 
 def cross_entropy(

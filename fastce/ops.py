@@ -146,14 +146,15 @@ def _fwd_kernel_and_options(logits: Tensor, config: LaunchConfig):
     return cross_entropy_fwd_kernel, {"num_warps": config.num_warps, "num_ctas": config.num_ctas}
 
 
-def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec) -> Tensor:
+def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
+                  out: Optional[Tensor] = None) -> Tensor:
     """Device tensor [divisor of the loss, divisor of the z-loss] of the "mean" reduction:
     Σ w_y over non-ignored rows (cross-entropy), their count (focal, z-loss), or the row count
     (probability targets). No host sync: the kernel reads them from device memory."""
     n_classes = n_classes_of(logits)
     n_rows = logits.numel() // max(n_classes, 1)
     acc_dtype = compute_dtype(logits.dtype)
-    divisors = torch.empty(2, dtype=acc_dtype, device=logits.device)
+    divisors = torch.empty(2, dtype=acc_dtype, device=logits.device) if out is None else out
     if target.is_floating_point():
         return divisors.fill_(float(n_rows))
     reduction_divisor_kernel[(1,)](
@@ -167,8 +168,10 @@ def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec
 
 def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *,
                    grad: Optional[Tensor], divisors: Tensor, grad_output: Optional[Tensor] = None,
-                   grad_output_per_row: bool = False) -> tuple[Tensor, Tensor]:
-    """Run the fused kernel: returns per-row (loss contribution, lse); writes `grad` if given.
+                   grad_output_per_row: bool = False,
+                   out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """Run the fused kernel: returns per-row (loss contribution, lse), into `out` if given;
+    writes `grad` if given.
 
     The per-row loss is already divided by the mean's divisors when spec.reduction == "mean",
     so every reduction is a plain sum of it. `grad` may alias `logits` (in-place backward): each
@@ -177,8 +180,10 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spe
     n_classes = n_classes_of(logits)
     n_rows = logits.numel() // max(n_classes, 1)
     acc_dtype = compute_dtype(logits.dtype)
-    loss_rows = torch.empty(n_rows, dtype=acc_dtype, device=logits.device)
-    lse = torch.empty(n_rows, dtype=acc_dtype, device=logits.device)
+    if out is None:
+        out = (torch.empty(n_rows, dtype=acc_dtype, device=logits.device),
+               torch.empty(n_rows, dtype=acc_dtype, device=logits.device))
+    loss_rows, lse = out
     if n_rows == 0:
         return loss_rows, lse
     config = launch_config(n_rows, n_classes, clusters_enabled(logits))
@@ -228,16 +233,19 @@ def launch_scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
 
 
 def forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *,
-            compute_grad: bool, inplace: bool, validate: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+            compute_grad: bool, inplace: bool, validate: bool,
+            out: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """Loss per row, lse per row, the gradient for an upstream gradient of 1 (or None), and the
-    mean's divisors. With inplace=True the gradient is written over `logits` and returned as it."""
+    mean's divisors (into `out`'s three tensors if given). With inplace=True the gradient is
+    written over `logits` and returned as it."""
     if validate and not target.is_floating_point():
         check_target_range(target, n_classes_of(logits), spec.ignore_index)
-    divisors = mean_divisors(logits, target, weight, spec)
+    divisors = mean_divisors(logits, target, weight, spec, out=None if out is None else out[2])
     grad = None
     if compute_grad:
         grad = logits if inplace else torch.empty_like(logits)
-    loss_rows, lse = launch_forward(logits, target, weight, spec, grad=grad, divisors=divisors)
+    loss_rows, lse = launch_forward(logits, target, weight, spec, grad=grad, divisors=divisors,
+                                    out=None if out is None else out[:2])
     return loss_rows, lse, grad, divisors
 
 
@@ -283,25 +291,22 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
             logits.new_empty(2, dtype=acc))
 
 
-@torch.library.custom_op("fastce::cross_entropy_forward_inplace", mutates_args=("logits",))
+@torch.library.custom_op("fastce::cross_entropy_forward_inplace_",
+                         mutates_args=("logits", "loss_rows", "lse", "divisors"))
 def cross_entropy_forward_inplace_op(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
-    label_smoothing: float, z_loss: float, softcap: Optional[float], gamma: float, focal: bool,
-    validate: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    logits: Tensor, loss_rows: Tensor, lse: Tensor, divisors: Tensor, target: Tensor, weight: Optional[Tensor],
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
+    gamma: float, focal: bool, validate: bool,
+) -> None:
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
-    loss_rows, lse, _, divisors = forward(logits, target, weight, spec, compute_grad=True, inplace=True,
-                                          validate=validate)
-    return loss_rows, lse, divisors
+    forward(logits, target, weight, spec, compute_grad=True, inplace=True, validate=validate,
+            out=(loss_rows, lse, divisors))
 
 
 @cross_entropy_forward_inplace_op.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal,
-      validate):
-    n_rows = logits.numel() // n_classes_of(logits)
-    acc = compute_dtype(logits.dtype)
-    return (logits.new_empty(n_rows, dtype=acc), logits.new_empty(n_rows, dtype=acc),
-            logits.new_empty(2, dtype=acc))
+def _(logits, loss_rows, lse, divisors, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      gamma, focal, validate):
+    return None
 
 
 @torch.library.custom_op("fastce::cross_entropy_recompute_grad", mutates_args=())
