@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import ops
 from .ops import LossSpec
@@ -106,6 +107,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
+    @once_differentiable  # the gradient is not itself differentiable: a clear error on double backward
     def backward(ctx, grad_loss, *_unused_grads):
         if grad_loss is None:
             return None, *_NO_GRADS
@@ -147,6 +149,7 @@ class _LossFromOverwrittenLogits(torch.autograd.Function):
         return reduce_rows(loss_rows, reduction, shape, dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         if ctx.grad_handed_out:
             raise RuntimeError(

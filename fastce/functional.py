@@ -68,6 +68,13 @@ def _check_common(input, target, ignore_index, reduction, label_smoothing) -> in
     return n_classes
 
 
+def _check_not_differentiable(factor: Optional[Tensor], name: str) -> None:
+    # torch's cross_entropy refuses a weight that requires grad rather than ignoring it
+    if factor is not None and factor.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"the derivative for '{name}' is not implemented: pass {name}.detach() "
+                           f"(fastce, like torch.nn.functional.cross_entropy, does not train class {name}s)")
+
+
 def _check_finite(name: str, value: float, minimum: float = -math.inf) -> None:
     if not (math.isfinite(value) and value >= minimum):
         raise InvalidArgumentError(f"{name} must be a finite number >= {minimum}, got {value}")
@@ -130,6 +137,7 @@ def cross_entropy(
     """
     n_classes = _check_common(input, target, ignore_index, reduction, label_smoothing)
     check_class_factor(weight, n_classes, input, "weight")
+    _check_not_differentiable(weight, "weight")
     _check_z_loss_softcap(z_loss, softcap)
     # Gradients into probability targets (soft-label distillation) are served by the reference.
     target_needs_grad = target.requires_grad and torch.is_grad_enabled()
@@ -168,6 +176,7 @@ def focal_loss(
         alpha = torch.full((n_classes,), float(alpha), dtype=reference.compute_dtype(input.dtype),
                            device=input.device)
     check_class_factor(alpha, n_classes, input, "alpha")
+    _check_not_differentiable(alpha, "alpha")
     if not uses_triton(input) or (target.requires_grad and torch.is_grad_enabled()):
         if validate and not target.is_floating_point():
             check_target_range(target, n_classes, ignore_index)
@@ -212,6 +221,7 @@ def linear_cross_entropy(
     check_label_smoothing(label_smoothing)
     n_classes = check_linear(input, linear_weight, linear_bias, target, ignore_index)
     check_class_factor(weight, n_classes, input, "weight")
+    _check_not_differentiable(weight, "weight")
     _check_z_loss_softcap(z_loss, softcap)
     if chunk_size is not None and chunk_size < 1:
         raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")

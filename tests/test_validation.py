@@ -190,6 +190,11 @@ OTHER_BAD = {
     "zero_softcap": lambda x, t: ("cross_entropy", x, t, dict(softcap=0.0)),
     "negative_softcap": lambda x, t: ("cross_entropy", x, t, dict(softcap=-2.0)),
     "alpha_wrong_shape": lambda x, t: ("focal_loss", x, t, dict(alpha=torch.rand(C - 1, device=x.device))),
+    # torch refuses to treat class weights as trainable; fastce neither ignores them silently
+    "weight_requires_grad": lambda x, t: ("cross_entropy", x, t,
+                                          dict(weight=torch.rand(C, device=x.device, requires_grad=True))),
+    "alpha_requires_grad": lambda x, t: ("focal_loss", x, t,
+                                         dict(alpha=torch.rand(C, device=x.device, requires_grad=True))),
 }
 
 
