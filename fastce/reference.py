@@ -18,9 +18,6 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("none", "mean", "sum")
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 inside for every input dtype, except that float64 stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -9,7 +9,6 @@ inside, and one rounding of the result to the input's dtype.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -272,35 +271,31 @@ def check_loss_and_grad(fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
     return out, gs
 
 
-def ce_fns(weight: Optional[Tensor] = None, **kw):
-    """(fastce.cross_entropy, reference.cross_entropy) as functions of (input, target) with
-    the given keyword arguments; the reference gets a float64 copy of ``weight``."""
+def _paired_fns(name: str, factor_name: str, factor: Optional[Tensor], **kw):
+    """(fastce.<name>, reference.<name>) as functions of (input, target) with the given keyword
+    arguments; the reference gets a float64 copy of the per-class factor."""
     import fastce
 
-    w64 = as64(weight)
+    fast_fn, ref_fn = getattr(fastce, name), getattr(reference, name)
+    factor64 = as64(factor)
 
     def fast(x, t):
-        return fastce.cross_entropy(x, t, weight=weight, **kw)
+        return fast_fn(x, t, **{factor_name: factor}, **kw)
 
     def ref(x, t):
-        return reference.cross_entropy(x, t, weight=w64, **kw)
+        return ref_fn(x, t, **{factor_name: factor64}, **kw)
 
     return fast, ref
+
+
+def ce_fns(weight: Optional[Tensor] = None, **kw):
+    """(fastce.cross_entropy, reference.cross_entropy) with class weights ``weight``."""
+    return _paired_fns("cross_entropy", "weight", weight, **kw)
 
 
 def focal_fns(alpha=None, **kw):
-    """(fastce.focal_loss, reference.focal_loss) as functions of (input, target)."""
-    import fastce
-
-    a64 = as64(alpha)
-
-    def fast(x, t):
-        return fastce.focal_loss(x, t, alpha=alpha, **kw)
-
-    def ref(x, t):
-        return reference.focal_loss(x, t, alpha=a64, **kw)
-
-    return fast, ref
+    """(fastce.focal_loss, reference.focal_loss) with per-class factors ``alpha``."""
+    return _paired_fns("focal_loss", "alpha", alpha, **kw)
 
 
 # ----------------------------------------------------------------------------------------

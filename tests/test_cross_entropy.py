@@ -85,12 +85,13 @@ def test_reference_zloss_softcap_match_their_definitions():
 # Dispatch: CPU tensors under TRITON_INTERPRET=1 (and CUDA tensors) run the Triton kernels.
 # ------------------------------------------------------------------------------------------
 
-def test_triton_kernels_run(device):
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "focal_loss"])
+def test_triton_kernels_run(device, loss_name):
     x, t = make_inputs((5, 13), torch.float32, device)
     x.requires_grad_(True)
     with count_kernel_launches() as launched:
-        fastce.cross_entropy(x, t).backward()
-    assert len(launched) >= 1, "cross_entropy ran no Triton kernel (DESIGN §3)"
+        getattr(fastce, loss_name)(x, t).backward()
+    assert len(launched) >= 1, f"{loss_name} ran no Triton kernel (DESIGN §3)"
 
 
 def test_is_autograd_function(device):

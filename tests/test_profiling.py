@@ -113,7 +113,7 @@ def test_torch_operator_reads_inputs_and_writes_outputs():
     n = 100
     a, b = torch.randn(n), torch.randn(n)
     with measure() as m:
-        c = a + b
+        a + b
     assert (m.torch_read, m.torch_write) == (2 * n * FLOAT, n * FLOAT)
     assert m.ops["add"].calls == 1 and m.torch_calls == 1
 
