@@ -154,3 +154,11 @@ def test_launch_rule_bounds_warps_and_tiles():
         if clustered.num_ctas > 1:  # only single-pass rows, each CTA holding at most CLUSTER_TILE classes
             assert n_classes <= ops.SINGLE_PASS_MAX_CLASSES
             assert clustered.block_size // clustered.num_ctas <= ops.CLUSTER_TILE
+
+
+def test_opt_in_autotune_searches_warps_and_restores_in_place_buffers():
+    # FASTCE_AUTOTUNE=1 picks this kernel on CUDA (the interpreter has no timer to tune with)
+    tuned = ops._autotuned_fwd_kernel()
+    assert sorted(config.num_warps for config in tuned.configs) == [4, 8, 16, 32]
+    assert set(tuned.restore_value) == {"logits_ptr", "grad_ptr"}
+    assert tuned.fn is ops.cross_entropy_fwd_kernel  # the heuristics (SINGLE_PASS, WIDE_OFFSETS) still apply
