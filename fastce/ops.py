@@ -24,13 +24,15 @@ from .kernels.cross_entropy import (
 )
 from ._validation import check_target_range
 
-# A row of up to this many classes is kept on chip and read once. 64k covers the 32k-50k
-# vocabularies whose rows are read once (GPT-2's 50257 included); a 64k-element tile spread over
-# 32 warps is 64 fp32 values per thread, at the edge of the 255-register budget: some spill to
-# local memory (served by L1/L2), which still costs less than a second read of the row from HBM.
+# A row of up to this many classes is kept on chip and read once: 64k covers the 32k-50k
+# vocabularies (GPT-2's 50257 included), so a training step reads the logits once. At 32 warps
+# (1024 threads) an SM's 64k registers allow 64 per thread, and compiled for sm_90 the step spills
+# 320 B per thread at 32k classes and 1.2 KB at 64k (tools/sm90_compile.py) to local memory,
+# which L1/L2 serve. Whether that costs more than a second read of the row is for a GPU to time;
+# the cluster launch below removes the spills while keeping the single read.
 SINGLE_PASS_MAX_CLASSES = 65536
-# Above it a row is streamed in tiles of this many classes: 16 fp32 values per thread at 32 warps
-# leaves registers for the online statistics and keeps several tiles' loads in flight.
+# Above it a row is streamed in tiles of this many classes: 32 fp32 values per thread at 16 warps,
+# within the 128 registers a thread has there (8 B of spill at sm_90) with the online statistics.
 STREAM_BLOCK = 16384
 # For small C several rows share a program so that each program still moves a few KiB
 # (one 64-row tile of 64 classes, ...): fewer, fuller programs instead of thousands of tiny ones.
@@ -40,10 +42,10 @@ MAX_ROWS_PER_PROGRAM = 64
 # enough threads to cover the memory latency, few enough that each holds a useful amount.
 ELEMENTS_PER_WARP = 1024
 
-# Opt-in (FASTCE_CLUSTER=1, Hopper and later), awaiting a GPU run to check and time it: compiled
-# for sm_90, the single-pass training step spills 320 B per thread at V=32k and 1.2 KB at 64k with
-# one CTA per row (tools/sm90_compile.py), and none when a cluster of CTAs shares the row with
-# 8192 classes each, the way QuACK keeps 256k-class rows on chip.
+# Opt-in (FASTCE_CLUSTER=1, Hopper and later), awaiting a GPU run to check and time it: a cluster
+# of CTAs shares a single-pass row, 8192 classes each, reducing its max and sums through
+# distributed shared memory (the way QuACK keeps long rows on chip); compiled for sm_90 it has no
+# spills at 32k or 64k classes.
 CLUSTER_TILE = 8192
 MAX_CLUSTER = 8
 
