@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .ops import LossSpec
+from .reference import row_shape
 
 
 def _forward_op(logits, target, weight, spec: LossSpec, *, compute_grad: bool, validate: bool):
@@ -60,10 +61,6 @@ def reduce_rows(loss_rows: Tensor, reduction: str, row_shape: torch.Size, dtype:
     if reduction == "mean" and loss_rows.numel() == 0:
         return loss_rows.new_full((), float("nan"), dtype=dtype)  # 0/0, as torch
     return loss_rows.sum().to(dtype)
-
-
-def row_shape(logits: Tensor) -> torch.Size:
-    return torch.Size(()) if logits.dim() == 1 else logits.shape[:1] + logits.shape[2:]
 
 
 def forward_no_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,

@@ -88,6 +88,23 @@ def _check_z_loss_softcap(z_loss: float, softcap: Optional[float]) -> None:
             raise InvalidArgumentError("softcap must be positive (or None to disable soft-capping)")
 
 
+def _runs_reference(input, target, n_classes: int, ignore_index: int, validate: bool) -> bool:
+    """Whether the call goes to fastce.reference (no Triton for this device, or a gradient into
+    probability targets, which only the reference computes); if so, validates the class indices
+    here, as the kernels' launcher would."""
+    if uses_triton(input) and not (target.requires_grad and torch.is_grad_enabled()):
+        return False
+    if validate and not target.is_floating_point():
+        check_target_range(target, n_classes, ignore_index)
+    return True
+
+
+def _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softcap):
+    from .ops import LossSpec
+    return LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                    None if softcap is None else float(softcap))
+
+
 def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate: bool):
     """(loss, lse) from the Triton kernels, through autograd when a gradient is needed."""
     from .autograd import CrossEntropyFunction, cross_entropy_inplace, forward_no_grad
@@ -139,16 +156,10 @@ def cross_entropy(
     check_class_factor(weight, n_classes, input, "weight")
     _check_not_differentiable(weight, "weight")
     _check_z_loss_softcap(z_loss, softcap)
-    # Gradients into probability targets (soft-label distillation) are served by the reference.
-    target_needs_grad = target.requires_grad and torch.is_grad_enabled()
-    if not uses_triton(input) or target_needs_grad:
-        if validate and not target.is_floating_point():
-            check_target_range(target, n_classes, ignore_index)
+    if _runs_reference(input, target, n_classes, ignore_index, validate):
         return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                        z_loss=z_loss, softcap=softcap, return_lse=return_lse)
-    from .ops import LossSpec
-    spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
-                    None if softcap is None else float(softcap))
+    spec = _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss, lse = _run(input, target, weight, spec, inplace_backward=inplace_backward, validate=validate)
     return (loss, lse) if return_lse else loss
 
@@ -177,9 +188,7 @@ def focal_loss(
                            device=input.device)
     check_class_factor(alpha, n_classes, input, "alpha")
     _check_not_differentiable(alpha, "alpha")
-    if not uses_triton(input) or (target.requires_grad and torch.is_grad_enabled()):
-        if validate and not target.is_floating_point():
-            check_target_range(target, n_classes, ignore_index)
+    if _runs_reference(input, target, n_classes, ignore_index, validate):
         return reference.focal_loss(input, target, float(gamma), alpha, ignore_index, reduction, label_smoothing)
     from .ops import LossSpec
     spec = LossSpec(ignore_index, reduction, float(label_smoothing), gamma=float(gamma), focal=True)
@@ -225,17 +234,13 @@ def linear_cross_entropy(
     _check_z_loss_softcap(z_loss, softcap)
     if chunk_size is not None and chunk_size < 1:
         raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    if not uses_triton(input) or (target.requires_grad and torch.is_grad_enabled()):
-        if validate and not target.is_floating_point():
-            check_target_range(target, n_classes, ignore_index)
+    if _runs_reference(input, target, n_classes, ignore_index, validate):
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
             return_lse=return_lse)
     from . import linear
-    from .ops import LossSpec
-    spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
-                    None if softcap is None else float(softcap))
+    spec = _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss, lse = linear.run(input, linear_weight, linear_bias, target, weight, spec, chunk_rows=chunk_size,
                            validate=validate)
     return (loss, lse) if return_lse else loss

@@ -23,6 +23,7 @@ from .kernels.cross_entropy import (
     reduction_divisor_kernel,
 )
 from ._validation import check_target_range
+from .reference import compute_dtype
 
 # A row of up to this many classes is kept on chip and read once: 64k covers the 32k-50k
 # vocabularies (GPT-2's 50257 included), so a training step reads the logits once. At 32 warps
@@ -117,10 +118,6 @@ def mergeable_stride(sizes, strides) -> Optional[int]:
         if outer != inner * n_inner:
             return None
     return dims[-1][1] if dims else 1
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _triton_dtype(dtype: torch.dtype):
