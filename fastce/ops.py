@@ -217,12 +217,13 @@ def launch_scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
     n_rows = grad.numel() // max(n_classes, 1)
     if n_rows == 0:
         return
-    # one value per row ('none'); a single value (also 'none' of one row) scales every row
+    # one value per row ('none'), read densely (autograd hands out expanded or strided ones);
+    # a single value (also 'none' of one row) scales every row
     per_row = grad_output.numel() != 1
     config = launch_config(n_rows, n_classes)
     inner_size, g_outer, g_inner, g_class = row_layout(grad)
     cross_entropy_bwd_kernel[(triton.cdiv(n_rows, config.rows),)](
-        grad, grad_output.reshape(-1), g_outer, g_inner, g_class, n_rows, n_classes, inner_size,
+        grad, grad_output.reshape(-1).contiguous(), g_outer, g_inner, g_class, n_rows, n_classes, inner_size,
         ROWS=config.rows, BLOCK_SIZE=min(config.block_size, SCALE_BLOCK), PER_ROW=per_row,
         COMPUTE_DTYPE=_triton_dtype(grad.dtype), num_warps=min(config.num_warps, SCALE_WARPS))
 

@@ -529,11 +529,12 @@ def test_inplace_backward_without_grad_leaves_logits(device):
     assert_close_dtype(loss2, expect, torch.float32, "loss under no_grad")
 
 
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["default", "inplace"])
 @pytest.mark.parametrize("shape", [(6, 5), (3, 5, 4)])
 @pytest.mark.parametrize("downstream", ["sum", "mean", "transposed", "strided"])
-def test_none_grad_output_layouts(device, shape, downstream):
+def test_none_grad_output_layouts(device, shape, downstream, inplace_backward):
     """'none' losses feed arbitrary graphs: expanded (from .sum()), transposed or sliced
-    grad_outputs must be read with their strides."""
+    grad_outputs must be read with their strides (also by inplace_backward's rescale)."""
     x, t = make_inputs(shape, torch.float32, device, ignore_frac=0.2)
 
     def head(loss):
@@ -546,11 +547,28 @@ def test_none_grad_output_layouts(device, shape, downstream):
             return (m.t() * torch.arange(1.0, m.numel() + 1, device=device).reshape(m.t().shape)).sum()
         return loss.reshape(-1)[::2].sum() * 3
 
-    fast, ref = ce_fns(make_weight(5, device), reduction="none", label_smoothing=0.1)
+    weight = make_weight(5, device)
+    fast, ref = ce_fns(weight, reduction="none", label_smoothing=0.1)
+    if inplace_backward:  # on non-leaf logits, as inplace_backward requires
+        def fast(a, b):
+            return fastce.cross_entropy(a * 1.0, b, weight, reduction="none", label_smoothing=0.1,
+                                        inplace_backward=True)
     out, _, (g,) = grads(lambda a, b: head(fast(a, b)), [x, t])
     ref_out, _, (rg,) = grads(lambda a, b: head(ref(a, b)), [x.double(), t])
     assert_close_dtype(out, ref_out, torch.float32, f"{downstream} loss")
     assert_close_dtype(g, rg, torch.float32, f"{downstream} grad")
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["default", "inplace"])
+def test_none_strided_upstream_gradient(device, inplace_backward):
+    """A sliced grad_output handed straight to backward is read with its stride."""
+    x, t = make_inputs((6, 9), torch.float32, device, ignore_frac=0.2)
+    go = torch.randn(12, device=device)[::2]
+    leaf = x.clone().requires_grad_(True)
+    fastce.cross_entropy(leaf * 1.0, t, reduction="none", inplace_backward=inplace_backward).backward(go)
+    x64 = x.double().requires_grad_(True)
+    reference.cross_entropy(x64, t, reduction="none").backward(go.double())
+    assert_close_dtype(leaf.grad, x64.grad, torch.float32, "strided upstream grad")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
