@@ -272,7 +272,8 @@ def cross_entropy_fwd_kernel(
     weighted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     cols = tl.arange(0, BLOCK_SIZE)
 
-    # Pass 1: online log-sum-exp and target sums. A single-pass row stays in registers (x, a).
+    # Pass 1: online log-sum-exp and target sums. A single-pass row stays in registers (x, and a
+    # for probability targets; a hard target's mass is rebuilt for the gradient).
     if SINGLE_PASS:
         x, a, mask = _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr,
                                 target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
