@@ -143,8 +143,18 @@ def _flash_attn_ops():
 
 def _cut_cross_entropy_ops():
     cce = _require("cut_cross_entropy", "pip install cut-cross-entropy")
-    # impl="cce" is the Triton kernel (without CUDA the package defaults to torch.compile)
-    return {"linear_cross_entropy": _on_hidden(functools.partial(cce.linear_cross_entropy, impl="cce"))}
+    # impl="cce" is the Triton kernel (on macOS the package defaults to torch.compile). Its other
+    # defaults fit the cases: ignore_index=-100, shift=False (target i belongs to row i), reduction
+    # "mean" / "none" with torch's meaning; filter_eps="high" (part of CCE) skips the gradient
+    # blocks whose entries are all below the input dtype's eps / 32.
+    cce_loss = _on_hidden(functools.partial(cce.linear_cross_entropy, impl="cce"))
+
+    def linear_cross_entropy(case):
+        if case.needs_grad and case.dtype == "fp32":
+            raise NotRun("Cut Cross-Entropy's backward takes bf16 or fp16 hidden states only")
+        return cce_loss(case)
+
+    return {"linear_cross_entropy": linear_cross_entropy}
 
 
 def _quack_ops():
@@ -171,7 +181,11 @@ PROVIDERS = {p.name: p for p in (
              cpu_blind_ops=OPS, cpu_blind_reason="compiled kernels are invisible to the byte counter"),
     Provider("liger", "Liger-Kernel LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss", _liger_ops),
     Provider("flash-attn", "flash-attention's Triton cross-entropy", _flash_attn_ops),
-    Provider("cut-cross-entropy", "Cut Cross-Entropy (Apple), linear cross-entropy", _cut_cross_entropy_ops),
+    Provider("cut-cross-entropy", "Cut Cross-Entropy (Apple), linear cross-entropy", _cut_cross_entropy_ops,
+             cpu_blind_ops=("linear_cross_entropy",),
+             cpu_blind_reason="the Triton interpreter cannot run its kernels: the log-sum-exp forward "
+                              "calls triton.language.extra.libdevice.log1p, which the interpreter lacks "
+                              "(and it would multiply bf16 tiles as their raw uint16 bits)"),
     Provider("quack", "QuACK (CuTe DSL) cross-entropy and chunked linear cross-entropy", _quack_ops,
              cpu_blind_ops=OPS, cpu_blind_reason="CuTe DSL kernels need an NVIDIA GPU"),
 )}

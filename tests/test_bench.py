@@ -1,5 +1,6 @@
 """The benchmark suite runs on the CPU (Triton interpreter) and writes what it promises."""
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,10 +9,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench.cases import Case
+from bench.cases import Case, make_inputs
 from bench.gpu import gpu_metrics
-from bench.providers import PROVIDERS
+from bench.passes import max_relative_error
+from bench.providers import PROVIDERS, NotRun
+from bench.suite import usable_providers
+from fastce.profiling import interpreter_active
 
 REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENT_FIELDS = ("device", "torch", "triton", "fastce", "git_commit", "date")
@@ -95,3 +100,34 @@ def test_gpu_numbers_follow_from_the_median():
     assert metrics["tflops"] == pytest.approx(6 * 4096 * 4096 * 32000 / 2e-3 / 1e12)
     logits = Case("cross_entropy", "forward", "fp32", tokens=8, vocab=10)
     assert logits.floor_bytes == 8 * 10 * 4 and gpu_metrics(logits, 1.0, 1.0, 0)["tflops"] is None
+
+
+# ---- Cut Cross-Entropy: a bench-peers provider, which CI does not install ----------------------
+
+SMALL_LINEAR = Case("linear_cross_entropy", "forward", "fp32", tokens=64, vocab=512, hidden=32)
+
+
+@pytest.fixture
+def cut_cross_entropy():
+    pytest.importorskip("cut_cross_entropy", reason="cut-cross-entropy is not installed (a bench peer)")
+    return PROVIDERS["cut-cross-entropy"]
+
+
+def test_cut_cross_entropy_says_why_it_does_not_run(cut_cross_entropy):
+    _, skipped = usable_providers([cut_cross_entropy], on_gpu=False)
+    assert "libdevice.log1p" in skipped["cut-cross-entropy"]
+    if interpreter_active():  # the reason holds: its kernel fails there (if not, revisit the reason)
+        from triton.runtime.errors import InterpreterError
+        loss = cut_cross_entropy.load()["linear_cross_entropy"](SMALL_LINEAR)
+        with pytest.raises(InterpreterError):
+            loss(make_inputs(SMALL_LINEAR, "cpu"))
+    with pytest.raises(NotRun, match="bf16 or fp16"):
+        cut_cross_entropy.loss_fn(dataclasses.replace(SMALL_LINEAR, pass_="forward+backward"), on_gpu=True)
+
+
+@pytest.mark.skipif(interpreter_active() or not torch.cuda.is_available(),
+                    reason="Cut Cross-Entropy's kernels need a GPU without TRITON_INTERPRET (see its cpu_blind_reason)")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cut_cross_entropy_matches_the_reference(cut_cross_entropy, reduction):
+    case = dataclasses.replace(SMALL_LINEAR, reduction=reduction)
+    assert max_relative_error(case, cut_cross_entropy.loss_fn(case, on_gpu=True), "cuda") < 1e-4
