@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -25,15 +26,18 @@ from .kernels.cross_entropy import (
 from ._validation import check_target_range
 from .reference import compute_dtype
 
-# A row of up to this many classes is kept on chip and read once: 64k covers the 32k-50k
-# vocabularies (GPT-2's 50257 included), so a training step reads the logits once. At 32 warps
-# (1024 threads) an SM's 64k registers allow 64 per thread, and compiled for sm_90 the step spills
-# 320 B per thread at 32k classes and 1.2 KB at 64k (tools/sm90_compile.py) to local memory,
-# which L1/L2 serve. Whether that costs more than a second read of the row is for a GPU to time;
-# the cluster launch below removes the spills while keeping the single read.
+# A row of up to this many classes is kept on chip and read once by one CTA: 64k covers the
+# 32k-50k vocabularies (GPT-2's 50257 included), so a training step reads the logits once. At 32
+# warps (1024 threads) an SM's 64k registers allow 64 per thread, and compiled for sm_90 the step
+# spills 320 B per thread at 32k classes and 1.2 KB at 64k (tools/sm90_compile.py) to local
+# memory, which L1/L2 serve. Whether that costs more than a second read of the row is for a GPU
+# to time; FASTCE_CLUSTER=1 splits these rows over a cluster (below) instead.
 SINGLE_PASS_MAX_CLASSES = 65536
-# Above it a row is streamed in tiles of this many classes: 32 fp32 values per thread at 16 warps,
-# within the 128 registers a thread has there (8 B of spill at sm_90) with the online statistics.
+# Without a cluster, a longer row is streamed in tiles of this many classes: 32 fp32 values per
+# thread at 16 warps, within the 128 registers a thread has there (8 B of spill at sm_90) with the
+# online statistics. The same program reads the row twice (statistics, then gradient), 3× the
+# logits' bytes requested; the re-read follows the first read of the same row within one program,
+# so with a few hundred rows in flight (a few hundred KiB each, against 50 MB of L2) it hits L2.
 STREAM_BLOCK = 16384
 # For small C several rows share a program so that each program still moves a few KiB
 # (one 64-row tile of 64 classes, ...): fewer, fuller programs instead of thousands of tiny ones.
@@ -43,12 +47,18 @@ MAX_ROWS_PER_PROGRAM = 64
 # enough threads to cover the memory latency, few enough that each holds a useful amount.
 ELEMENTS_PER_WARP = 1024
 
-# Opt-in (FASTCE_CLUSTER=1, Hopper and later), awaiting a GPU run to check and time it: a cluster
-# of CTAs shares a single-pass row, 8192 classes each, reducing its max and sums through
-# distributed shared memory (the way QuACK keeps long rows on chip); compiled for sm_90 it has no
-# spills at 32k or 64k classes.
+# Hopper thread-block clusters keep rows of up to 256k classes (512 KB in bf16) on chip, the way
+# QuACK does: the row is one tile split across a cluster of CTAs on neighbouring SMs, each
+# holding CLUSTER_TILE classes (16k at 256k) in registers, and the row's max and sums cross CTAs
+# through distributed shared memory. The row is then read once: 2× the logits' bytes for a
+# training step instead of the streamed 3×. Compiled for sm_90 (tools/sm90_compile.py) these
+# launches spill nothing up to 128k classes and 88 B per thread at 256k. Clusters of 16 CTAs
+# are a non-portable size that Triton's launcher enables on Hopper; every cluster configuration
+# is checked against the unclustered kernel on its first use (cluster_config_verified), as no
+# GPU has run them in CI.
 CLUSTER_TILE = 8192
-MAX_CLUSTER = 8
+MAX_CLUSTER = 16
+CLUSTER_MAX_CLASSES = 262144
 
 # The in-place rescale of the backward is a plain streaming multiply: 4096-element tiles over
 # 8 warps (16 values per thread) never spill, and a loop covers longer rows.
@@ -76,17 +86,23 @@ class LaunchConfig(NamedTuple):
     num_ctas: int = 1  # > 1: a Hopper thread-block cluster shares each tile (see below)
 
 
-def launch_config(n_rows: int, n_classes: int, clustered: bool = False) -> LaunchConfig:
-    """The launch rule. With `clustered`, a single-pass tile above CLUSTER_TILE classes is split
-    across a Hopper cluster of up to MAX_CLUSTER CTAs (each holds CLUSTER_TILE classes in
-    registers, the row's max and sums cross CTAs through distributed shared memory)."""
+# Which rows a launch splits across a cluster (launch_config's `clusters`).
+NO_CLUSTERS = "none"
+CLUSTER_LONG_ROWS = "long_rows"  # only rows that would otherwise be streamed: the default on Hopper
+CLUSTER_ALL_ROWS = "all"         # every single-pass row above CLUSTER_TILE (FASTCE_CLUSTER=1)
+
+
+def launch_config(n_rows: int, n_classes: int, clusters: str = NO_CLUSTERS) -> LaunchConfig:
+    """The launch rule (the constants above give the reasons)."""
     block = triton.next_power_of_2(max(n_classes, 1))
-    if block > SINGLE_PASS_MAX_CLASSES:
+    num_ctas = 1
+    cluster_wanted = block > SINGLE_PASS_MAX_CLASSES if clusters == CLUSTER_LONG_ROWS else (
+        clusters == CLUSTER_ALL_ROWS and block > CLUSTER_TILE)
+    if cluster_wanted and block <= CLUSTER_MAX_CLASSES:
+        num_ctas = min(MAX_CLUSTER, block // CLUSTER_TILE)
+    elif block > SINGLE_PASS_MAX_CLASSES:
         block = STREAM_BLOCK
     rows = max(1, min(SMALL_ROW_TILE // block, MAX_ROWS_PER_PROGRAM, triton.next_power_of_2(max(n_rows, 1))))
-    num_ctas = 1
-    if clustered and CLUSTER_TILE < block and n_classes <= SINGLE_PASS_MAX_CLASSES:
-        num_ctas = min(MAX_CLUSTER, block // CLUSTER_TILE)
     per_cta = rows * block // num_ctas
     num_warps = min(32, max(4, triton.next_power_of_2(per_cta // ELEMENTS_PER_WARP)))
     return LaunchConfig(rows, block, num_warps, num_ctas)
@@ -126,22 +142,74 @@ def _triton_dtype(dtype: torch.dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_fwd_kernel():
+def _autotuned_fwd_kernel(num_ctas: int = 1):
     # Opt-in (FASTCE_AUTOTUNE=1, GPU only: the interpreter has no timer): searches warps per
-    # kernel shape; the in-place buffers are restored between trials.
-    configs = [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)]
+    # kernel shape, keeping the launch rule's cluster; the in-place buffers are restored between trials.
+    configs = [triton.Config({}, num_warps=w, num_ctas=num_ctas) for w in (4, 8, 16, 32)]
     return triton.autotune(configs, key=["n_classes", "n_rows"],
                            restore_value=["logits_ptr", "grad_ptr"])(cross_entropy_fwd_kernel)
 
 
-def clusters_enabled(logits: Tensor) -> bool:
-    return (logits.is_cuda and os.environ.get("FASTCE_CLUSTER") == "1"
-            and torch.cuda.get_device_capability(logits.device)[0] >= 9)
+def cluster_policy(logits: Tensor) -> str:
+    """Which rows are split across a cluster: long rows on Hopper and later (FASTCE_CLUSTER=1: every
+    row above CLUSTER_TILE; FASTCE_CLUSTER=0: none). The interpreter follows the Hopper rule, running
+    a cluster's tile as one program, so the CPU counts the bytes an H100 launch moves."""
+    setting = os.environ.get("FASTCE_CLUSTER")
+    if setting == "0" or (logits.is_cuda and torch.cuda.get_device_capability(logits.device)[0] < 9):
+        return NO_CLUSTERS
+    return CLUSTER_ALL_ROWS if setting == "1" else CLUSTER_LONG_ROWS
+
+
+_CLUSTER_CHECKS: dict = {}  # (config, dtype, device) -> whether it matched the unclustered kernel
+
+
+def cluster_config_verified(config: LaunchConfig, logits: Tensor) -> bool:
+    """Whether `config`'s cluster launch gives the unclustered kernel's answer on this device.
+
+    Checked once per configuration, dtype and device, on two random rows, the first time it is
+    needed (one host sync then, never again); a launch that fails or disagrees is not used again,
+    with a warning. During CUDA graph capture nothing can be checked, so an unchecked configuration
+    is not used for that call.
+    """
+    if config.num_ctas == 1 or not logits.is_cuda:
+        return True  # nothing to check, or the interpreter: one program runs the whole tile
+    key = (config, logits.dtype, logits.device)
+    if key not in _CLUSTER_CHECKS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _CLUSTER_CHECKS[key] = _cluster_matches_unclustered(config, logits)
+    return _CLUSTER_CHECKS[key]
+
+
+def _cluster_matches_unclustered(config: LaunchConfig, logits: Tensor) -> bool:
+    n_classes = n_classes_of(logits)
+    generator = torch.Generator(logits.device).manual_seed(0)  # leaves the caller's RNG stream alone
+    probe = (torch.randn(2, n_classes, device=logits.device, generator=generator) * 4).to(logits.dtype)
+    target = torch.tensor([0, n_classes - 1], device=logits.device)
+    spec = LossSpec(reduction="sum")
+    outputs = []
+    try:
+        for probe_config in (config, launch_config(2, n_classes)):
+            grad = torch.empty_like(probe)
+            divisors = torch.ones(2, dtype=compute_dtype(probe.dtype), device=probe.device)
+            outputs.append((*launch_forward(probe, target, None, spec, grad=grad, divisors=divisors,
+                                            config=probe_config), grad.float()))
+    except Exception as error:  # a cluster the device cannot launch (raised at launch)
+        warnings.warn(f"fastce: the {config.num_ctas}-CTA cluster launch failed ({error}); "
+                      f"rows of {n_classes} classes use the unclustered kernel")
+        return False
+    # both accumulate in fp32, in different orders: a rounding of the stored gradient may differ
+    rtol = max(2 * torch.finfo(logits.dtype).eps, 1e-4)
+    agree = all(torch.allclose(a, b, rtol=rtol, atol=1e-5) for a, b in zip(*outputs))
+    if not agree:
+        warnings.warn(f"fastce: the {config.num_ctas}-CTA cluster launch disagrees with the unclustered "
+                      f"kernel on this device; rows of {n_classes} classes use the unclustered kernel")
+    return agree
 
 
 def _fwd_kernel_and_options(logits: Tensor, config: LaunchConfig):
     if logits.is_cuda and os.environ.get("FASTCE_AUTOTUNE") == "1":
-        return _autotuned_fwd_kernel(), {}
+        return _autotuned_fwd_kernel(config.num_ctas), {}
     return cross_entropy_fwd_kernel, {"num_warps": config.num_warps, "num_ctas": config.num_ctas}
 
 
@@ -168,13 +236,14 @@ def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec
 def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *,
                    grad: Optional[Tensor], divisors: Tensor, grad_output: Optional[Tensor] = None,
                    grad_output_per_row: bool = False,
-                   out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+                   out: Optional[tuple[Tensor, Tensor]] = None,
+                   config: Optional[LaunchConfig] = None) -> tuple[Tensor, Tensor]:
     """Run the fused kernel: returns per-row (loss contribution, lse), into `out` if given;
     writes `grad` if given.
 
     The per-row loss is already divided by the mean's divisors when spec.reduction == "mean",
     so every reduction is a plain sum of it. `grad` may alias `logits` (in-place backward): each
-    element is read before it is overwritten.
+    element is read before it is overwritten. `config` overrides the launch rule.
     """
     n_classes = n_classes_of(logits)
     n_rows = logits.numel() // max(n_classes, 1)
@@ -185,7 +254,10 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spe
     loss_rows, lse = out
     if n_rows == 0:
         return loss_rows, lse
-    config = launch_config(n_rows, n_classes, clusters_enabled(logits))
+    if config is None:
+        config = launch_config(n_rows, n_classes, cluster_policy(logits))
+        if not cluster_config_verified(config, logits):
+            config = launch_config(n_rows, n_classes)
     inner_size, l_outer, l_inner, l_class = row_layout(logits)
     prob_target = target.is_floating_point()
     t_outer, t_inner, t_class = row_layout(target)[1:] if prob_target else (0, 0, 0)

@@ -79,19 +79,33 @@ def test_host_syncs(validate, max_syncs, reduction):
     assert m.syncs <= max_syncs, m.report()
 
 
-def test_rows_beyond_on_chip_size_are_read_twice_with_the_reread_inside_one_kernel():
-    n_classes = 131072  # > ops.SINGLE_PASS_MAX_CLASSES: the streamed path
-    x = _bf16_logits(4, n_classes)
-    target = torch.randint(0, n_classes, (4,))
+def _training_step_on_long_rows(n_classes):
+    x = _bf16_logits(2, n_classes)
+    target = torch.randint(0, n_classes, (2,))
     with measure() as m:
         fastce.cross_entropy(x, target, validate=False).backward()
-    # one extra read of each row, requested by the same launch that read it first: on a GPU it
-    # hits L2, so distinct bytes per launch (the DRAM estimate) stay at the floor
-    assert m.total_bytes <= 3.05 * _nbytes(x), m.report()
-    assert m.unique_bytes <= 2.3 * _nbytes(x), m.report()
     x_ref = x.detach().double().requires_grad_()
     F.cross_entropy(x_ref, target).backward()
     torch.testing.assert_close(x.grad.double(), x_ref.grad, atol=1e-4, rtol=1e-2)
+    return m, _nbytes(x)
+
+
+@pytest.mark.parametrize("n_classes", [131072, 151936, 262144])
+def test_rows_beyond_one_cta_are_read_once_across_a_cluster(n_classes):
+    # the interpreter follows the Hopper launch rule: one program per cluster-held row
+    assert ops.launch_config(2, n_classes, ops.CLUSTER_LONG_ROWS).num_ctas > 1
+    m, logits_bytes = _training_step_on_long_rows(n_classes)
+    assert m.total_bytes <= 2.15 * logits_bytes, m.report()
+    assert m.syncs == 0
+
+
+def test_streamed_rows_are_read_twice_with_the_reread_inside_one_kernel(monkeypatch):
+    monkeypatch.setenv("FASTCE_CLUSTER", "0")  # a GPU without clusters streams rows above 64k classes
+    m, logits_bytes = _training_step_on_long_rows(131072)
+    # one extra read of each row, requested by the same program that read it first: on a GPU it
+    # hits L2, so distinct bytes per launch (the DRAM estimate) stay at the floor
+    assert m.total_bytes <= 3.05 * logits_bytes, m.report()
+    assert m.unique_bytes <= 2.05 * logits_bytes, m.report()
 
 
 def test_backward_with_unit_upstream_gradient_does_not_touch_the_gradient_again():
@@ -141,19 +155,44 @@ def test_small_vocabularies_share_programs(n_classes):
     torch.testing.assert_close(x.grad.double(), x_ref.grad, atol=1e-3, rtol=1e-2)
 
 
-def test_launch_rule_bounds_warps_and_tiles():
-    for n_classes in (1, 7, 256, 4096, 32768, 65536, 65537, 262144):
-        config = ops.launch_config(8192, n_classes)
+@pytest.mark.parametrize("clusters", [ops.NO_CLUSTERS, ops.CLUSTER_LONG_ROWS, ops.CLUSTER_ALL_ROWS])
+def test_launch_rule_bounds_warps_and_tiles(clusters):
+    for n_classes in (1, 7, 256, 4096, 32768, 65536, 65537, 262144, 262145):
+        config = ops.launch_config(8192, n_classes, clusters)
         assert 4 <= config.num_warps <= 32
-        if n_classes <= ops.SINGLE_PASS_MAX_CLASSES:
+        single_pass = n_classes <= (ops.SINGLE_PASS_MAX_CLASSES if clusters == ops.NO_CLUSTERS
+                                    else ops.CLUSTER_MAX_CLASSES)
+        if single_pass:
             assert config.block_size >= n_classes  # one tile holds the row: read once
         else:
             assert config.block_size == ops.STREAM_BLOCK
-        clustered = ops.launch_config(8192, n_classes, clustered=True)
-        assert clustered.block_size == config.block_size  # same tiles, only split across CTAs
-        if clustered.num_ctas > 1:  # only single-pass rows, each CTA holding at most CLUSTER_TILE classes
-            assert n_classes <= ops.SINGLE_PASS_MAX_CLASSES
-            assert clustered.block_size // clustered.num_ctas <= ops.CLUSTER_TILE
+        if config.num_ctas > 1:  # a cluster splits single-pass rows only, into tiles a CTA can hold
+            assert single_pass and config.num_ctas <= ops.MAX_CLUSTER
+            assert config.block_size // config.num_ctas <= 2 * ops.CLUSTER_TILE
+            assert clusters == ops.CLUSTER_ALL_ROWS or n_classes > ops.SINGLE_PASS_MAX_CLASSES
+
+
+def test_cluster_launch_is_checked_against_the_unclustered_kernel(monkeypatch):
+    config = ops.launch_config(2, 131072, ops.CLUSTER_LONG_ROWS)
+    logits = _bf16_logits(2, 131072, requires_grad=False)
+    rng_state = torch.get_rng_state()
+    assert ops._cluster_matches_unclustered(config, logits)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the probe draws from its own generator
+    launch = ops.launch_forward
+
+    def wrong_cluster_launch(*args, config, **kwargs):
+        loss_rows, lse = launch(*args, config=config, **kwargs)
+        return loss_rows + (config.num_ctas > 1), lse
+
+    def failing_cluster_launch(*args, config, **kwargs):
+        if config.num_ctas > 1:
+            raise RuntimeError("CUDA error: cluster too large")
+        return launch(*args, config=config, **kwargs)
+
+    for broken, message in ((wrong_cluster_launch, "disagrees"), (failing_cluster_launch, "cluster too large")):
+        monkeypatch.setattr(ops, "launch_forward", broken)
+        with pytest.warns(UserWarning, match=message):
+            assert not ops._cluster_matches_unclustered(config, logits)
 
 
 def test_opt_in_autotune_searches_warps_and_restores_in_place_buffers():
@@ -162,3 +201,5 @@ def test_opt_in_autotune_searches_warps_and_restores_in_place_buffers():
     assert sorted(config.num_warps for config in tuned.configs) == [4, 8, 16, 32]
     assert set(tuned.restore_value) == {"logits_ptr", "grad_ptr"}
     assert tuned.fn is ops.cross_entropy_fwd_kernel  # the heuristics (SINGLE_PASS, WIDE_OFFSETS) still apply
+    # a cluster launch keeps its cluster in every trial
+    assert {config.num_ctas for config in ops._autotuned_fwd_kernel(16).configs} == {16}

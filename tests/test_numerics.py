@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fastce
 from fastce import reference
 
-from _support import (DTYPES, assert_close_dtype, ce_fns, check_loss_and_grad, grads,
+from _support import (DTYPES, assert_close_dtype, ce_fns, check_loss_and_grad, focal_fns, grads,
                       make_logits, make_targets, make_weight, tol)
 
 NEG_INF = float("-inf")
@@ -140,16 +140,22 @@ def test_many_rows_per_program(device, C, N, reduction):
     check_loss_and_grad(fast, ref, [x, t], torch.float32, "random", f"N={N} C={C}")
 
 
-@pytest.mark.parametrize("case", ["random_smooth_weight", "masked_leading_zloss"])
-def test_past_single_pass_limit(device, case):
-    """C = 70000 > 65536, 2 rows: the multi-block path, once plain and once with the first
-    65536 columns of a row -inf."""
+@pytest.mark.parametrize("row_path", ["cluster", "streamed"])
+@pytest.mark.parametrize("case", ["random_smooth_weight", "masked_leading_zloss", "focal"])
+def test_past_single_cta_limit(device, monkeypatch, row_path, case):
+    """C = 70000 > 65536, 2 rows, on both paths for rows past one CTA (a Hopper cluster holding
+    the row, or the streamed passes of other GPUs): plain, with the first 65536 columns of a
+    row -inf, and focal loss (whose streamed path takes an extra pass)."""
+    if row_path == "streamed":
+        monkeypatch.setenv("FASTCE_CLUSTER", "0")
     C = 70000
     x = make_logits((2, C), torch.float32, device)
     t = torch.tensor([C - 1, 65536 + 123], device=device)
     if case == "random_smooth_weight":
         t[0] = 5
         fast, ref = ce_fns(make_weight(C, device), reduction="none", label_smoothing=0.1, softcap=3.0)
+    elif case == "focal":
+        fast, ref = focal_fns(make_weight(C, device), gamma=2.0, reduction="mean")
     else:
         x[1, :65536] = NEG_INF
         fast, ref = ce_fns(None, reduction="mean", z_loss=1e-2)

@@ -33,23 +33,28 @@ class Variant(NamedTuple):
     dtype: str = "bf16"
     flags: tuple = ()  # names of the forward kernel's boolean constexprs set to True
     grad_output: int = 0
-    clustered: bool = False  # the FASTCE_CLUSTER=1 launch rule
+    clusters: str = ops.CLUSTER_LONG_ROWS  # the launch rule's cluster policy (Hopper's default)
 
 
 def forward_variants() -> list[Variant]:
     return [
         Variant("training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN")),
         Variant("training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("training step, V=256k (streamed)", 262144, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("clustered training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN"), clustered=True),
-        Variant("clustered training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN"), clustered=True),
+        Variant("clustered training step, V=128k", 131072, flags=("COMPUTE_GRAD", "MEAN")),
+        Variant("clustered training step, V=256k", 262144, flags=("COMPUTE_GRAD", "MEAN")),
+        Variant("streamed training step, V=256k", 262144, flags=("COMPUTE_GRAD", "MEAN"), clusters=ops.NO_CLUSTERS),
+        Variant("clustered training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN"), clusters=ops.CLUSTER_ALL_ROWS),
+        Variant("clustered training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN"),
+                clusters=ops.CLUSTER_ALL_ROWS),
         Variant("no-grad forward, V=128k", 131072),
+        Variant("streamed no-grad forward, V=128k", 131072, clusters=ops.NO_CLUSTERS),
         Variant("small V=256, rows per program", 256, flags=("COMPUTE_GRAD",)),
         Variant("all options, V=32k", 32768,
                 flags=("COMPUTE_GRAD", "MEAN", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP")),
         Variant("probability targets, V=4096", 4096, flags=("COMPUTE_GRAD", "PROB_TARGET", "HAS_WEIGHT")),
         Variant("focal, V=1000", 1000, flags=("COMPUTE_GRAD", "MEAN", "FOCAL", "HAS_WEIGHT")),
-        Variant("focal streamed, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL")),
+        Variant("focal, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL")),
+        Variant("focal streamed, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL"), clusters=ops.NO_CLUSTERS),
         Variant("'none' backward recompute, V=50257", 50257, flags=("COMPUTE_GRAD",), grad_output=2),
         Variant("float64, V=1000", 1000, dtype="fp64", flags=("COMPUTE_GRAD", "MEAN", "HAS_SMOOTHING")),
     ]
@@ -66,7 +71,7 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_ctas: in
 
 def _forward_source(variant: Variant):
     import triton.language as tl
-    config = ops.launch_config(8192, variant.n_classes, variant.clustered)
+    config = ops.launch_config(8192, variant.n_classes, variant.clusters)
     acc = "fp64" if variant.dtype == "fp64" else "fp32"
     flags = {name: name in variant.flags for name in FLAGS}
     constexprs = dict(ROWS=config.rows, BLOCK_SIZE=config.block_size,

@@ -11,7 +11,9 @@ Notation (DESIGN.md §2), per row i of the logits x (C classes):
     z     = z_loss · lse²
 
 A row is processed in tiles of ROWS × BLOCK_SIZE. When a whole row fits in one tile
-(SINGLE_PASS) it is read once and the gradient is written from the same registers; otherwise
+(SINGLE_PASS) it is read once and the gradient is written from the same registers (the launcher
+may split such a tile across a Hopper cluster: Triton then lowers the row reductions to
+distributed shared memory, and nothing here changes); otherwise
 the row is streamed: one pass for the online log-sum-exp (and the target sums), one more for the
 focal sums, and one that re-reads the row to write the gradient.
 """
