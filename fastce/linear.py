@@ -45,12 +45,21 @@ from ._validation import check_target_range, logits_placeholder
 from .autograd import reduce_rows
 from .ops import LossSpec
 
-# Chunk rule: a chunk holds at most 1/LOGITS_FRACTION of the rows, so its logits buffer is at most
-# 1/32 (3.1%) of what the full logits would take, at every N: the 5% budget leaves room for the
-# per-row fp32 loss/lse buffers and the bias gradient. MAX_CHUNK_BYTES caps the buffer (past 32 GiB
-# of full logits there are more chunks, not larger ones), so memory stops growing with N·V there.
-# At least MIN_CHUNK_ROWS rows (one tensor-core tile of M): fewer make every GEMM a GEMV.
+# Chunk rule.
+# - Memory: a chunk holds at most 1/LOGITS_FRACTION of the rows, so its logits buffer is at most
+#   1/32 (3.1%) of what the full logits would take: the 5% budget leaves room for the per-row fp32
+#   loss/lse buffers and the bias gradient. MAX_CHUNK_BYTES caps the buffer (past 32 GiB of full
+#   logits there are more chunks, not larger ones), so memory stops growing with N·V there.
+# - Speed: every chunk reads W twice (the logits and ∂input GEMMs) and adds its ∂W into the fp32
+#   accumulator (a bf16 product, then a read-modify-write in fp32), about 16 bytes per element of W,
+#   against its 6·R·H·V flops of GEMM. At an H100's ~165 flops per byte of HBM bandwidth that weight
+#   traffic costs 440/R of the GEMM time: 170% at the 256 rows N/32 gives for N = 8192 tokens, 21% at
+#   2048. So a chunk may hold up to WEIGHT_AMORTISING_ROWS rows as long as its logits buffer stays
+#   within half the fp32 ∂W accumulator that chunking allocates anyway (4·V·H bytes: 2H/b rows of
+#   b-byte logits). Language-model heads (H in the thousands) get 2048-row chunks; small heads keep N/32.
+# - At least MIN_CHUNK_ROWS rows (one tensor-core tile of M): fewer make every GEMM a GEMV.
 LOGITS_FRACTION = 32
+WEIGHT_AMORTISING_ROWS = 2048
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_BYTES = 1 << 30
 
@@ -58,10 +67,12 @@ _GradsNeeded = tuple[bool, bool, bool]  # ∂input, ∂linear_weight, ∂linear_
 _NO_GRADS: _GradsNeeded = (False, False, False)
 
 
-def default_chunk_rows(n_rows: int, n_classes: int, element_size: int) -> int:
+def default_chunk_rows(n_rows: int, n_classes: int, in_features: int, element_size: int) -> int:
     """Rows per chunk by the rule above."""
+    by_memory = n_rows // LOGITS_FRACTION
+    by_weight_traffic = min(WEIGHT_AMORTISING_ROWS, 2 * in_features // element_size)
     by_ceiling = MAX_CHUNK_BYTES // (n_classes * element_size)
-    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, min(n_rows // LOGITS_FRACTION, by_ceiling))))
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, min(max(by_memory, by_weight_traffic), by_ceiling))))
 
 
 class _HeadGradients:
@@ -284,7 +295,7 @@ def run(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], tar
     if weight is not None:
         weight = weight.to(ops.compute_dtype(input.dtype)).contiguous()
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(input.shape[0], n_classes, input.element_size())
+        chunk_rows = default_chunk_rows(input.shape[0], n_classes, input.shape[1], input.element_size())
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)):
         loss, lse = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, spec,
                                                      chunk_rows, validate)

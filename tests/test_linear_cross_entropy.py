@@ -102,7 +102,7 @@ def test_loss_and_three_gradients_match_float64_reference(option, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_without_bias_with_default_chunk_rule(reduction):
     params = _head(n_rows=70, bias=False)  # the rule's 16-row floor: 5 chunks, the last of 6 rows
-    assert linear.default_chunk_rows(70, N_CLASSES, 4) == 16
+    assert linear.default_chunk_rows(70, N_CLASSES, HIDDEN, 4) == 16
     _check_against_reference(params, _targets((70,)), reduction=reduction)
 
 
@@ -182,6 +182,25 @@ def test_memory_does_not_grow_with_rows_beyond_the_chunk():
             lambda *a: fastce.linear_cross_entropy(*a, chunk_size=16, validate=False), x, w, target)
     assert peaks[64] >= 16 * n_classes * 4  # the chunk's logits buffer
     assert peaks[256] - peaks[64] <= 16 * (256 - 64), peaks
+
+
+def test_chunk_rule_amortises_weight_traffic_on_language_model_heads():
+    # N = 8192 tokens, H = 4096, V = 128k bf16: 2048-row chunks (N/32 would be 256), a 512 MiB
+    # buffer against the 2 GiB fp32 ∂W accumulator; the 1 GiB ceiling still holds at V = 256k.
+    assert linear.default_chunk_rows(8192, 131072, 4096, 2) == 2048
+    assert linear.default_chunk_rows(8192, 262144, 4096, 2) * 262144 * 2 <= linear.MAX_CHUNK_BYTES
+    # a wider head gets longer chunks, whose traffic the byte counter sees: W is read and ∂W
+    # accumulated once per chunk, so 4 chunks move far less than the 32 of the N/32 rule
+    n_rows, hidden, n_classes = 2048, 256, 512
+    assert linear.default_chunk_rows(n_rows, n_classes, hidden, 2) == 256
+    moved = {}
+    for chunk_size in (None, n_rows // linear.LOGITS_FRACTION):
+        x, w, _ = _head(n_rows, hidden, n_classes, dtype=torch.bfloat16, bias=False)
+        target = torch.randint(0, n_classes, (n_rows,))
+        with measure() as m:
+            fastce.linear_cross_entropy(x, w, target, chunk_size=chunk_size, validate=False).backward()
+        moved[chunk_size] = m.total_bytes
+    assert moved[None] < 0.6 * moved[n_rows // linear.LOGITS_FRACTION], moved
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "nothing_requires_grad"])
