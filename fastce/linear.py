@@ -55,8 +55,9 @@ from .ops import LossSpec
 #   against its 6·R·H·V flops of GEMM. At an H100's ~165 flops per byte of HBM bandwidth that weight
 #   traffic costs 440/R of the GEMM time: 170% at the 256 rows N/32 gives for N = 8192 tokens, 21% at
 #   2048. So a chunk may hold up to WEIGHT_AMORTISING_ROWS rows as long as its logits buffer stays
-#   within half the fp32 ∂W accumulator that chunking allocates anyway (4·V·H bytes: 2H/b rows of
-#   b-byte logits). Language-model heads (H in the thousands) get 2048-row chunks; small heads keep N/32.
+#   within 2·V·H bytes (2H/b rows of b-byte logits): the size of a bf16 W, half the fp32 ∂W
+#   accumulator that a backward over several chunks allocates anyway. Language-model heads (H in
+#   the thousands) get 2048-row chunks; small heads keep N/32.
 # - At least MIN_CHUNK_ROWS rows (one tensor-core tile of M): fewer make every GEMM a GEMV.
 LOGITS_FRACTION = 32
 WEIGHT_AMORTISING_ROWS = 2048
