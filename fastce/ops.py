@@ -96,9 +96,8 @@ def launch_config(n_rows: int, n_classes: int, clusters: str = NO_CLUSTERS) -> L
     """The launch rule (the constants above give the reasons)."""
     block = triton.next_power_of_2(max(n_classes, 1))
     num_ctas = 1
-    cluster_wanted = block > SINGLE_PASS_MAX_CLASSES if clusters == CLUSTER_LONG_ROWS else (
-        clusters == CLUSTER_ALL_ROWS and block > CLUSTER_TILE)
-    if cluster_wanted and block <= CLUSTER_MAX_CLASSES:
+    clustered_above = {CLUSTER_LONG_ROWS: SINGLE_PASS_MAX_CLASSES, CLUSTER_ALL_ROWS: CLUSTER_TILE}.get(clusters)
+    if clustered_above is not None and clustered_above < block <= CLUSTER_MAX_CLASSES:
         num_ctas = min(MAX_CLUSTER, block // CLUSTER_TILE)
     elif block > SINGLE_PASS_MAX_CLASSES:
         block = STREAM_BLOCK
@@ -166,8 +165,8 @@ _CLUSTER_CHECKS: dict = {}  # (config, dtype, device) -> whether it matched the 
 def cluster_config_verified(config: LaunchConfig, logits: Tensor) -> bool:
     """Whether `config`'s cluster launch gives the unclustered kernel's answer on this device.
 
-    Checked once per configuration, dtype and device, on two random rows, the first time it is
-    needed (one host sync then, never again); a launch that fails or disagrees is not used again,
+    Checked once per configuration, dtype and device, on two random rows with the plain
+    training-step options, the first time it is needed (one host sync then, never again); a launch that fails or disagrees is not used again,
     with a warning. During CUDA graph capture nothing can be checked, so an unchecked configuration
     is not used for that call.
     """
