@@ -221,7 +221,8 @@ def linear_cross_entropy(
     target: class indices of shape (…) or probabilities of shape (…, V). 'none' returns the loss
     shaped (…). ignore_index=None means -100, as in torch.
     Args beyond torch's: z_loss, softcap, validate and return_lse as in fastce.cross_entropy;
-    chunk_size: rows per chunk (default: fastce's rule, a chunk's logits ≤ 1/32 of the full ones).
+    chunk_size: rows per chunk (default: fastce's rule in fastce/linear.py: N/32 rows, more on wide
+        heads, up to 2048 rows while the chunk's logits take no more bytes than a bf16 W).
     options: torch's LinearCrossEntropyOptions, accepted for drop-in use and ignored (fastce
     always chunks, by the rule above).
     """

@@ -10,9 +10,9 @@ target, on the device, so every chunk's gradient is already final.
 Why chunking rather than logit tiles computed inside a Triton kernel (tl.dot, Cut Cross-Entropy
 style). Measured with fastce.profiling at N=1024, H=64, V=8192 fp32 (tests/test_linear_cross_entropy.py
 holds the numbers as budgets):
-- Memory: the chunk buffer is the only logits-sized storage, and the rule below keeps it at 1/32
-  of the full logits: the whole call peaks at 3.2% of the logits' bytes beyond the gradients
-  (PyTorch 2.13's chunked path, counted the same way: 7.0%). A tiled kernel would save that 3%
+- Memory: the chunk buffer is the only logits-sized storage, and at this shape the rule below
+  keeps it at 1/32 of the full logits: the whole call peaks at 3.2% of the logits' bytes beyond
+  the gradients (PyTorch 2.13's chunked path, counted the same way: 7.0%). A tiled kernel would save that 3%
   but still needs the fp32 ∂W accumulator that both designs share.
 - Work: chunking runs the three GEMMs a training step needs (logits, ∂input, ∂W: 2·N·H·V flops
   each) on cuBLAS, once each. A tiled kernel must recompute the logits in backward (a fourth
