@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import itertools
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -54,9 +55,14 @@ def _fastce_version() -> str:
 
 
 def _git_commit() -> str:
+    """The checkout's commit; FASTCE_GIT_COMMIT names it where the tree travelled without .git
+    (a GPU machine gets a copy of the working tree)."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+    commit = git("rev-parse", "--short=12", "HEAD") or os.environ.get("FASTCE_GIT_COMMIT", "unknown")
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
