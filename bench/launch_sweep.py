@@ -76,8 +76,9 @@ def candidates(shape: Shape, dry_run: bool) -> List[ops.LaunchConfig]:
     else:
         if block <= ops.SINGLE_PASS_MAX_CLASSES:  # the whole row in one program's registers
             configs += [ops.LaunchConfig(1, block, warps) for warps in (8, 16, 32)]
-        configs += [ops.LaunchConfig(1, tile, warps) for tile in (4096, 8192, 16384, 32768) if tile < block
-                    for warps in ((4, 8, 16) if tile < 32768 else (8, 16, 32))]
+        configs += [ops.LaunchConfig(1, tile, warps) for tile in (1024, 2048, 4096, 8192, 16384, 32768) if tile < block
+                    for warps in {1024: (2, 4), 2048: (2, 4, 8), 4096: (4, 8, 16), 8192: (4, 8, 16),
+                                  16384: (8, 16), 32768: (16, 32)}[tile]]
     return [rule] + [c for c in configs if c != rule]
 
 
@@ -145,15 +146,52 @@ def time_shape(shape: Shape, dry_run: bool, clock: Clock) -> List[Dict[str, obje
     def full_call():
         fastce.cross_entropy(leaf, target).backward()
     record("fastce.cross_entropy fwd+bwd", full_call)
+
+    def unvalidated_call():
+        fastce.cross_entropy(leaf, target, validate=False).backward()
+    record("fastce.cross_entropy fwd+bwd validate=False", unvalidated_call)
+    record("fastce.cross_entropy no-grad forward", lambda: fastce.cross_entropy(logits, target))
     leaf.grad = None
     return rows
+
+
+def profile_call(shape: Shape, calls: int = 30) -> str:
+    """Where the host time of a default forward+backward goes: cProfile's top functions, then
+    torch.profiler's operators and kernels."""
+    import cProfile
+    import io
+    import pstats
+    device = "cuda" if ON_GPU else "cpu"
+    logits, target, _ = make_tensors(shape, device, 0)
+    leaf = logits.requires_grad_()
+
+    def call():
+        fastce.cross_entropy(leaf, target).backward()
+        leaf.grad = None
+    call()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    if ON_GPU:
+        torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if ON_GPU else [])
+    with torch.profiler.profile(activities=activities) as traced:
+        for _ in range(5):
+            call()
+    table = traced.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    return f"## {shape.label}: cProfile of {calls} calls\n{text.getvalue()}\n## torch.profiler, 5 calls\n{table}\n"
 
 
 def summary(env: Dict[str, object], rows: List[Dict[str, object]]) -> str:
     lines = [f"# Launch sweep: {env['device']}", f"torch {env['torch']} | triton {env['triton']} | "
              f"commit {env['git_commit']} | {env['date']}", "",
              "| shape | copy ms | rule: rows/block/warps | rule ms (× copy) | best: rows/block/warps | best ms (× copy) "
-             "| divisor ms | validation ms | full call ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "| divisor ms | validation ms | full call ms | validate=False | no-grad forward |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label in dict.fromkeys(row["shape"] for row in rows):
         mine = [row for row in rows if row["shape"] == label]
         kernels = [row for row in mine if row["part"] == "kernel" and "ms" in row]
@@ -173,7 +211,9 @@ def summary(env: Dict[str, object], rows: List[Dict[str, object]]) -> str:
         lines.append(f"| {label} | {mine[0]['copy_ms']:.3f} | {cfg(rule) if rule else '-'} | {ms(rule) if rule else '-'} | "
                      f"{cfg(best)} | {ms(best)} | " + " | ".join(
                          "" if part.get(p) is None else f"{part[p]:.3f}"
-                         for p in ("mean divisor", "validation", "fastce.cross_entropy fwd+bwd")) + " |")
+                         for p in ("mean divisor", "validation", "fastce.cross_entropy fwd+bwd",
+                                   "fastce.cross_entropy fwd+bwd validate=False",
+                                   "fastce.cross_entropy no-grad forward")) + " |")
     errors = [row for row in rows if "error" in row]
     lines += [f"- error {row['shape']} {row['part']} {row.get('config', '')}: {row['error']}" for row in errors]
     return "\n".join(lines)
@@ -184,18 +224,24 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU interpreter")
+    parser.add_argument("--shapes", nargs="+", help="only these shapes (labels such as 8192x32000)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the host side of a default call on each shape (profile.txt)")
     parser.add_argument("--compile-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not ON_GPU and not args.dry_run:
         parser.error("no CUDA GPU here: use --dry-run")
     shapes = DRY_SHAPES if args.dry_run else GPU_SHAPES
+    if args.shapes:
+        shapes = [shape for shape in shapes if shape.label in args.shapes]
     workers = COMPILE_PROCESSES if ON_GPU else 1
     if args.compile_worker is not None:
         compile_all(shapes, args.dry_run, args.compile_worker, workers)
         return 0
     start = time.time()
     compilers = [subprocess.Popen([sys.executable, "-m", "bench.launch_sweep", "--out", str(args.out),
-                                   "--compile-worker", str(worker)] + (["--dry-run"] if args.dry_run else []),
+                                   "--compile-worker", str(worker), "--shapes", *[s.label for s in shapes]]
+                                  + (["--dry-run"] if args.dry_run else []),
                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for worker in range(workers)]
     compile_log = "".join(process.communicate()[0] for process in compilers)
@@ -209,6 +255,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep.json").write_text(json.dumps({"environment": env, "rows": rows,
                                                      "compile_log": compile_log[-20000:]}, indent=1))
+    if args.profile:
+        (args.out / "profile.txt").write_text("".join(profile_call(shape) for shape in shapes))
     text = summary(env, rows)
     (args.out / "sweep.md").write_text(text + "\n")
     print("\n" + text)
