@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="'none' backpropagates a random grad_output (default: mean)")
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS),
                         help="implementations to compare (default: every importable one)")
-    parser.add_argument("--out", type=Path, help="results folder (default: bench/results/<device>)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default: bench/results/<device>, or <device>-quick with --quick)")
     parser.add_argument("--from-pytest-benchmark", type=Path, metavar="JSON",
                         help="report the JSON saved by pytest bench/ --benchmark-json=JSON instead of running")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,7 +78,9 @@ def main(argv=None) -> int:
     print(report.text_table(rows))
     for name, note in skipped.items():
         print(f"skipped {name}: {note}")
-    out_dir = args.out or RESULTS / device_folder(first["device"], first["mode"])
+    # --quick runs go beside the committed full results, never over them (and git ignores them)
+    folder = device_folder(first["device"], first["mode"]) + ("-quick" if args.quick else "")
+    out_dir = args.out or RESULTS / folder
     paths = report.write(rows, skipped, out_dir)
     print("\nwrote " + ", ".join(str(path) for path in paths.values()))
     return 0

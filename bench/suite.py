@@ -55,14 +55,16 @@ def _fastce_version() -> str:
 
 
 def _git_commit() -> str:
-    """The checkout's commit; FASTCE_GIT_COMMIT names it where the tree travelled without .git
-    (a GPU machine gets a copy of the working tree)."""
+    """The checkout's commit, or FASTCE_GIT_COMMIT where it is set: a GPU machine gets a copy of
+    the working tree whose .git may be older than the tree."""
+    if os.environ.get("FASTCE_GIT_COMMIT"):
+        return os.environ["FASTCE_GIT_COMMIT"]
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
         except OSError:
             return ""
-    commit = git("rev-parse", "--short=12", "HEAD") or os.environ.get("FASTCE_GIT_COMMIT", "unknown")
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 

@@ -26,19 +26,18 @@ from .kernels.cross_entropy import (
 from ._validation import check_target_range
 from .reference import compute_dtype
 
-# A row of up to this many classes is kept on chip and read once by one CTA: 64k covers the
-# 32k-50k vocabularies (GPT-2's 50257 included), so a training step reads the logits once. At 32
-# warps (1024 threads) an SM's 64k registers allow 64 per thread, and compiled for sm_90 the step
-# spills 320 B per thread at 32k classes and 1.2 KB at 64k (tools/sm90_compile.py) to local
-# memory, which L1/L2 serve. Whether that costs more than a second read of the row is for a GPU
-# to time; FASTCE_CLUSTER=1 splits these rows over a cluster (below) instead.
-SINGLE_PASS_MAX_CLASSES = 65536
-# Without a cluster, a longer row is streamed in tiles of this many classes: 32 fp32 values per
-# thread at 16 warps, within the 128 registers a thread has there (8 B of spill at sm_90) with the
-# online statistics. The same program reads the row twice (statistics, then gradient), 3× the
-# logits' bytes requested; the re-read follows the first read of the same row within one program,
-# so with a few hundred rows in flight (a few hundred KiB each, against 50 MB of L2) it hits L2.
-STREAM_BLOCK = 16384
+# Measured on an H200 (bench/results/nvidia-h200/, python -m bench.launch_sweep): the fused
+# training-step kernel at N = 8192 rows is fastest when each thread holds 16 values of a tile.
+# Rows of up to 4096 classes are one tile, read once (1.99× the time of a copy of the same bytes
+# at V = 4096); longer rows are streamed in 2048-class tiles over 4 warps: 1.99× at V = 8192,
+# 2.1× at 32000 and 128256, 2.3× at 262144. One tile per row is slower past 4096 classes (2.5×
+# at 8192, 2.6× at 32000 with 32 warps, 9.1× at 50257, where a 65536-class tile spills), and so
+# are longer stream tiles (16384 classes over 16 warps: 3.0×). A streamed row is read twice, the
+# statistics then the gradient, 3× the logits' bytes requested; the re-read follows the first
+# read of the same row within one program, so with a few rows per SM in flight L2 serves it and
+# DRAM sees the 2× floor (the profiler's distinct bytes).
+SINGLE_PASS_MAX_CLASSES = 4096
+STREAM_BLOCK = 2048
 # For small C several rows share a program so that each program still moves a few KiB
 # (one 64-row tile of 64 classes, ...): fewer, fuller programs instead of thousands of tiny ones.
 SMALL_ROW_TILE = 4096
@@ -47,15 +46,15 @@ MAX_ROWS_PER_PROGRAM = 64
 # enough threads to cover the memory latency, few enough that each holds a useful amount.
 ELEMENTS_PER_WARP = 1024
 
-# Hopper thread-block clusters keep rows of up to 256k classes (512 KB in bf16) on chip, the way
-# QuACK does: the row is one tile split across a cluster of CTAs on neighbouring SMs, each
-# holding CLUSTER_TILE classes (16k at 256k) in registers, and the row's max and sums cross CTAs
-# through distributed shared memory. The row is then read once: 2× the logits' bytes for a
-# training step instead of the streamed 3×. Compiled for sm_90 (tools/sm90_compile.py) these
-# launches spill nothing up to 128k classes and 88 B per thread at 256k. Clusters of 16 CTAs
-# are a non-portable size that Triton's launcher enables on Hopper; every cluster configuration
-# is checked against the unclustered kernel on its first use (cluster_config_verified), as no
-# GPU has run them in CI.
+# Opt-in (FASTCE_CLUSTER=1, Hopper): a row of 8k-256k classes is one tile split across a
+# thread-block cluster of CTAs on neighbouring SMs, each holding CLUSTER_TILE classes, the row's
+# max and sums crossing CTAs through distributed shared memory, so the row is read once (2× the
+# logits' bytes for a training step instead of the streamed 3× requested). Triton 3.9 compiles
+# these launches for sm_90 (tools/sm90_compile.py: no spills up to 128k classes, 88 B per thread
+# at 256k); Triton 3.6 rejects them (its TritonGPUPlanCTAPass fails, seen on an H200), so each
+# cluster configuration is checked against the unclustered kernel on its first use
+# (cluster_config_verified) and replaced by it, with a warning, when it fails or disagrees.
+# Clusters of 16 CTAs are a non-portable size that Triton's launcher enables on Hopper.
 CLUSTER_TILE = 8192
 MAX_CLUSTER = 16
 CLUSTER_MAX_CLASSES = 262144
@@ -88,19 +87,17 @@ class LaunchConfig(NamedTuple):
 
 # Which rows a launch splits across a cluster (launch_config's `clusters`).
 NO_CLUSTERS = "none"
-CLUSTER_LONG_ROWS = "long_rows"  # only rows that would otherwise be streamed: the default on Hopper
-CLUSTER_ALL_ROWS = "all"         # every single-pass row above CLUSTER_TILE (FASTCE_CLUSTER=1)
+CLUSTER_LONG_ROWS = "long_rows"  # every row of CLUSTER_TILE to CLUSTER_MAX_CLASSES classes (FASTCE_CLUSTER=1)
 
 
 def launch_config(n_rows: int, n_classes: int, clusters: str = NO_CLUSTERS) -> LaunchConfig:
     """The launch rule (the constants above give the reasons)."""
     block = triton.next_power_of_2(max(n_classes, 1))
     num_ctas = 1
-    clustered_above = {CLUSTER_LONG_ROWS: SINGLE_PASS_MAX_CLASSES, CLUSTER_ALL_ROWS: CLUSTER_TILE}.get(clusters)
-    if clustered_above is not None and clustered_above < block <= CLUSTER_MAX_CLASSES:
+    if clusters == CLUSTER_LONG_ROWS and CLUSTER_TILE < block <= CLUSTER_MAX_CLASSES:
         num_ctas = min(MAX_CLUSTER, block // CLUSTER_TILE)
     elif block > SINGLE_PASS_MAX_CLASSES:
-        block = STREAM_BLOCK
+        return LaunchConfig(1, STREAM_BLOCK, max(4, STREAM_BLOCK // ELEMENTS_PER_WARP))  # one row a program
     rows = max(1, min(SMALL_ROW_TILE // block, MAX_ROWS_PER_PROGRAM, triton.next_power_of_2(max(n_rows, 1))))
     per_cta = rows * block // num_ctas
     num_warps = min(32, max(4, triton.next_power_of_2(per_cta // ELEMENTS_PER_WARP)))
@@ -150,13 +147,13 @@ def _autotuned_fwd_kernel(num_ctas: int = 1):
 
 
 def cluster_policy(logits: Tensor) -> str:
-    """Which rows are split across a cluster: long rows on Hopper and later (FASTCE_CLUSTER=1: every
-    row above CLUSTER_TILE; FASTCE_CLUSTER=0: none). The interpreter follows the Hopper rule, running
-    a cluster's tile as one program, so the CPU counts the bytes an H100 launch moves."""
-    setting = os.environ.get("FASTCE_CLUSTER")
-    if setting == "0" or (logits.is_cuda and torch.cuda.get_device_capability(logits.device)[0] < 9):
+    """Rows are split across a cluster only with FASTCE_CLUSTER=1, on Hopper or later (the
+    interpreter, which runs a cluster's tile as one program, follows it too)."""
+    if os.environ.get("FASTCE_CLUSTER") != "1":
         return NO_CLUSTERS
-    return CLUSTER_ALL_ROWS if setting == "1" else CLUSTER_LONG_ROWS
+    if logits.is_cuda and torch.cuda.get_device_capability(logits.device)[0] < 9:
+        return NO_CLUSTERS
+    return CLUSTER_LONG_ROWS
 
 
 _CLUSTER_CHECKS: dict = {}  # (config, dtype, device) -> whether it matched the unclustered kernel

@@ -27,13 +27,17 @@ def _nbytes(t):
     return t.numel() * t.element_size()
 
 
-@pytest.mark.parametrize("n_classes", [32768, 50257])
+@pytest.mark.parametrize("n_classes", [4096, 32768, 50257])
 def test_forward_backward_reads_logits_once_and_writes_gradient_once(n_classes):
     x = _bf16_logits(N_TOKENS, n_classes)
     target = torch.randint(0, n_classes, (N_TOKENS,))
     with measure() as m:
         fastce.cross_entropy(x, target, validate=False).backward()
-    assert m.total_bytes <= 2.15 * _nbytes(x), m.report()
+    # a row longer than one tile is read twice by the program that holds it: the re-read is
+    # served by L2 on a GPU, so the distinct bytes per launch (the DRAM estimate) stay at the floor
+    requested = 2.15 if n_classes <= ops.SINGLE_PASS_MAX_CLASSES else 3.05
+    assert m.total_bytes <= requested * _nbytes(x), m.report()
+    assert m.unique_bytes <= 2.05 * _nbytes(x), m.report()
     assert m.syncs == 0, m.report()
     expected = F.cross_entropy(x.detach().double(), target)
     x_ref = x.detach().double().requires_grad_()
@@ -90,17 +94,18 @@ def _training_step_on_long_rows(n_classes):
     return m, _nbytes(x)
 
 
-@pytest.mark.parametrize("n_classes", [131072, 151936, 262144])
-def test_rows_beyond_one_cta_are_read_once_across_a_cluster(n_classes):
-    # the interpreter follows the Hopper launch rule: one program per cluster-held row
+@pytest.mark.parametrize("n_classes", [131072, 262144])
+def test_opt_in_clusters_read_long_rows_once(monkeypatch, n_classes):
+    monkeypatch.setenv("FASTCE_CLUSTER", "1")  # the interpreter runs a cluster's tile as one program
+    assert ops.cluster_policy(torch.empty(0)) == ops.CLUSTER_LONG_ROWS
     assert ops.launch_config(2, n_classes, ops.CLUSTER_LONG_ROWS).num_ctas > 1
     m, logits_bytes = _training_step_on_long_rows(n_classes)
     assert m.total_bytes <= 2.15 * logits_bytes, m.report()
     assert m.syncs == 0
 
 
-def test_streamed_rows_are_read_twice_with_the_reread_inside_one_kernel(monkeypatch):
-    monkeypatch.setenv("FASTCE_CLUSTER", "0")  # a GPU without clusters streams rows above 64k classes
+def test_streamed_rows_are_read_twice_with_the_reread_inside_one_kernel():
+    assert ops.cluster_policy(torch.empty(0)) == ops.NO_CLUSTERS  # the default
     m, logits_bytes = _training_step_on_long_rows(131072)
     # one extra read of each row, requested by the same program that read it first: on a GPU it
     # hits L2, so distinct bytes per launch (the DRAM estimate) stay at the floor
@@ -155,21 +160,20 @@ def test_small_vocabularies_share_programs(n_classes):
     torch.testing.assert_close(x.grad.double(), x_ref.grad, atol=1e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("clusters", [ops.NO_CLUSTERS, ops.CLUSTER_LONG_ROWS, ops.CLUSTER_ALL_ROWS])
+@pytest.mark.parametrize("clusters", [ops.NO_CLUSTERS, ops.CLUSTER_LONG_ROWS])
 def test_launch_rule_bounds_warps_and_tiles(clusters):
-    for n_classes in (1, 7, 256, 4096, 32768, 65536, 65537, 262144, 262145):
+    for n_classes in (1, 7, 256, 4096, 4097, 8192, 8193, 32768, 65536, 65537, 262144, 262145):
         config = ops.launch_config(8192, n_classes, clusters)
         assert 4 <= config.num_warps <= 32
-        single_pass = n_classes <= (ops.SINGLE_PASS_MAX_CLASSES if clusters == ops.NO_CLUSTERS
-                                    else ops.CLUSTER_MAX_CLASSES)
-        if single_pass:
+        clustered = clusters == ops.CLUSTER_LONG_ROWS and ops.CLUSTER_TILE < n_classes <= ops.CLUSTER_MAX_CLASSES
+        if n_classes <= ops.SINGLE_PASS_MAX_CLASSES or clustered:
             assert config.block_size >= n_classes  # one tile holds the row: read once
         else:
-            assert config.block_size == ops.STREAM_BLOCK
-        if config.num_ctas > 1:  # a cluster splits single-pass rows only, into tiles a CTA can hold
-            assert single_pass and config.num_ctas <= ops.MAX_CLUSTER
-            assert config.block_size // config.num_ctas <= 2 * ops.CLUSTER_TILE
-            assert clusters == ops.CLUSTER_ALL_ROWS or n_classes > ops.SINGLE_PASS_MAX_CLASSES
+            assert config.block_size == ops.STREAM_BLOCK and config.num_warps == 4  # H200 sweep's best
+        # a cluster splits long rows only, into tiles a CTA can hold
+        assert (config.num_ctas > 1) == clustered
+        assert config.num_ctas <= ops.MAX_CLUSTER
+        assert config.block_size // config.num_ctas <= max(2 * ops.CLUSTER_TILE, ops.SINGLE_PASS_MAX_CLASSES)
 
 
 def test_cluster_launch_is_checked_against_the_unclustered_kernel(monkeypatch):

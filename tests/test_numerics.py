@@ -143,11 +143,11 @@ def test_many_rows_per_program(device, C, N, reduction):
 @pytest.mark.parametrize("row_path", ["cluster", "streamed"])
 @pytest.mark.parametrize("case", ["random_smooth_weight", "masked_leading_zloss", "focal"])
 def test_past_single_cta_limit(device, monkeypatch, row_path, case):
-    """C = 70000 > 65536, 2 rows, on both paths for rows past one CTA (a Hopper cluster holding
-    the row, or the streamed passes of other GPUs): plain, with the first 65536 columns of a
-    row -inf, and focal loss (whose streamed path takes an extra pass)."""
-    if row_path == "streamed":
-        monkeypatch.setenv("FASTCE_CLUSTER", "0")
+    """C = 70000, 2 rows, on both paths for long rows (streamed in tiles by default, or held by
+    a Hopper cluster with FASTCE_CLUSTER=1): plain, with the first 65536 columns of a row -inf,
+    and focal loss (whose streamed path takes an extra pass)."""
+    if row_path == "cluster":
+        monkeypatch.setenv("FASTCE_CLUSTER", "1")
     C = 70000
     x = make_logits((2, C), torch.float32, device)
     t = torch.tensor([C - 1, 65536 + 123], device=device)

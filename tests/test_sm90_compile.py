@@ -16,8 +16,8 @@ import sys
 sys.path.insert(0, "tools")
 import sm90_compile as tool
 variants = [v for v in tool.forward_variants()
-            if v.name.startswith(("streamed training step", "clustered", "no-grad", "small V", "focal, V=1000",
-                                  "float64"))]
+            if v.name.startswith(("training step", "streamed training step", "clustered", "no-grad", "small V",
+                                  "focal, V=1000", "float64"))]
 for name, config, registers, stack in tool.compile_all(variants):
     print(f"{name}|{registers}|{stack}")
 """
@@ -34,10 +34,9 @@ def test_kernels_compile_for_hopper_and_tiles_within_the_register_budget_do_not_
         name, registers, stack_bytes = line.split("|")
         assert 0 < int(registers) <= 255
         stack[name] = int(stack_bytes)
-    assert len(stack) == 11, result.stdout  # nine forward variants, the backward scale, the divisor
+    assert len(stack) == 13, result.stdout  # eleven forward variants, the backward scale, the divisor
     # a 256k row over 16 CTAs leaves each thread 32 classes and a little spill (see ops.CLUSTER_TILE)
     assert stack["clustered training step, V=256k"] <= 128, result.stdout
-    for name in ("clustered training step, V=128k", "clustered training step, V=32k",
-                 "clustered training step, V=50257", "no-grad forward, V=128k",
-                 "small V=256, rows per program", "focal, V=1000", "backward scale, V=32k", "mean divisor"):
-        assert stack[name] == 0, f"{name} spills {stack[name]} B per thread"
+    for name, spill in stack.items():
+        if name != "clustered training step, V=256k" and not name.startswith("float64"):
+            assert spill == 0, f"{name} spills {spill} B per thread"

@@ -33,28 +33,30 @@ class Variant(NamedTuple):
     dtype: str = "bf16"
     flags: tuple = ()  # names of the forward kernel's boolean constexprs set to True
     grad_output: int = 0
-    clusters: str = ops.CLUSTER_LONG_ROWS  # the launch rule's cluster policy (Hopper's default)
+    clusters: str = ops.NO_CLUSTERS  # the launch rule's cluster policy (FASTCE_CLUSTER=1: CLUSTER_LONG_ROWS)
 
 
 def forward_variants() -> list[Variant]:
+    clustered = ops.CLUSTER_LONG_ROWS
     return [
-        Variant("training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("clustered training step, V=128k", 131072, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("clustered training step, V=256k", 262144, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("streamed training step, V=256k", 262144, flags=("COMPUTE_GRAD", "MEAN"), clusters=ops.NO_CLUSTERS),
-        Variant("clustered training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN"), clusters=ops.CLUSTER_ALL_ROWS),
-        Variant("clustered training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN"),
-                clusters=ops.CLUSTER_ALL_ROWS),
-        Variant("no-grad forward, V=128k", 131072),
-        Variant("streamed no-grad forward, V=128k", 131072, clusters=ops.NO_CLUSTERS),
+        Variant("training step, V=4096", 4096, flags=("COMPUTE_GRAD", "MEAN")),
+        Variant("streamed training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN")),
+        Variant("streamed training step, V=256k", 262144, flags=("COMPUTE_GRAD", "MEAN")),
+        Variant("clustered training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN"), clusters=clustered),
+        Variant("clustered training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN"), clusters=clustered),
+        Variant("clustered training step, V=128k", 131072, flags=("COMPUTE_GRAD", "MEAN"), clusters=clustered),
+        Variant("clustered training step, V=256k", 262144, flags=("COMPUTE_GRAD", "MEAN"), clusters=clustered),
+        Variant("no-grad forward, V=4096", 4096),
+        Variant("streamed no-grad forward, V=128k", 131072),
         Variant("small V=256, rows per program", 256, flags=("COMPUTE_GRAD",)),
-        Variant("all options, V=32k", 32768,
+        Variant("all options, V=4096", 4096,
+                flags=("COMPUTE_GRAD", "MEAN", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP")),
+        Variant("streamed all options, V=32k", 32768,
                 flags=("COMPUTE_GRAD", "MEAN", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP")),
         Variant("probability targets, V=4096", 4096, flags=("COMPUTE_GRAD", "PROB_TARGET", "HAS_WEIGHT")),
         Variant("focal, V=1000", 1000, flags=("COMPUTE_GRAD", "MEAN", "FOCAL", "HAS_WEIGHT")),
-        Variant("focal, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL")),
-        Variant("focal streamed, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL"), clusters=ops.NO_CLUSTERS),
+        Variant("focal streamed, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL")),
+        Variant("focal clustered, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL"), clusters=clustered),
         Variant("'none' backward recompute, V=50257", 50257, flags=("COMPUTE_GRAD",), grad_output=2),
         Variant("float64, V=1000", 1000, dtype="fp64", flags=("COMPUTE_GRAD", "MEAN", "HAS_SMOOTHING")),
     ]

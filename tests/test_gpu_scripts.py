@@ -1,0 +1,38 @@
+"""The GPU session scripts (bench.gpu_run, bench.launch_sweep) in their --dry-run mode: the same
+code at tiny sizes on the interpreter, so that a session with a GPU finds them working."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, out):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, "-m", module, "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_gpu_run_checks_every_launch_path_and_times_every_provider(tmp_path):
+    printed = _run("bench.gpu_run", tmp_path)
+    checks = json.loads((tmp_path / "checks.json").read_text())
+    assert {check["dtype"] for check in checks} == {"bf16", "fp16", "fp32"}
+    assert {check["path"] for check in checks} == {"default", "1"}  # streamed / one tile, and clusters
+    assert {check["option"] for check in checks} >= {"plain", "weight", "focal", "prob_targets", "inplace_backward"}
+    assert all(check["passed"] for check in checks), [c for c in checks if not c["passed"]]
+    timings = json.loads((tmp_path / "results.json").read_text())["timings"]
+    fastce_rows = [row for row in timings if row["provider"].startswith("fastce")]
+    assert fastce_rows and all(row["status"] == "ok" for row in fastce_rows), fastce_rows
+    assert printed.rstrip().endswith((tmp_path / "summary.md").read_text().rstrip().splitlines()[-1])
+
+
+def test_launch_sweep_times_the_rule_beside_its_alternatives(tmp_path):
+    _run("bench.launch_sweep", tmp_path)
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    kernels = [row for row in rows if row["part"] == "kernel"]
+    assert all("ms" in row for row in kernels), [row for row in kernels if "ms" not in row]
+    assert sum(row["rule"] for row in kernels) == len({row["shape"] for row in rows})  # the rule once per shape
+    assert {"mean divisor", "validation", "fastce.cross_entropy fwd+bwd"} <= {row["part"] for row in rows}
