@@ -204,6 +204,22 @@ def test_causal_lm_loss_is_transformers_loss(normaliser, shifted, path):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_host_sync_beyond_fastce_label_check(dtype):
+    batch = _batch("num_items_in_batch")  # a tensor num_items_in_batch stays on the device
+    logits = torch.randn(BATCH, SEQ, VOCAB, dtype=dtype, requires_grad=True)
+    with measure() as counted:
+        causal_lm_loss(logits, batch["labels"], VOCAB, num_items_in_batch=batch["num_items_in_batch"]).backward()
+    assert counted.syncs == 1  # fastce's check that the labels are in [0, V)
+    stock = _tiny_model("llama", dtype)
+    syncs = []
+    for model in (stock, apply_fastce(copy.deepcopy(stock))):
+        with measure() as counted:
+            model(**batch).loss.backward()
+        syncs.append(counted.syncs)
+    assert syncs[1] == syncs[0] + 1
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("normaliser", [None, "tensor"])
 def test_low_precision_losses_are_float32_not_rounded_to_the_logits_dtype(dtype, normaliser):
@@ -402,11 +418,15 @@ def test_apply_fastce_needs_the_model_itself():
         apply_fastce(model.model)
 
 
-def test_a_head_wrapped_after_apply_fastce_is_refused_in_forward_never_a_wrong_loss():
+@pytest.mark.parametrize("spoil, message", [
+    (lambda m: _set(m, "lm_head", ModulesToSaveWrapper(m.lm_head)), "ModulesToSaveWrapper"),
+    (lambda m: _set(m, "loss_function", STOCK_LOSS), "loss_function was replaced"),
+], ids=["head wrapped", "loss replaced"])
+def test_a_model_changed_after_apply_fastce_is_refused_in_forward_never_a_wrong_loss(spoil, message):
     model = apply_fastce(_tiny_model("llama"))
-    model.lm_head = ModulesToSaveWrapper(model.lm_head)
+    spoil(model)
     batch = _batch()
-    with pytest.raises(TypeError, match="ModulesToSaveWrapper"):
+    with pytest.raises(TypeError, match=message):
         model(**batch)
     del batch["labels"]
     assert model(**batch).logits.shape == (BATCH, SEQ, VOCAB)

@@ -282,6 +282,9 @@ def _patched_forward(model: PreTrainedModel, *args, **kwargs):
     if arguments.get("labels") is None:
         return patch.stock_forward(*args, **kwargs)
     _check_no_router_loss(model, patch, arguments.get("output_router_logits"))
+    if model.loss_function is not causal_lm_loss:
+        raise TypeError(f"{type(model).__name__}.loss_function was replaced after apply_fastce: the fused head computes "
+                        "transformers' ForCausalLMLoss only; call apply_fastce(model, fused_linear=False) to keep yours")
     labels = arguments.pop("labels")
     hidden_positions = arguments.pop("logits_to_keep", 0)
     return_dict = arguments.pop("return_dict", None)
