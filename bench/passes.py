@@ -58,12 +58,12 @@ def check_case(case: Case) -> Case:
 
 def max_relative_error(case: Case, loss_fn: LossFn, device: str) -> float:
     """Largest error of the loss, and of every gradient when the pass has a backward, against
-    the pytorch-eager provider (fastce.reference) run in float64 on the same inputs, relative
+    the fastce-reference provider (fastce.reference) run in float64 on the same inputs, relative
     to the reference's largest magnitude."""
     inputs = make_inputs(case, device)
     exact = {name: t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
              for name, t in inputs.items()}
-    got, want = loss_fn(inputs), PROVIDERS["pytorch-eager"].load()[case.op](case)(exact)
+    got, want = loss_fn(inputs), PROVIDERS["fastce-reference"].load()[case.op](case)(exact)
     pairs = [(got, want)]
     if case.needs_grad:
         backward(got, inputs)

@@ -91,7 +91,8 @@ def summary_table(rows: Sequence[Row]) -> str:
 def _headline(row: Row) -> str:
     if row["mode"] == "gpu":
         return f"{row['gbps']:.0f} GB/s, {row['vs_copy']:.2f}× copy, peak {row['peak_bytes'] / 1e9:.2f} GB"
-    return f"{row['moved_x']:.2f}× moved, {row['peak_x']:.2f}× peak, {row['syncs']} sync"
+    return (f"{row['moved_x']:.2f}× requested / {row['distinct_x']:.2f}× distinct, {row['peak_x']:.2f}× peak, "
+            f"{row['syncs']} sync")
 
 
 def write(rows: Sequence[Row], skipped: Dict[str, str], out_dir: Path) -> Dict[str, Path]:
@@ -137,10 +138,13 @@ def plot(rows: Sequence[Row], path: Path) -> None:
         shapes = list(dict.fromkeys(_shape(row) for row in group))
         for row in group:
             x = shapes.index(_shape(row)) + (providers.index(row["provider"]) - (len(providers) - 1) / 2) * width
-            main = row["gbps"] if on_gpu else row["moved_x"]
             peak = row["peak_bytes"] / 1e9 if on_gpu else row["peak_x"]
-            for axis, value in ((left, main), (right, peak)):
-                axis.bar(x, value, width, color=colors[row["provider"]])
+            right.bar(x, peak, width, color=colors[row["provider"]])
+            if on_gpu:
+                left.bar(x, row["gbps"], width, color=colors[row["provider"]])
+            else:  # requested bytes (pale), and the distinct bytes a DRAM would see (solid)
+                left.bar(x, row["moved_x"], width, color=colors[row["provider"]], alpha=0.35)
+                left.bar(x, row["distinct_x"], width * 0.6, color=colors[row["provider"]])
         if on_gpu:
             copy_gbps = {_shape(row): Case.from_row(row).floor_bytes / row["copy_ms"] / 1e6 for row in group}
             left.plot(range(len(shapes)), [copy_gbps[s] for s in shapes], "k_", markersize=30)
@@ -149,7 +153,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
         else:
             left.axhline(group[0]["floor_x"], color="k", linestyle="--", linewidth=1)
             left.set_yscale("log")
-            left.set_ylabel("bytes ÷ input (lower is better)")
+            left.set_ylabel("bytes ÷ input: requested (pale), distinct (solid)")
             right.set_ylabel("peak ÷ input")
         for axis in (left, right):
             axis.set_title(f"{op} {pass_} {dtype}", fontsize=10)
