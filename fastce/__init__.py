@@ -3,6 +3,7 @@
     import fastce
     loss = fastce.cross_entropy(logits, target)          # like F.cross_entropy
     criterion = fastce.CrossEntropyLoss(label_smoothing=0.1)
+    loss = fastce.sigmoid_focal_loss(logits, labels)     # like torchvision.ops.sigmoid_focal_loss
 
 CUDA tensors run the Triton kernels; CPU tensors run them on Triton's interpreter when
 TRITON_INTERPRET=1 is set before import, else the pure-PyTorch reference (fastce.reference).
@@ -11,6 +12,9 @@ Importing fastce never needs Triton or a GPU.
 from . import reference
 from .functional import cross_entropy, focal_loss, linear_cross_entropy, uses_triton
 from .modules import CrossEntropyLoss, FocalLoss, LinearCrossEntropyLoss
+# binary (sigmoid) losses, DESIGN §7.1
+from .functional import binary_cross_entropy_with_logits, sigmoid_focal_loss, soft_margin_loss
+from .modules import BCEWithLogitsLoss, SigmoidFocalLoss, SoftMarginLoss
 
 __version__ = "0.1.0"
 
@@ -25,3 +29,5 @@ def __getattr__(name):
 
 __all__ = ["cross_entropy", "focal_loss", "linear_cross_entropy", "CrossEntropyLoss", "FocalLoss",
            "LinearCrossEntropyLoss", "CrossEntropyFunction", "reference", "uses_triton", "__version__"]
+__all__ += ["binary_cross_entropy_with_logits", "soft_margin_loss", "sigmoid_focal_loss", "BCEWithLogitsLoss",
+            "SoftMarginLoss", "SigmoidFocalLoss"]

@@ -150,3 +150,54 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Ten
                 f"(probabilities) for input {list(input.shape)}, got {list(target.shape)}")
     check_target(logits_placeholder(input, n_rows, n_classes), rows_target, ignore_index)
     return n_classes
+
+
+# ---- binary (sigmoid) losses, DESIGN §7.1 ------------------------------------------------------
+
+
+def check_binary(function: str, input: Tensor, target: Tensor, *, same_shape: bool) -> None:
+    """input a floating tensor; target on its device, floating and of its shape (same_shape, as
+    BCE and torchvision's focal loss require) or any real dtype broadcastable to it (soft margin)."""
+    for name, t in (("input", input), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{function}: {name} must be a Tensor, got {type(t).__name__}")
+    if not input.is_floating_point():
+        raise TargetDtypeError(f"{function}: expected a floating point input (logits), but got {input.dtype}")
+    if target.device != input.device:
+        raise InvalidArgumentError(f"{function}: target is on {target.device} but input is on {input.device}")
+    if same_shape:
+        if not target.is_floating_point():
+            raise TargetDtypeError(
+                f"{function}: expected a floating point target (labels in [0, 1]), but got {target.dtype}")
+        if target.shape != input.shape:
+            raise InvalidArgumentError(
+                f"Target size ({target.shape}) must be the same as input size ({input.shape})")
+        return
+    if target.is_complex():
+        raise TargetDtypeError(f"{function}: expected a real target (labels ±1), but got {target.dtype}")
+    check_broadcastable(target, input, "target")
+
+
+def check_broadcastable(factor: Optional[Tensor], input: Tensor, name: str) -> None:
+    """`factor` (None, or a tensor on the input's device) broadcasts to the input's shape, as torch
+    needs for BCE's weight and pos_weight."""
+    if factor is None:
+        return
+    if not isinstance(factor, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(factor).__name__}")
+    if factor.device != input.device:
+        raise InvalidArgumentError(f"{name} is on {factor.device} but input is on {input.device}")
+    try:
+        broadcast = torch.broadcast_shapes(factor.shape, input.shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != input.shape:
+        raise InvalidArgumentError(
+            f"{name} of shape {list(factor.shape)} does not broadcast to the input's shape {list(input.shape)}")
+
+
+def check_no_gradient_wanted(t: Optional[Tensor], function: str, argument: str) -> None:
+    """torch's error for an argument its function is not differentiable in (checked in grad mode)."""
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"The function '{function}' is not differentiable with respect to argument "
+                           f"'{argument}'. This input cannot have requires_grad True.")

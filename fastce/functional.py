@@ -15,10 +15,13 @@ from torch import Tensor
 from . import reference
 from ._validation import (
     InvalidArgumentError,
+    check_binary,
+    check_broadcastable,
     check_class_factor,
     check_input,
     check_label_smoothing,
     check_linear,
+    check_no_gradient_wanted,
     check_reduction,
     check_target,
     check_target_range,
@@ -245,3 +248,77 @@ def linear_cross_entropy(
     loss, lse = linear.run(input, linear_weight, linear_bias, target, weight, spec, chunk_rows=chunk_size,
                            validate=validate)
     return (loss, lse) if return_lse else loss
+
+
+# ---- binary (sigmoid) losses, DESIGN §7.1 ------------------------------------------------------
+
+
+def _run_binary(loss, reduction, input, target, weight=None, pos_weight=None, alpha=-1.0, gamma=0.0):
+    """The binary loss `loss` ("bce", "soft_margin", "focal") from the Triton kernels."""
+    from .binary import BinarySpec, run
+    return run(input, target, weight, pos_weight, BinarySpec(loss, reduction, alpha, gamma))
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits:
+    −w·[pw·t·log σ(x) + (1 − t)·log(1 − σ(x))] per element, in its stable form.
+
+    target: floating, the input's shape (soft labels allowed, and a gradient into it when it
+    requires grad). weight broadcasts to the input, pos_weight too (usually a (C,) vector along
+    the last dimension). "mean" divides by the number of elements. The loss comes back in the
+    target's dtype, as torch's does.
+    """
+    check_reduction(reduction)
+    check_binary("binary_cross_entropy_with_logits", input, target, same_shape=True)
+    for name, factor in (("weight", weight), ("pos_weight", pos_weight)):
+        check_broadcastable(factor, input, name)
+        check_no_gradient_wanted(factor, "binary_cross_entropy_with_logits", name)
+    if not uses_triton(input):
+        return reference.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
+    return _run_binary("bce", reduction, input, target, weight, pos_weight)
+
+
+def soft_margin_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Drop-in for torch.nn.functional.soft_margin_loss: log(1 + exp(−y·x)) per element, the
+    binary cross-entropy of labels y = ±1, in its stable form (finite where torch's overflows).
+
+    target: any real dtype, broadcast to the input (as torch); no gradient flows into it, as in
+    torch. The loss comes back in the input's dtype.
+    """
+    check_reduction(reduction)
+    check_binary("soft_margin_loss", input, target, same_shape=False)
+    check_no_gradient_wanted(target, "soft_margin_loss", "target")
+    if not uses_triton(input):
+        return reference.soft_margin_loss(input, target, reduction)
+    return _run_binary("soft_margin", reduction, input, target)
+
+
+def sigmoid_focal_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """Drop-in for torchvision.ops.sigmoid_focal_loss (RetinaNet's loss, Lin et al. 2017):
+    α_t·BCE(x, t)·(1 − p_t)^γ per element, p_t = σ(x)·t + (1 − σ(x))·(1 − t),
+    α_t = α·t + (1 − α)·(1 − t); alpha < 0 leaves α_t out. Note the default reduction "none",
+    as torchvision's.
+
+    targets: floating, the inputs' shape (soft labels allowed, and a gradient into them when they
+    require grad). 1 − p_t is computed without cancellation, so easy examples keep their small
+    loss exactly. The loss comes back in the promotion of the inputs' and targets' dtypes.
+    """
+    check_reduction(reduction)
+    check_binary("sigmoid_focal_loss", inputs, targets, same_shape=True)
+    _check_finite("alpha", float(alpha))
+    _check_finite("gamma", float(gamma), 0.0)
+    if not uses_triton(inputs):
+        return reference.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), reduction)
+    return _run_binary("focal", reduction, inputs, targets, alpha=float(alpha), gamma=float(gamma))

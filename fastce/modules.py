@@ -101,3 +101,46 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
                   f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
                   f"ignore_index={self.ignore_index}"]
         return ", ".join(extras + _options_set(self))
+
+
+# ---- binary (sigmoid) losses, DESIGN §7.1 ------------------------------------------------------
+
+
+class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    """Drop-in for torch.nn.BCEWithLogitsLoss (a subclass: the same `weight` and `pos_weight`
+    buffers, so state_dicts interchange), computed by fastce's kernel."""
+
+    def __init__(self, weight: Optional[Tensor] = None, reduction: str = "mean", pos_weight: Optional[Tensor] = None,
+                 *, size_average=None, reduce=None) -> None:
+        # DESIGN §7.1's argument order; torch's deprecated size_average/reduce stay accepted by keyword
+        super().__init__(weight, size_average, reduce, reduction, pos_weight)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction, self.pos_weight)
+
+
+class SoftMarginLoss(nn.SoftMarginLoss):
+    """Drop-in for torch.nn.SoftMarginLoss (a subclass), computed by fastce's kernel."""
+
+    def __init__(self, reduction: str = "mean", *, size_average=None, reduce=None) -> None:
+        super().__init__(size_average, reduce, reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.soft_margin_loss(input, target, self.reduction)
+
+
+class SigmoidFocalLoss(nn.Module):
+    """torchvision.ops.sigmoid_focal_loss as a module (alpha < 0 disables alpha; default
+    reduction "none", as torchvision's function)."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = reduction
+
+    def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return F.sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"

@@ -179,3 +179,67 @@ def linear_cross_entropy(
     if reduction == "none":
         loss = loss.reshape(row_shape)
     return (loss, lse.reshape(row_shape)) if return_lse else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary (sigmoid) losses, DESIGN §7.1: log σ(x) = logsigmoid(x) and log(1 − σ(x)) = logsigmoid(−x),
+# the stable forms, whose autograd gradients are the stable σ(x) and σ(−x).
+
+
+def binary_loss_dtype(loss: str, input: Tensor, target: Tensor) -> torch.dtype:
+    """The dtype torch gives each loss: BCE returns the target's dtype (torch computes it in a
+    buffer of the target's), soft margin the input's, torchvision's focal loss their promotion."""
+    if loss == "bce":
+        return target.dtype
+    if loss == "soft_margin":
+        return input.dtype
+    return torch.promote_types(input.dtype, target.dtype)
+
+
+def _reduce_elements(loss: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    if reduction == "none":
+        return loss.to(dtype)
+    return (loss.sum() if reduction == "sum" else loss.mean()).to(dtype)
+
+
+def _binary_ce(x: Tensor, t: Tensor, pos_weight: Optional[Tensor]) -> Tensor:
+    """−[pw·t·log σ(x) + (1 − t)·log(1 − σ(x))], elementwise."""
+    positive = t if pos_weight is None else t * pos_weight.to(x.dtype)
+    logsigmoid = torch.nn.functional.logsigmoid
+    return -(positive * logsigmoid(x) + (1 - t) * logsigmoid(-x))
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                                     reduction: str = "mean", pos_weight: Optional[Tensor] = None) -> Tensor:
+    """F.binary_cross_entropy_with_logits: weight and pos_weight broadcast to the input."""
+    acc = compute_dtype(input.dtype)
+    loss = _binary_ce(input.to(acc), target.to(acc), pos_weight)
+    if weight is not None:
+        loss = loss * weight.to(acc)
+    return _reduce_elements(loss, reduction, binary_loss_dtype("bce", input, target))
+
+
+def soft_margin_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """F.soft_margin_loss: log(1 + exp(−y·x)) = −log σ(y·x); the target broadcasts to the input."""
+    acc = compute_dtype(input.dtype)
+    loss = -torch.nn.functional.logsigmoid(input.to(acc) * target.to(acc))
+    return _reduce_elements(loss, reduction, input.dtype)
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "none") -> Tensor:
+    """torchvision.ops.sigmoid_focal_loss: ce·(1 − p_t)^γ, times α_t when alpha >= 0.
+
+    1 − p_t is written as σ(x)(1 − t) + σ(−x)·t, exact as p_t → 1 (torchvision's 1 − p_t is 0
+    there in fp32); the power's gradient is taken as its limit 0 where 1 − p_t = 0."""
+    acc = compute_dtype(inputs.dtype)
+    x, t = inputs.to(acc), targets.to(acc)
+    loss = _binary_ce(x, t, None)
+    if gamma != 0:
+        q = torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t
+        positive = q > 0
+        loss = loss * torch.where(positive, torch.where(positive, q, torch.ones_like(q)).pow(gamma),
+                                  torch.zeros_like(q))
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return _reduce_elements(loss, reduction, binary_loss_dtype("focal", inputs, targets))

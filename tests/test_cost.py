@@ -207,3 +207,75 @@ def test_opt_in_autotune_searches_warps_and_restores_in_place_buffers():
     assert tuned.fn is ops.cross_entropy_fwd_kernel  # the heuristics (SINGLE_PASS, WIDE_OFFSETS) still apply
     # a cluster launch keeps its cluster in every trial
     assert {config.num_ctas for config in ops._autotuned_fwd_kernel(16).configs} == {16}
+
+
+# ---- binary (sigmoid) losses, DESIGN §7.1: floor = read input and target, write the gradient(s) ----
+
+BINARY_LOSSES = {"bce": fastce.binary_cross_entropy_with_logits, "soft_margin": fastce.soft_margin_loss,
+                 "focal": fastce.sigmoid_focal_loss}
+
+
+def _binary_pair(loss, shape=(32, 4099)):
+    x = _bf16_logits(*shape)
+    t = (torch.rand(shape) < 0.1).to(torch.bfloat16)
+    return x, (t * 2 - 1 if loss == "soft_margin" else t)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", list(BINARY_LOSSES))
+def test_binary_training_step_reads_input_and_target_once_writes_gradient_once(loss, reduction):
+    x, t = _binary_pair(loss)
+    with measure() as m:
+        BINARY_LOSSES[loss](x, t, reduction=reduction).backward()
+    assert m.total_bytes <= 1.05 * 3 * _nbytes(x), m.report()  # x, t read; ∂x written
+    assert m.syncs == 0, m.report()
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal"])
+def test_binary_gradient_into_the_target_is_written_in_the_same_pass(loss):
+    x, t = _binary_pair(loss)
+    t = torch.rand(t.shape).to(torch.bfloat16).requires_grad_()  # soft labels that learn
+    with measure() as m:
+        BINARY_LOSSES[loss](x, t, reduction="mean").backward()
+    assert m.kernels["binary_loss_fwd_kernel"].launches == 1
+    assert m.total_bytes <= 1.05 * 4 * _nbytes(x), m.report()  # x, t read; ∂x, ∂t written
+
+
+def test_binary_broadcast_weights_cost_only_their_own_bytes():
+    # a (C,) pos_weight and an (N, 1) weight repeat through the tile: requested per element, but
+    # one launch reads each of their bytes once from DRAM (the distinct count)
+    x, t = _binary_pair("bce")
+    weight, pos_weight = torch.rand(x.shape[0], 1), torch.rand(x.shape[1])
+    with measure() as m:
+        fastce.binary_cross_entropy_with_logits(x, t, weight, pos_weight=pos_weight).backward()
+    assert m.unique_bytes <= 1.05 * 3 * _nbytes(x) + _nbytes(weight) + _nbytes(pos_weight), m.report()
+
+
+@pytest.mark.parametrize("loss", list(BINARY_LOSSES))
+def test_binary_forward_without_gradient_reads_once_and_allocates_nothing(loss):
+    x, t = _binary_pair(loss)
+    with measure() as m, torch.no_grad():
+        BINARY_LOSSES[loss](x, t, reduction="mean")
+    assert m.total_bytes <= 1.05 * 2 * _nbytes(x), m.report()
+    assert m.peak_bytes <= 0.01 * _nbytes(x), m.report()
+
+
+def test_binary_none_reduction_forward_and_backward():
+    # forward: read x, t, write the loss; backward: read x, t and the upstream gradient, write ∂x
+    x, t = _binary_pair("focal")
+    loss = fastce.sigmoid_focal_loss(x, t)
+    upstream = torch.rand_like(loss)
+    with measure() as m:
+        fastce.sigmoid_focal_loss(x, t).backward(upstream)
+    assert m.total_bytes <= 1.05 * 7 * _nbytes(x), m.report()
+    assert m.syncs == 0, m.report()
+
+
+def test_binary_backward_with_unit_upstream_gradient_does_not_touch_the_gradient_again():
+    x, t = _binary_pair("bce")
+    loss = fastce.binary_cross_entropy_with_logits(x, t)
+    with measure() as m:
+        loss.backward()
+    # each program reads the scalar upstream gradient, and nothing else
+    assert m.triton_write == 0 and m.triton_unique <= 8, m.report()
+    assert m.total_bytes <= 0.001 * _nbytes(x), m.report()
