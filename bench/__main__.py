@@ -54,6 +54,8 @@ def select_cases(args: argparse.Namespace):
     chosen = {"ops": args.op, "passes": args.passes, "dtypes": args.dtype, "tokens": args.tokens,
               "vocabs": args.vocab, "hidden": args.hidden}
     preset.update({key: value for key, value in chosen.items() if value})
+    if args.tokens or args.vocab:  # shapes given on the command line apply to the binary losses too
+        preset["binary_shapes"] = None
     return presets.build_cases(reduction=args.reduction, **preset)
 
 

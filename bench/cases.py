@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 OPS = ("cross_entropy", "focal_loss", "linear_cross_entropy")
+# The binary (sigmoid) losses: logits (N, C) with a target of the same shape and dtype (multi-label
+# or detection labels, ±1 for soft margin); "tokens" are the rows N and "vocab" the classes C.
+BINARY_OPS = ("binary_cross_entropy_with_logits", "soft_margin_loss", "sigmoid_focal_loss")
+OPS = OPS + BINARY_OPS
 PASSES = ("forward", "backward", "forward+backward")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REDUCTIONS = ("mean", "none")
@@ -21,6 +25,11 @@ GPU_HIDDEN = 4096
 CPU_VOCABS = (256, 4096, 32000)
 CPU_TOKENS = (64,)
 CPU_HIDDEN = 64
+# (rows, classes) of the binary losses: a DETR-style detector (16 images × 900 queries × 91 COCO
+# classes), a RetinaNet-style one (2 images × 100k anchors × 80 classes) and a multi-label
+# classifier (4096 samples × 10k labels); on the CPU, small ones.
+GPU_BINARY_SHAPES = ((16 * 900, 91), (2 * 100_000, 80), (4096, 10_000))
+CPU_BINARY_SHAPES = ((64, 91), (16, 1000))
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,8 @@ class Case:
 
     @property
     def input_bytes(self) -> int:
-        """Bytes of what the loss must read: the logits, or the hidden states and the weight."""
+        """Bytes of what the loss must read: the logits, or the hidden states and the weight (a
+        binary loss's target, as large as its logits, is counted in ``floor_multiple``)."""
         itemsize = self.torch_dtype.itemsize
         if self.op == "linear_cross_entropy":
             return (self.tokens + self.vocab) * self.hidden * itemsize
@@ -48,8 +58,10 @@ class Case:
     @property
     def floor_multiple(self) -> int:
         """The least traffic, in multiples of ``input_bytes``: read the inputs (1), and with a
-        backward also write their gradient (2)."""
-        return 1 if self.pass_ == "forward" else 2
+        backward also write their gradient (2). The binary losses also read a target as large as
+        their logits (+1)."""
+        reads = 2 if self.op in BINARY_OPS else 1
+        return reads if self.pass_ == "forward" else reads + 1
 
     @property
     def floor_bytes(self) -> int:
@@ -99,8 +111,12 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Dict[str, torch.Tenso
         inputs["weight"] = randn(case.vocab, case.hidden, scale=case.hidden ** -0.5)
     else:
         inputs["logits"] = randn(case.tokens, case.vocab)
+    if case.op in BINARY_OPS:  # a few positives per row, as in detection and multi-label data
+        labels = torch.rand(case.tokens, case.vocab, generator=generator, device=device) < 0.05
+        inputs["target"] = (labels * 2 - 1 if case.op == "soft_margin_loss" else labels).to(dtype)
     if case.reduction == "none":
-        inputs["grad_output"] = torch.randn(case.tokens, generator=generator, device=device).to(dtype)
+        loss_shape = (case.tokens, case.vocab) if case.op in BINARY_OPS else (case.tokens,)
+        inputs["grad_output"] = torch.randn(loss_shape, generator=generator, device=device).to(dtype)
     return inputs
 
 
@@ -111,9 +127,13 @@ def leaves(inputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
 
 def build_cases(ops: Iterable[str], passes: Iterable[str], dtypes: Iterable[str],
                 tokens: Sequence[int], vocabs: Sequence[int], hidden: int,
-                reduction: str) -> List[Case]:
+                reduction: str, binary_shapes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Case]:
+    """Every op × pass × dtype × shape: tokens × vocabs, except that the binary losses take
+    ``binary_shapes`` (rows, classes) when given."""
+    grid = list(itertools.product(tokens, vocabs))
     return [Case(op, pass_, dtype, n, v, hidden if op == "linear_cross_entropy" else 0, reduction)
-            for op, pass_, dtype, n, v in itertools.product(ops, passes, dtypes, tokens, vocabs)]
+            for op, pass_, dtype in itertools.product(ops, passes, dtypes)
+            for n, v in (binary_shapes if op in BINARY_OPS and binary_shapes else grid)]
 
 
 def preset(on_gpu: bool, quick: bool) -> Dict[str, object]:
@@ -122,7 +142,10 @@ def preset(on_gpu: bool, quick: bool) -> Dict[str, object]:
     if quick:
         shapes = (dict(tokens=(4096,), vocabs=(32000, 128256), hidden=GPU_HIDDEN) if on_gpu
                   else dict(tokens=(16, 64), vocabs=(256, 4096), hidden=CPU_HIDDEN))
-        return dict(ops=OPS, passes=("forward", "forward+backward"), dtypes=("bf16",), **shapes)
+        binary_shapes = GPU_BINARY_SHAPES[:1] if on_gpu else CPU_BINARY_SHAPES[:1]
+        return dict(ops=OPS, passes=("forward", "forward+backward"), dtypes=("bf16",), binary_shapes=binary_shapes,
+                    **shapes)
     shapes = (dict(tokens=GPU_TOKENS, vocabs=GPU_VOCABS, hidden=GPU_HIDDEN) if on_gpu
               else dict(tokens=CPU_TOKENS, vocabs=CPU_VOCABS, hidden=CPU_HIDDEN))
-    return dict(ops=OPS, passes=PASSES, dtypes=tuple(DTYPES), **shapes)
+    binary_shapes = GPU_BINARY_SHAPES if on_gpu else CPU_BINARY_SHAPES
+    return dict(ops=OPS, passes=PASSES, dtypes=tuple(DTYPES), binary_shapes=binary_shapes, **shapes)

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from .cases import OPS, Case
+from .cases import BINARY_OPS, OPS, Case
 
 LossFn = Callable[[Dict[str, torch.Tensor]], torch.Tensor]
 Factory = Callable[[Case], LossFn]
@@ -92,6 +92,7 @@ def _fastce_ops():
     ops = {op: adapt(getattr(fastce, op)) for op, adapt in
            (("cross_entropy", _on_logits), ("focal_loss", _on_logits),
             ("linear_cross_entropy", _on_hidden)) if hasattr(fastce, op)}
+    ops.update({op: _on_logits(getattr(fastce, op)) for op in BINARY_OPS if hasattr(fastce, op)})
     if not ops:
         raise NotRun("fastce exports no loss yet (fastce.cross_entropy is missing)")
     return ops
@@ -103,12 +104,14 @@ def _reference_ops():
     from fastce import reference
     return {"cross_entropy": _on_logits(reference.cross_entropy),
             "focal_loss": _on_logits(reference.focal_loss),
-            "linear_cross_entropy": _on_hidden(reference.linear_cross_entropy)}
+            "linear_cross_entropy": _on_hidden(reference.linear_cross_entropy),
+            **{op: _on_logits(getattr(reference, op)) for op in BINARY_OPS}}
 
 
 def _torch_compile_ops():
     """torch.compile of what a user would write: F.cross_entropy, F.linear then F.cross_entropy,
-    and (torch has no focal loss) the reference's focal loss."""
+    F.binary_cross_entropy_with_logits, F.soft_margin_loss, and (torch has no focal loss) the
+    reference's focal losses."""
     import torch.nn.functional as F
 
     def compiled(factory):
@@ -122,13 +125,18 @@ def _torch_compile_ops():
 
     factories = {"cross_entropy": _on_logits(F.cross_entropy),
                  "focal_loss": _reference_ops()["focal_loss"],
-                 "linear_cross_entropy": _on_hidden(linear_then_cross_entropy)}
+                 "linear_cross_entropy": _on_hidden(linear_then_cross_entropy),
+                 "binary_cross_entropy_with_logits": _on_logits(F.binary_cross_entropy_with_logits),
+                 "soft_margin_loss": _on_logits(F.soft_margin_loss),
+                 "sigmoid_focal_loss": _reference_ops()["sigmoid_focal_loss"]}
     return {op: compiled(factory) for op, factory in factories.items()}
 
 
 def _torch_native_ops():
     import torch.nn.functional as F
-    ops = {"cross_entropy": _on_logits(F.cross_entropy)}
+    ops = {"cross_entropy": _on_logits(F.cross_entropy),
+           "binary_cross_entropy_with_logits": _on_logits(F.binary_cross_entropy_with_logits),
+           "soft_margin_loss": _on_logits(F.soft_margin_loss)}
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         chunked = torch.nn.LinearCrossEntropyOptions()  # the chunked path, not the reference one
         ops["linear_cross_entropy"] = _on_hidden(functools.partial(F.linear_cross_entropy, options=chunked))
@@ -169,6 +177,11 @@ def _cut_cross_entropy_ops():
     return {"linear_cross_entropy": linear_cross_entropy}
 
 
+def _torchvision_ops():
+    vision_ops = _require("torchvision.ops", "pip install torchvision (the build matching your torch)")
+    return {"sigmoid_focal_loss": _on_logits(vision_ops.sigmoid_focal_loss)}
+
+
 def _quack_ops():
     quack_ce = _require("quack.cross_entropy", "pip install quack-kernels (needs CUDA)")
     quack_lce = _require("quack.linear_cross_entropy", "pip install quack-kernels (needs CUDA)")
@@ -184,11 +197,13 @@ def _quack_ops():
 
 PROVIDERS = {p.name: p for p in (
     Provider("fastce", "fastce (Triton kernels)", _fastce_ops),
-    Provider("torch", "PyTorch eager: torch.nn.functional.cross_entropy / linear_cross_entropy (chunked)",
+    Provider("torch", "PyTorch eager: torch.nn.functional.cross_entropy / linear_cross_entropy (chunked) / "
+             "binary_cross_entropy_with_logits / soft_margin_loss",
              _torch_native_ops, cpu_blind_ops=("linear_cross_entropy",),
              cpu_blind_reason="one fused aten operator, whose inner traffic the byte counter cannot see"),
-    Provider("torch.compile", "torch.compile of F.cross_entropy, of F.linear + F.cross_entropy, and of the "
-             "reference's focal loss (torch has none)", _torch_compile_ops,
+    Provider("torch.compile", "torch.compile of F.cross_entropy, of F.linear + F.cross_entropy, of "
+             "F.binary_cross_entropy_with_logits and F.soft_margin_loss, and of the reference's focal losses "
+             "(torch has none)", _torch_compile_ops,
              cpu_blind_ops=OPS, cpu_blind_reason="compiled kernels are invisible to the byte counter"),
     Provider("liger", "Liger-Kernel LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss", _liger_ops),
     Provider("flash-attn", "flash-attention's Triton cross-entropy", _flash_attn_ops),
@@ -197,6 +212,7 @@ PROVIDERS = {p.name: p for p in (
              cpu_blind_reason="the Triton interpreter cannot run its kernels: the log-sum-exp forward "
                               "calls triton.language.extra.libdevice.log1p, which the interpreter lacks "
                               "(and it would multiply bf16 tiles as their raw uint16 bits)"),
+    Provider("torchvision", "torchvision.ops.sigmoid_focal_loss (detection's focal loss)", _torchvision_ops),
     Provider("quack", "QuACK (CuTe DSL) cross-entropy and chunked linear cross-entropy", _quack_ops,
              cpu_blind_ops=OPS, cpu_blind_reason="CuTe DSL kernels need an NVIDIA GPU"),
     Provider("fastce-reference", "fastce.reference: the float64-capable pure-PyTorch oracle of the tests "
