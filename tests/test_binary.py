@@ -3,6 +3,9 @@ soft_margin_loss and sigmoid_focal_loss against float64 references (fastce.refer
 own functions, torchvision's documented focal formula), their modules, layouts, numerics, bad
 input, determinism, torch.compile, and a seed-style training run."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,6 +38,7 @@ LOSSES = {
     "soft_margin": (fastce.soft_margin_loss, reference.soft_margin_loss, F.soft_margin_loss, False),
     "focal": (fastce.sigmoid_focal_loss, reference.sigmoid_focal_loss, torchvision_focal, True),
 }
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(7,), (5, 13), (2, 3, 5, 4), (4099,), (37, 129)]  # odd sizes; the last two span several tiles
 
 
@@ -204,11 +208,16 @@ def _layout(name, loss):
         return x[:, 1::2], t[:, ::2]
     if name == "channels_last":
         return x.contiguous(memory_format=torch.channels_last), t
-    if name == "mixed_formats":
-        return x.contiguous(memory_format=torch.channels_last), t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    if name == "mixed_formats":  # channels-last input, target in yet another memory order
+        return x.contiguous(memory_format=torch.channels_last), _in_memory_order(t, (0, 3, 1, 2))
     # more dimensions than the kernel addresses even merged: inputs are copied once
     x, t = make_pair(loss, (3, 4, 2, 5, 3))
-    return x.permute(4, 2, 0, 3, 1).contiguous().permute(2, 4, 1, 3, 0), t.permute(1, 3, 0, 4, 2).contiguous().permute(2, 0, 4, 1, 3)
+    return _in_memory_order(x, (4, 2, 0, 3, 1)), _in_memory_order(t, (1, 3, 0, 4, 2))
+
+
+def _in_memory_order(t, order):
+    """`t`'s values, laid out in memory with dimension order[0] outermost … order[-1] innermost."""
+    return t.permute(order).contiguous().permute([order.index(d) for d in range(t.dim())])
 
 
 LAYOUTS = ["transposed", "sliced", "channels_last", "mixed_formats", "five_dims_unmergeable"]
@@ -481,18 +490,34 @@ def test_logistic_regression_with_soft_margin_matches_torch_step_for_step():
     assert accuracy > 0.85
 
 
+def test_without_triton_the_reference_runs():
+    """Where Triton cannot be imported, the binary losses run fastce.reference (DESIGN §3)."""
+    script = """
+import sys
+sys.modules["triton"] = None  # any `import triton` now raises ImportError
+import torch, torch.nn.functional as F, fastce
+x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True); t = torch.rand(6, 9, dtype=torch.float64)
+pos_weight = torch.rand(9, dtype=torch.float64)
+fastce.binary_cross_entropy_with_logits(x, t, pos_weight=pos_weight).backward()
+x2 = x.detach().requires_grad_(); F.binary_cross_entropy_with_logits(x2, t, pos_weight=pos_weight).backward()
+torch.testing.assert_close(x.grad, x2.grad)
+torch.testing.assert_close(fastce.SoftMarginLoss()(x, t.sign()), F.soft_margin_loss(x, t.sign()))
+assert fastce.SigmoidFocalLoss()(x, t).shape == x.shape
+print(fastce.uses_triton(x))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
+
+
 def test_kernels_compile_for_hopper_without_spills():
     """The real GPU compiler (no GPU needed) accepts every variant of the binary kernels, and the
     launch tile fits in registers (tools/sm90_compile_binary.py prints the table)."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=root)
-    script = "import sm90_compile_binary as tool\nfor name, warps, regs, stack in tool.compile_all(): print(f'{name}|{regs}|{stack}')"
-    result = subprocess.run([sys.executable, "-c", script], cwd=os.path.join(root, "tools"), env=env,
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=ROOT)
+    script = ("import sm90_compile_binary as tool\n"
+              "for name, warps, regs, stack in tool.compile_all(): print(f'{name}|{regs}|{stack}')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=os.path.join(ROOT, "tools"), env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines()]
