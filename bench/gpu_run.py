@@ -85,14 +85,16 @@ class Sizes:
     option_vocabs: Sequence[int]    # where each option is checked once per launch path
     linear: Sequence[int]           # (N, H, V)
     small_vocab_tokens: int
+    binary: Sequence[tuple]         # shapes of the binary losses' logits (detection, multi-label)
 
 
 GPU_SIZES = Sizes(tokens=8192, vocabs=(32000, 50257, 128256, 151936, 262144), small_vocab=256,
                   kdim=(16, 19, 512, 512), option_vocabs=(50257, 151936), linear=(8192, 4096, 128256),
-                  small_vocab_tokens=65536)
+                  small_vocab_tokens=65536, binary=((16, 900, 91), (4096, 10000)))
 # Tiny, but on the same launch paths as the GPU sizes (the interpreter follows the Hopper rule).
 DRY_SIZES = Sizes(tokens=4, vocabs=(300, 9000), small_vocab=19, kdim=(2, 3, 4, 5),
-                  option_vocabs=(300, 9000), linear=(16, 32, 300), small_vocab_tokens=64)
+                  option_vocabs=(300, 9000), linear=(16, 32, 300), small_vocab_tokens=64,
+                  binary=((2, 3, 5), (7, 300)))
 
 # Relative error (of the norm, and of the largest element against the reference's largest) that
 # passes: a few roundings of the output dtype; fp32 outputs are exact to far below this. An output
@@ -257,15 +259,69 @@ def run_check(check: Check, device: str) -> Dict[str, object]:
     return {"check": check.name, **asdict(check), **errors, "passed": passed}
 
 
+# The binary (sigmoid) losses: fastce's function, the reference's, and their keyword arguments.
+BINARY_LOSSES = {
+    "bce": ("binary_cross_entropy_with_logits", {}),
+    "bce pos_weight weight": ("binary_cross_entropy_with_logits", {"pos_weight": "last", "weight": "last"}),
+    "soft_margin": ("soft_margin_loss", {}),
+    "sigmoid_focal": ("sigmoid_focal_loss", {"alpha": 0.25, "gamma": 2.0}),
+}
+
+
+@dataclass(frozen=True)
+class BinaryCheck:
+    dtype: str
+    shape: tuple
+    loss: str
+    reduction: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype} {'x'.join(map(str, self.shape))} {self.reduction} {self.loss}"
+
+
+def binary_checks_for(dtype: str, sizes: Sizes) -> List[BinaryCheck]:
+    return [BinaryCheck(dtype, tuple(shape), loss, reduction) for shape in sizes.binary for loss in BINARY_LOSSES
+            for reduction in ("mean", "none")]
+
+
+def run_binary_check(check: BinaryCheck, device: str) -> Dict[str, object]:
+    """The whole tensor against the float64 reference (elementwise losses need no chunking at
+    these sizes), the gradient under a random upstream gradient."""
+    function, options = BINARY_LOSSES[check.loss]
+    dtype = DTYPES[check.dtype]
+    x = (torch.randn(check.shape, device=device) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 2, check.shape, device=device)
+    target = (labels * 2 - 1 if function == "soft_margin_loss" else labels).to(dtype)
+    kwargs = {k: torch.rand(check.shape[-1], device=device) + 0.5 if v == "last" else v for k, v in options.items()}
+    loss = getattr(fastce, function)(x, target, reduction=check.reduction, **kwargs)
+    grad_output = torch.randn_like(loss)
+    loss.backward(grad_output)
+    exact = x.detach().double().requires_grad_()
+    kwargs64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    want = getattr(reference, function)(exact, target.double(), reduction=check.reduction, **kwargs64)
+    want.backward(grad_output.double())
+    loss_error, grad_error = ErrorSum(), ErrorSum()
+    loss_error.add(loss.reshape(-1), want.detach().reshape(-1))
+    grad_error.add(x.grad, exact.grad)
+    tolerance = TOLERANCE[check.dtype]
+    return {"check": check.name, **asdict(check), "option": check.loss, "path": DEFAULT_PATH,
+            "loss_rel_err": loss_error.relative(), "grad_rel_err": grad_error.relative(),
+            "grad_rounding_err": grad_error.relative("rounded"),
+            "passed": loss_error.passes(tolerance) and grad_error.passes(tolerance)}
+
+
 def run_checks(dtype: str, sizes: Sizes, deadline: float, out_file: Path) -> None:
     device = "cuda" if ON_GPU else "cpu"
     results = []
-    for check in checks_for(dtype, sizes):
+    checks = [(check, run_binary_check) for check in binary_checks_for(dtype, sizes)]
+    checks += [(check, run_check) for check in checks_for(dtype, sizes)]
+    for check, run in checks:
         if time.time() > deadline:
             results.append({"check": check.name, **asdict(check), "passed": None, "note": "not run: budget"})
             continue
         try:
-            results.append(run_check(check, device))
+            results.append(run(check, device))
         except Exception as error:  # one failure must not hide the other checks
             results.append({"check": check.name, **asdict(check), "passed": False,
                             "note": f"{type(error).__name__}: {error}"[:400]})
@@ -386,6 +442,28 @@ def _logits_providers(paths: Sequence[str], liger: bool = True) -> Dict[str, Cal
     return providers
 
 
+def _binary_maker(shape, dtype):
+    def make(device, seed):
+        generator = _generator(device, seed)
+        logits = torch.randn(shape, device=device, generator=generator).to(dtype).requires_grad_()
+        labels = torch.randint(0, 2, shape, device=device, generator=generator).to(dtype)
+        return {"logits": logits, "target": labels}
+    return make
+
+
+def _binary_providers(function: str) -> Dict[str, Callable[[], Callable]]:
+    """fastce beside what users run: torch's function, or torchvision's focal loss written out
+    (the reference's, as its documentation defines it), eager and compiled."""
+    def call(module):
+        return lambda x: getattr(module, function)(x["logits"], x["target"], reduction="mean")
+    baseline = call(F) if hasattr(F, function) else call(reference)
+    providers = {"fastce": lambda: call(fastce),
+                 "torch" if hasattr(F, function) else "reference (torchvision's formula)": lambda: baseline}
+    if ON_GPU:
+        providers["torch.compile"] = _compiled(baseline)
+    return providers
+
+
 def timings_for(sizes: Sizes) -> List[Timing]:
     bf16, item = torch.bfloat16, 2
     n = sizes.tokens
@@ -414,6 +492,10 @@ def timings_for(sizes: Sizes) -> List[Timing]:
     small = (sizes.small_vocab_tokens, sizes.small_vocab)
     timings.append(Timing(f"training step bf16 N={small[0]} V={small[1]}", _logits_maker(small, bf16),
                           _logits_providers([DEFAULT_PATH]), 2 * small[0] * small[1] * item))
+    for shape, function in zip(sizes.binary, ("sigmoid_focal_loss", "binary_cross_entropy_with_logits")):
+        timings.append(Timing(f"{function} training step bf16 {'x'.join(map(str, shape))}",
+                              _binary_maker(tuple(shape), bf16), _binary_providers(function),
+                              (2 + 1) * torch.Size(shape).numel() * item))  # read x and t, write ∂x
     v_fwd = sizes.vocabs[-1]
     timings.append(Timing(f"no-grad forward bf16 N={n} V={v_fwd}", _logits_maker((n, v_fwd), bf16, False),
                           {f"fastce[{path}]": _fastce_on(path) for path in launch_paths(v_fwd)}
