@@ -44,6 +44,7 @@ charged the whole destination). Triton is imported lazily: this module imports w
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import weakref
 from dataclasses import dataclass
@@ -285,6 +286,11 @@ def _hook_interpreter(launch: _LaunchRecorder) -> Iterator[None]:
             return originals[executor, "__call__"](self, *args, **kwargs)
         finally:
             launch.end()
+            # The interpreter's argument copies hold the arguments' storages in a reference cycle
+            # (a recursive closure), which would keep them alive, and counted in the peak, until the
+            # next garbage collection; on a GPU they are freed as soon as the caller drops them.
+            # Objects alive before the block are frozen, so this collection is cheap.
+            gc.collect()
 
     replacements = {
         (builder, "create_masked_load"): masked_load,
@@ -295,9 +301,12 @@ def _hook_interpreter(launch: _LaunchRecorder) -> Iterator[None]:
     }
     for (owner, name), function in replacements.items():
         setattr(owner, name, function)
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:
+        gc.unfreeze()
         for (owner, name), function in originals.items():
             setattr(owner, name, function)
 

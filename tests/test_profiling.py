@@ -173,6 +173,18 @@ def test_peak_counts_storages_alive_at_once_above_the_start():
     del before, b, c
 
 
+def test_peak_forgets_kernel_arguments_once_the_caller_drops_them():
+    # the interpreter's copies of kernel arguments sit in a reference cycle: without a collection
+    # after each launch, every buffer a kernel saw would stay in the peak until the next gc run
+    src = torch.randn(1000)
+    with measure() as m:
+        for _ in range(3):
+            dst = torch.empty(1000)
+            launch(copy_kernel, src, dst)
+            del dst
+    assert m.peak_bytes == 1000 * FLOAT
+
+
 def test_report_names_kernels_and_operators():
     src, dst = torch.randn(20), torch.empty(20)
     with measure() as m:
