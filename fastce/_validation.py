@@ -201,3 +201,29 @@ def check_no_gradient_wanted(t: Optional[Tensor], function: str, argument: str) 
     if t is not None and t.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"The function '{function}' is not differentiable with respect to argument "
                            f"'{argument}'. This input cannot have requires_grad True.")
+
+
+def check_token_logits(logits: Tensor) -> None:
+    """Floating logits (…, V) with the class dimension last and at least one class."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TargetDtypeError(f"expected floating point logits, but got {logits.dtype}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise InvalidArgumentError(
+            f"logits must have a class dimension (the last) of at least one class, got shape {list(logits.shape)}")
+
+
+def check_token_target(target: Tensor, row_shape: torch.Size, device: torch.device) -> None:
+    """Class indices (…) for per-token statistics of logits (…, V) (class dimension last): one per
+    row, no probabilities (no device sync)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    if target.dtype not in CLASS_INDEX_DTYPES:
+        raise TargetDtypeError(f"expected target of class indices (Long or Byte), but got {target.dtype}")
+    if target.device != device:
+        raise InvalidArgumentError(f"target is on {target.device} but the logits are on {device}")
+    if target.shape != row_shape:
+        raise InvalidArgumentError(
+            f"expected target of shape {list(row_shape)} (the logits' shape without the class dimension, which "
+            f"is last), got {list(target.shape)}")

@@ -25,6 +25,8 @@ from ._validation import (
     check_reduction,
     check_target,
     check_target_range,
+    check_token_logits,
+    check_token_target,
 )
 
 
@@ -322,3 +324,66 @@ def sigmoid_focal_loss(
     if not uses_triton(inputs):
         return reference.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), reduction)
     return _run_binary("focal", reduction, inputs, targets, alpha=float(alpha), gamma=float(gamma))
+
+
+# ---------------------------------------------------------------------------------------------
+# Token statistics for RL and post-training (DESIGN §7.2): per-token log-probabilities and entropy
+
+
+def _check_temperature(temperature: float) -> None:
+    _check_finite("temperature", float(temperature), 0.0)
+    if temperature == 0:
+        raise InvalidArgumentError("temperature must be positive")
+
+
+def _check_chunk_size(chunk_size: Optional[int]) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+
+
+def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+                   return_entropy: bool = False):
+    """Per-token log-probability log softmax(logits / T)[target] and, with return_entropy, the entropy
+    −Σ p log p of softmax(logits / T): what RL and distillation losses (GRPO, PPO, DPO) are built from.
+
+    logits: (…, V), class dimension last, any floating dtype; target: class indices (…).
+    Returns float32 tensors shaped like target (float64 for float64 logits), `logprob` or
+    `(logprob, entropy)`: both 0 where target == ignore_index (with zero gradient), NaN where target
+    lies outside [0, V) (no host sync checks it). Both are differentiable; a backward through either
+    or both is one pass over the logits.
+    """
+    check_token_logits(logits)
+    check_token_target(target, logits.shape[:-1], logits.device)
+    _check_temperature(temperature)
+    if not uses_triton(logits):
+        return reference.token_logprobs(logits, target, temperature=temperature, ignore_index=ignore_index,
+                                        return_entropy=return_entropy)
+    from .token_stats import TokenStatsSpec, run
+    logprob, entropy = run(logits, target, TokenStatsSpec(float(temperature), int(ignore_index), return_entropy))
+    return (logprob, entropy) if return_entropy else logprob
+
+
+def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor, *,
+                          linear_bias: Optional[Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
+                          return_entropy: bool = False, chunk_size: Optional[int] = None):
+    """token_logprobs(hidden @ linear_weight.T + linear_bias, target, …) for hidden (…, H),
+    linear_weight (V, H), linear_bias (V), with gradients for all three, without ever holding the
+    (…, V) logits: a buffer of chunk_size × V logits serves the forward (chunk_size rows at a time)
+    and the backward (as many logits at a time, by vocabulary slices); see fastce/token_stats.py.
+
+    chunk_size: rows per forward chunk (default: fastce.token_stats.default_chunk_rows, N/32 rows
+    or more on wide heads). No host sync.
+    """
+    check_linear(hidden, linear_weight, linear_bias, target, ignore_index)
+    check_token_target(target, hidden.shape[:-1], hidden.device)
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    if not uses_triton(hidden):
+        return reference.linear_token_logprobs(hidden, linear_weight, target, linear_bias=linear_bias,
+                                               temperature=temperature, ignore_index=ignore_index,
+                                               return_entropy=return_entropy)
+    from .token_stats import TokenStatsSpec, run_linear
+    logprob, entropy = run_linear(hidden, linear_weight, linear_bias, target,
+                                  TokenStatsSpec(float(temperature), int(ignore_index), return_entropy),
+                                  chunk_rows=chunk_size)
+    return (logprob, entropy) if return_entropy else logprob

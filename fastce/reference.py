@@ -243,3 +243,41 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     if alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
     return _reduce_elements(loss, reduction, binary_loss_dtype("focal", inputs, targets))
+
+
+# Token statistics for RL and post-training (DESIGN §7.2)
+
+
+def _token_rows(values: Tensor, valid: Tensor, in_range: Tensor) -> Tensor:
+    """0 where the target is ignored, NaN where it is a class index outside [0, V)."""
+    values = torch.where(valid, values, torch.zeros_like(values))
+    return torch.where(valid & ~in_range, torch.full_like(values, float("nan")), values)
+
+
+def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+                   return_entropy: bool = False):
+    """log softmax(logits / T)[target] and, with return_entropy, the entropy −Σ p log p of
+    softmax(logits / T), for logits (…, V) (class dimension last) and class indices (…); fp32
+    (fp64 for fp64 logits), 0 where target == ignore_index, NaN where it lies outside [0, V)."""
+    x = logits.to(compute_dtype(logits.dtype)) / temperature
+    log_p = torch.log_softmax(x, dim=-1)
+    y = target.long()
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < logits.shape[-1])
+    y_safe = torch.where(valid & in_range, y, torch.zeros_like(y))
+    logprob = _token_rows(log_p.gather(-1, y_safe.unsqueeze(-1)).squeeze(-1), valid, in_range)
+    if not return_entropy:
+        return logprob
+    p = log_p.exp()
+    # 0·log 0 = 0: classes at −inf (a masked vocabulary) add nothing, and pass no NaN gradient back
+    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
+    return logprob, _token_rows(entropy, valid, in_range)
+
+
+def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor, *,
+                          linear_bias: Optional[Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
+                          return_entropy: bool = False):
+    """token_logprobs(hidden @ linear_weight.T + linear_bias, target, …) with every logit materialised."""
+    logits = torch.nn.functional.linear(hidden, linear_weight, linear_bias)
+    return token_logprobs(logits, target, temperature=temperature, ignore_index=ignore_index,
+                          return_entropy=return_entropy)

@@ -1,0 +1,182 @@
+"""Triton kernels of per-token statistics: the log-probability of a target token and the entropy.
+
+Notation (DESIGN.md §7.2), per row i of the logits x (V classes, class dimension last), temperature T:
+    z_j   = x_j / T
+    ref   = max_j z_j (0 while every z_j seen is −inf), e_j = exp(z_j − ref), s = Σ_j e_j
+    log p_j = (z_j − ref) − log s
+    logprob = log p_y                                    (y the row's target)
+    entropy = H = −Σ_j p_j log p_j = log s − Σ_j e_j (z_j − ref) / s
+
+Forward: one online pass over the row (max, s, s without the target, Σ e (z − ref), z_y) gives both
+outputs and the per-row statistics the backward needs: ref, log s and 1 − p_y (= Σ_{j≠y} e_j / s,
+exact where p_y → 1, where 1 − exp(log p_y) would keep few digits).
+Backward: given the upstream gradients of the two outputs, the gradient of each logit depends on the
+row only through those statistics (derivation at token_stats_bwd_kernel), so one pass reads every
+logit once and writes its gradient, in tiles, with no reduction over the row: rows of any length
+stream, and a vocabulary slice of a row can be processed on its own (the linear form does).
+"""
+import triton
+import triton.language as tl
+
+from .cross_entropy import _class_offsets
+
+# rows of the (3, N) statistics tensor
+STAT_REF = tl.constexpr(0)
+STAT_LOG_SUM = tl.constexpr(1)
+STAT_TARGET_MISS = tl.constexpr(2)
+N_STATS = 3
+
+
+@triton.jit
+def _target_rows(target_ptr, rows, row_in_bounds, n_classes, ignore_index):
+    # (y, rows that count, rows whose y is outside [0, V): NaN for them, and no out-of-bounds access)
+    y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
+    valid = row_in_bounds & (y != ignore_index)
+    bad_target = valid & ((y < 0) | (y >= n_classes))
+    return y, valid & ~bad_target, bad_target
+
+
+@triton.jit
+def _scaled_logits(logits_ptr, row_offs, cols, mask, stride_class, inv_temperature,
+                   WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    # z = x / T; padded lanes and ignored rows read nothing and stay −inf (probability 0)
+    x = tl.load(logits_ptr + row_offs[:, None] + _class_offsets(cols, stride_class, WIDE_OFFSETS),
+                mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+    return x * inv_temperature
+
+
+@triton.heuristics({
+    "WIDE_OFFSETS": lambda args: args["n_classes"] * abs(args["logits_stride_class"]) >= 2**31,
+})
+@triton.jit
+def token_stats_fwd_kernel(
+    # pointers
+    logits_ptr, target_ptr,                 # inputs: logits (N, V), class indices (N)
+    logprob_ptr, entropy_ptr, stats_ptr,    # outputs: (N), (N) if HAS_ENTROPY, (3, N) if STORE_STATS
+    # strides, in elements
+    logits_stride_row, logits_stride_class, stats_stride,
+    # sizes
+    n_rows, n_classes,
+    # scalars
+    ignore_index, inv_temperature,
+    # compile-time flags
+    ROWS: tl.constexpr,            # rows per program (several when V is small)
+    BLOCK_SIZE: tl.constexpr,      # classes per tile
+    HAS_ENTROPY: tl.constexpr,     # compute and store the entropy
+    STORE_STATS: tl.constexpr,     # store (ref, log s, 1 − p_y) for a backward
+    WIDE_OFFSETS: tl.constexpr,    # class offsets need int64 (class stride × V ≥ 2^31)
+    COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 logits
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_in_bounds = rows < n_rows
+    row_offs = rows * logits_stride_row
+    y, valid, bad_target = _target_rows(target_ptr, rows, row_in_bounds, n_classes, ignore_index)
+
+    m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
+    s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    s_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)   # s without the target class
+    shifted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)  # Σ e (z − ref)
+    z_target = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    for start in range(0, n_classes, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = valid[:, None] & (cols < n_classes)[None, :]
+        z = _scaled_logits(logits_ptr, row_offs, cols, mask, logits_stride_class, inv_temperature,
+                           WIDE_OFFSETS, COMPUTE_DTYPE)
+        is_target = cols[None, :] == y[:, None]
+        # Merge the tile into the running sums, all taken relative to ref (ref_old → ref_new scales
+        # each e by exp(ref_old − ref_new) and adds ref_old − ref_new to each z − ref).
+        m_new = tl.maximum(m, tl.max(z, 1))
+        ref_old = tl.where(m == float("-inf"), 0.0, m)
+        ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - ref_new)
+        shifted = z - ref_new[:, None]
+        e = tl.exp(shifted)
+        if HAS_ENTROPY:
+            # e·(z − ref) is 0 where e is 0 (a −inf logit: 0·log 0 = 0, not 0·−inf)
+            shifted_sum = rescale * (shifted_sum + s * (ref_old - ref_new)) + \
+                tl.sum(tl.where(e > 0.0, e * shifted, 0.0), 1)
+        s = s * rescale + tl.sum(e, 1)
+        s_other = s_other * rescale + tl.sum(tl.where(is_target, 0.0, e), 1)
+        z_target += tl.sum(tl.where(is_target, z, 0.0), 1)
+        m = m_new
+
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    # log p_y = (z_y − ref) − log s: z_y − ref is exact near the max, where z_y − lse would carry
+    # lse's rounding
+    logprob = (z_target - ref) - log_s
+    logprob = tl.where(valid, logprob, 0.0)
+    tl.store(logprob_ptr + rows, tl.where(bad_target, float("nan"), logprob), mask=row_in_bounds)
+    if HAS_ENTROPY:
+        entropy = tl.where(valid, log_s - shifted_sum / s, 0.0)
+        tl.store(entropy_ptr + rows, tl.where(bad_target, float("nan"), entropy), mask=row_in_bounds)
+    if STORE_STATS:
+        tl.store(stats_ptr + STAT_REF * stats_stride + rows, ref, mask=row_in_bounds)
+        tl.store(stats_ptr + STAT_LOG_SUM * stats_stride + rows, tl.where(valid, log_s, 0.0), mask=row_in_bounds)
+        tl.store(stats_ptr + STAT_TARGET_MISS * stats_stride + rows, tl.where(valid, s_other / s, 0.0),
+                 mask=row_in_bounds)
+
+
+@triton.heuristics({
+    "WIDE_OFFSETS": lambda args: args["n_classes"] * max(
+        abs(args["logits_stride_class"]), abs(args["grad_stride_class"])) >= 2**31,
+})
+@triton.jit
+def token_stats_bwd_kernel(
+    # pointers
+    logits_ptr, target_ptr, stats_ptr, entropy_ptr,   # inputs: logits (N, V), class indices, forward's
+    grad_logprob_ptr, grad_entropy_ptr,                # statistics and entropy; upstream gradients (N)
+    grad_ptr,                                          # output: ∂L/∂logits (N, V); may alias logits
+    # strides, in elements
+    logits_stride_row, logits_stride_class, grad_stride_row, grad_stride_class, stats_stride,
+    # sizes: the logits hold classes [class_offset, class_offset + n_classes) of each row
+    n_rows, n_classes, class_offset,
+    # scalars
+    ignore_index, n_classes_total, inv_temperature,
+    # compile-time flags
+    ROWS: tl.constexpr,              # rows per program
+    BLOCK_SIZE: tl.constexpr,        # classes per tile
+    HAS_GRAD_LOGPROB: tl.constexpr,  # the log-probability has an upstream gradient
+    HAS_GRAD_ENTROPY: tl.constexpr,  # the entropy has an upstream gradient
+    WIDE_OFFSETS: tl.constexpr,      # class offsets need int64 (class stride × V ≥ 2^31)
+    COMPUTE_DTYPE: tl.constexpr,     # fp32, or fp64 for float64 logits
+):
+    # With a = ∂L/∂logprob and b = ∂L/∂H of the row, and ∂p_c/∂z_j = p_c(δ_cj − p_j):
+    #   ∂log p_y/∂z_j = δ_jy − p_j
+    #   ∂H/∂z_j = −Σ_c (log p_c + 1) p_c (δ_cj − p_j) = −p_j (log p_j + 1) + p_j Σ_c p_c (log p_c + 1)
+    #           = −p_j (log p_j + 1) + p_j (1 − H) = −p_j (log p_j + H)
+    #   ∂L/∂x_j = (1/T) [a (δ_jy − p_j) − b p_j (log p_j + H)]
+    # Every term is per element given the row's (ref, log s, 1 − p_y, H, a, b): one read of each
+    # logit, one write of its gradient. At the target a (1 − p_y) takes the forward's exact 1 − p_y;
+    # p_j log p_j → 0 as p_j → 0 (−inf logits) is taken explicitly.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_in_bounds = rows < n_rows
+    y, valid, bad_target = _target_rows(target_ptr, rows, row_in_bounds, n_classes_total, ignore_index)
+    ref = tl.load(stats_ptr + STAT_REF * stats_stride + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+    log_s = tl.load(stats_ptr + STAT_LOG_SUM * stats_stride + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+    if HAS_GRAD_LOGPROB:
+        a = tl.load(grad_logprob_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+        target_miss = tl.load(stats_ptr + STAT_TARGET_MISS * stats_stride + rows, mask=valid,
+                              other=0.0).to(COMPUTE_DTYPE)
+    if HAS_GRAD_ENTROPY:
+        b = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+        entropy = tl.load(entropy_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+    logits_row_offs = rows * logits_stride_row
+    grad_row_offs = rows * grad_stride_row
+    local_target = y - class_offset
+    for start in range(0, n_classes, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = valid[:, None] & (cols < n_classes)[None, :]
+        z = _scaled_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, inv_temperature,
+                           WIDE_OFFSETS, COMPUTE_DTYPE)
+        logp = (z - ref[:, None]) - log_s[:, None]
+        p = tl.exp(logp)
+        grad = tl.zeros((ROWS, BLOCK_SIZE), dtype=COMPUTE_DTYPE)
+        if HAS_GRAD_ENTROPY:
+            grad -= tl.where(p > 0.0, p * (logp + entropy[:, None]), 0.0) * b[:, None]
+        if HAS_GRAD_LOGPROB:
+            grad += tl.where(cols[None, :] == local_target[:, None], target_miss[:, None], -p) * a[:, None]
+        grad = tl.where(valid[:, None], grad * inv_temperature, 0.0)
+        grad = tl.where(bad_target[:, None], float("nan"), grad)
+        tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
+                 grad.to(grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])

@@ -1,0 +1,412 @@
+"""fastce.token_logprobs / linear_token_logprobs: per-token log-probabilities and entropy (DESIGN §7.2),
+against fastce.reference on float64 copies of the same inputs (values and gradients under random
+weights on both outputs), torch.distributions.Categorical, torch.autograd.gradcheck, the cost model
+(bytes, peak memory, host syncs counted with fastce.profiling) and torch.compile(fullgraph=True).
+"""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastce
+from fastce import reference, token_stats
+from fastce.profiling import measure
+
+from _support import assert_close_dtype, assert_unchanged, snapshot
+
+pytestmark = pytest.mark.skipif(
+    not fastce.uses_triton(torch.empty(0)), reason="runs the kernels (TRITON_INTERPRET=1 on CPU)")
+
+LOGITS_SHAPES = {
+    "rows": (13, 203),             # several rows per program, a padded tile
+    "batch_time": (2, 5, 97),      # (B, T, V)
+    "above_one_block": (2, 16411),  # V odd and above STREAM_BLOCK: each row streamed in two tiles
+    "one_token": (37,),            # (V) logits, a 0-dim target
+}
+# which outputs the loss uses, each with random per-token weights
+OUTPUTS_IN_LOSS = ["logprob", "entropy", "both"]
+
+
+def _logits(shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def _targets(row_shape, n_classes, ignore_frac=0.25):
+    target = torch.randint(0, n_classes, row_shape)
+    if target.numel() > 1:
+        ignored = torch.rand(row_shape) < ignore_frac
+        ignored.view(-1)[0] = True
+        target = target.masked_fill(ignored, -100)
+    return target
+
+
+def _loss_weights(row_shape, outputs_in_loss):
+    """Random per-token weights of (logprob, entropy) in the loss; None for an output left out."""
+    weights = [torch.randn(row_shape, dtype=torch.float64) for _ in range(2)]
+    return tuple(w if outputs_in_loss in (name, "both") else None for w, name in zip(weights, ("logprob", "entropy")))
+
+
+def _outputs_and_grads(fn, leaves, target, weights, **kwargs):
+    """fn(*leaves, target, return_entropy=True, **kwargs) on fresh leaf copies; backward of
+    Σ w_logprob·logprob + w_entropy·entropy; returns (logprob, entropy, [leaf grads])."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in leaves]
+    logprob, entropy = fn(*leaves, target, return_entropy=True, **kwargs)
+    loss = sum((w.to(out.dtype) * out).sum() for w, out in zip(weights, (logprob, entropy)) if w is not None)
+    loss.backward()
+    return logprob.detach(), entropy.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _check_logits_form(x, target, weights, *, temperature=1.0, output_tol=None):
+    """fastce.token_logprobs against the reference on float64 copies. Outputs are float32, computed in
+    fp32 from the (already rounded) inputs: they carry fp32's error whatever the input dtype; the
+    gradient comes back in the input's dtype, with its rounding."""
+    logprob, entropy, (grad,) = _outputs_and_grads(fastce.token_logprobs, [x], target, weights,
+                                                   temperature=temperature)
+    want_logprob, want_entropy, (want_grad,) = _outputs_and_grads(reference.token_logprobs, [x.double()], target,
+                                                                  weights, temperature=temperature)
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for name, actual, expected in (("logprob", logprob, want_logprob), ("entropy", entropy, want_entropy)):
+        assert actual.dtype == out_dtype and actual.shape == target.shape, name
+        assert_close_dtype(actual, expected, output_tol or out_dtype, name)
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    assert_close_dtype(grad, want_grad, x.dtype, "grad")
+    ignored = target == -100
+    assert torch.equal(logprob[ignored], torch.zeros_like(logprob[ignored]))
+    assert torch.equal(entropy[ignored], torch.zeros_like(entropy[ignored]))
+    assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
+    return logprob, entropy, grad
+
+
+@pytest.mark.parametrize("outputs_in_loss", OUTPUTS_IN_LOSS)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("shape", list(LOGITS_SHAPES.values()), ids=list(LOGITS_SHAPES))
+def test_token_logprobs_match_float64_reference(shape, temperature, outputs_in_loss):
+    target = _targets(shape[:-1], shape[-1])
+    _check_logits_form(_logits(shape), target, _loss_weights(target.shape, outputs_in_loss), temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [LOGITS_SHAPES["batch_time"], LOGITS_SHAPES["above_one_block"]],
+                         ids=["batch_time", "above_one_block"])
+def test_low_precision_inputs_give_float32_outputs_exact_to_their_rounding(shape, dtype):
+    target = _targets(shape[:-1], shape[-1])
+    _check_logits_form(_logits(shape, dtype), target, _loss_weights(target.shape, "both"), temperature=1.7)
+
+
+def test_float64_gradcheck_through_both_outputs():
+    x = _logits((4, 9), torch.float64).requires_grad_()
+    target = torch.tensor([3, -100, 8, 0])
+
+    def both(logits):
+        return fastce.token_logprobs(logits, target, temperature=0.8, return_entropy=True)
+
+    assert torch.autograd.gradcheck(both, (x,))
+
+
+def test_matches_torch_distributions_categorical():
+    # an oracle nobody here wrote: Categorical(logits=x / T).log_prob(y) and .entropy()
+    x = _logits((6, 50), torch.float64)
+    target = torch.randint(0, 50, (6,))
+    logprob, entropy = fastce.token_logprobs(x, target, temperature=1.3, return_entropy=True)
+    categorical = torch.distributions.Categorical(logits=x / 1.3)
+    torch.testing.assert_close(logprob, categorical.log_prob(target))
+    torch.testing.assert_close(entropy, categorical.entropy())
+
+
+def test_masked_vocabulary_and_a_confident_row():
+    # −inf logits (a masked vocabulary) add nothing to the entropy and get a zero gradient; in a row
+    # with p_y ≈ 1 − 1e-6 the target's gradient 1 − p_y keeps its digits (fp32's 1 − exp(log p_y)
+    # would be ~5% off)
+    x = _logits((4, 300), torch.float32)
+    x[:, 150:] = float("-inf")
+    x[1, 7] = 23.0
+    target = torch.tensor([3, 7, 149, -100])
+    logprob, entropy, grad = _check_logits_form(x, target, _loss_weights((4,), "both"))
+    assert torch.isfinite(logprob).all() and torch.isfinite(entropy).all()
+    assert torch.equal(grad[:, 150:], torch.zeros_like(grad[:, 150:]))
+    x_fast, x_exact = x.clone().requires_grad_(), x.double().requires_grad_()
+    fastce.token_logprobs(x_fast, target).sum().backward()
+    reference.token_logprobs(x_exact, target).sum().backward()
+    assert 1e-7 < x_exact.grad[1, 7] < 1e-5
+    torch.testing.assert_close(x_fast.grad[1, 7].double(), x_exact.grad[1, 7], rtol=1e-4, atol=0)
+
+
+def test_out_of_range_target_gives_nan_for_its_row_only():
+    x = _logits((5, 40)).requires_grad_()
+    target = torch.tensor([1, 40, -100, 2, -3])
+    logprob, entropy = fastce.token_logprobs(x, target, return_entropy=True)
+    for out in (logprob, entropy):
+        assert torch.isnan(out[[1, 4]]).all() and torch.isfinite(out[[0, 2, 3]]).all()
+    (logprob + entropy).nan_to_num().sum().backward()
+    assert torch.isnan(x.grad[[1, 4]]).all() and torch.isfinite(x.grad[[0, 2, 3]]).all()
+    expected = reference.token_logprobs(x.detach(), target)
+    torch.testing.assert_close(logprob, expected, equal_nan=True)
+
+
+def test_strided_logits_and_targets_are_read_in_place():
+    wide = _logits((40, 13))
+    x = wide.t()  # (13, 40): class stride 13
+    target = torch.randint(0, 40, (26,))[::2]
+    snaps = snapshot(x, target)
+    _check_logits_form(x, target, _loss_weights((13,), "both"))
+    assert_unchanged((x, target), snaps, "token_logprobs")
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def test_cost_forward_reads_once_and_backward_is_one_pass():
+    # bf16 (16, 32768): the forward reads the logits once; the backward reads them once and writes
+    # their gradient once. 3× in all is the floor for per-token upstream gradients known only after
+    # the forward (the gradient needs every p_j); 2× would need the gradient in the forward.
+    x = _logits((16, 32768), torch.bfloat16, scale=2.0).requires_grad_()
+    target = torch.randint(0, 32768, (16,))
+    with measure() as forward:
+        logprob, entropy = fastce.token_logprobs(x, target, temperature=0.9, return_entropy=True)
+    loss = (torch.randn(16) * logprob + 0.1 * entropy).sum()
+    with measure() as backward:
+        loss.backward()
+    logits_bytes = _nbytes(x)
+    assert forward.total_bytes <= 1.01 * logits_bytes, forward.report()
+    assert backward.total_bytes <= 2.02 * logits_bytes, backward.report()
+    assert backward.kernels["token_stats_bwd_kernel"].launches == 1
+    assert forward.syncs == backward.syncs == 0
+    assert backward.peak_bytes <= 1.01 * logits_bytes  # the gradient and per-row vectors
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "logits_without_grad"])
+def test_forward_without_gradient_keeps_no_statistics(mode):
+    x = _logits((16, 4096), torch.bfloat16).requires_grad_(mode == "no_grad")
+    target = torch.randint(0, 4096, (16,))
+    with measure() as m, torch.set_grad_enabled(mode != "no_grad"):
+        logprob, entropy = fastce.token_logprobs(x, target, return_entropy=True)
+    assert logprob.grad_fn is None and entropy.grad_fn is None
+    assert m.triton_write == 2 * 4 * 16, m.report()  # the two outputs, no statistics
+    assert m.total_bytes <= 1.01 * _nbytes(x)
+
+
+# ---- linear form --------------------------------------------------------------------------------
+
+N_ROWS, HIDDEN, N_CLASSES, CHUNK = 29, 12, 203, 8  # forward: 3 chunks of 8 rows, one of 5; backward:
+# slices of 8·203 // 29 = 56 classes (3 of 56, one of 35)
+
+
+def _head(lead=(N_ROWS,), hidden=HIDDEN, n_classes=N_CLASSES, dtype=torch.float32, bias=True):
+    return [_logits((*lead, hidden), dtype, scale=1.0), _logits((n_classes, hidden), dtype, scale=hidden ** -0.5 * 3),
+            _logits((n_classes,), dtype, scale=1.0) if bias else None]
+
+
+def _relative_errors(results, expected):
+    """Largest error of each output and gradient, relative to the largest |expected| of that tensor."""
+    return [None if wanted is None else ((actual.double() - wanted).abs().max() / wanted.abs().max().clamp_min(1e-12)).item()
+            for actual, wanted in zip((*results[:2], *results[2]), (*expected[:2], *expected[2]))]
+
+
+def _check_linear_form(params, target, weights, **kwargs):
+    """fastce.linear_token_logprobs against the reference on float64 copies. In fp32 every output and
+    gradient is within 2e-6 of the largest expected value. In bf16/fp16 the logits are a GEMM output
+    rounded to the input dtype and every gradient passes one more such GEMM, as when the logits are
+    materialised in that dtype: fastce may err at most twice as much as that computation (entropy
+    gradients sum to zero over the vocabulary, so their GEMMs cancel and the error is several ulps)."""
+    dtype = params[0].dtype
+    linear = lambda h, w, b, t, **kw: fastce.linear_token_logprobs(h, w, t, linear_bias=b, **kw)  # noqa: E731
+    exact = lambda h, w, b, t, **kw: reference.linear_token_logprobs(h, w, t, linear_bias=b, **kw)  # noqa: E731
+    results = _outputs_and_grads(linear, params, target, weights, **kwargs)
+    kwargs.pop("chunk_size", None)
+    expected = _outputs_and_grads(exact, [None if p is None else p.double() for p in params], target, weights,
+                                  **kwargs)
+    errors = _relative_errors(results, expected)
+    if dtype == torch.float32:
+        bounds = [2e-6] * len(errors)
+    else:
+        bounds = [None if e is None else 2 * e for e in _relative_errors(_outputs_and_grads(exact, params, target, weights, **kwargs),
+                                                  expected)]
+    names = ("logprob", "entropy", "grad hidden", "grad weight", "grad bias")
+    for name, actual, error, bound in zip(names, (*results[:2], *results[2]), errors, bounds):
+        if error is None:
+            continue
+        assert actual.dtype == (dtype if name.startswith("grad") else torch.float32), name
+        assert error <= bound, f"{name}: {error:.2e} of max |expected| (bound {bound:.2e}, {dtype})"
+    return results
+
+
+@pytest.mark.parametrize("outputs_in_loss", OUTPUTS_IN_LOSS)
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
+                                         (torch.float16, False)])
+def test_linear_form_matches_float64_reference_over_several_chunks(dtype, bias, outputs_in_loss):
+    target = _targets((N_ROWS,), N_CLASSES)
+    logprob, entropy, grads = _check_linear_form(_head(dtype=dtype, bias=bias), target,
+                                                 _loss_weights((N_ROWS,), outputs_in_loss), temperature=0.7,
+                                                 chunk_size=CHUNK)
+    ignored = target == -100
+    assert torch.equal(grads[0][ignored], torch.zeros_like(grads[0][ignored]))
+
+
+def test_linear_form_with_leading_dims_and_default_chunks():
+    lead = (3, 23)  # 69 rows; H = 12 in fp32: the rule's 2H/b = 6 rows a chunk, slices of 6·203 // 69 = 17 classes
+    assert token_stats.default_chunk_rows(69, N_CLASSES, HIDDEN, 4) == 6
+    assert token_stats.slice_classes(6, 69, N_CLASSES) == 17
+    target = _targets(lead, N_CLASSES)
+    _check_linear_form(_head(lead), target, _loss_weights(lead, "both"), temperature=1.3)
+
+
+def test_linear_form_gradients_only_for_tensors_that_require_them():
+    hidden, weight, bias = _head()
+    target = _targets((N_ROWS,), N_CLASSES)
+    weight.requires_grad_()
+    with measure() as m:
+        logprob = fastce.linear_token_logprobs(hidden, weight, target, linear_bias=bias, chunk_size=CHUNK)
+        logprob.sum().backward()
+    assert "addmm_" not in m.ops and m.ops["mm"].calls == 4  # per slice: ∂W only, no ∂hidden GEMM
+    weight64 = weight.detach().double().requires_grad_()
+    reference.linear_token_logprobs(hidden.double(), weight64, target, linear_bias=bias.double()).sum().backward()
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_linear_form_chunk_rule():
+    # the bar shape: 1/32 of the rows (32), slices of 256 classes; a language-model head in bf16
+    # (H = 4096, V = 128k, 8192 tokens): 256 rows, slices of 4008 classes
+    assert token_stats.default_chunk_rows(1024, 8192, 64, 4) == 32
+    assert token_stats.slice_classes(32, 1024, 8192) == 256
+    assert token_stats.default_chunk_rows(8192, 128256, 4096, 2) == 256
+    assert token_stats.slice_classes(256, 8192, 128256) == 4008
+    assert token_stats.default_chunk_rows(2**20, 262144, 4096, 2) * 262144 * 2 <= token_stats.MAX_BUFFER_BYTES
+
+
+def test_linear_form_memory_budget_and_no_syncs_at_n1024_h64_v8192():
+    # Peak of storages created by forward + backward, beyond the gradients of hidden and weight: at
+    # most 5% of the (1024, 8192) fp32 logits (the rule's buffer is 1/32 of them: 3.1%).
+    n_rows, hidden_size, n_classes = 1024, 64, 8192
+    hidden, weight, _ = _head((n_rows,), hidden_size, n_classes, bias=False)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    target = _targets((n_rows,), n_classes)
+    advantage = torch.randn(n_rows)
+    with measure() as m:
+        logprob, entropy = fastce.linear_token_logprobs(hidden, weight, target, return_entropy=True)
+        (advantage * logprob + 0.01 * entropy).sum().backward()
+    beyond = m.peak_bytes - _nbytes(hidden.grad) - _nbytes(weight.grad)
+    assert beyond <= 0.05 * n_rows * n_classes * 4, m.report()
+    assert m.syncs == 0, m.report()
+    assert m.kernels["token_stats_fwd_kernel"].launches == 32 and m.kernels["token_stats_bwd_kernel"].launches == 32
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want_logprob, want_entropy = reference.linear_token_logprobs(h64, w64, target, return_entropy=True)
+    (advantage.double() * want_logprob + 0.01 * want_entropy).sum().backward()
+    torch.testing.assert_close(logprob.double(), want_logprob.detach(), rtol=1e-5, atol=1e-5)
+    assert (weight.grad.double() - w64.grad).abs().max() <= 1e-5 * w64.grad.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "nothing_requires_grad"])
+def test_linear_form_without_gradients_does_no_gradient_work(mode):
+    hidden, weight, bias = _head()
+    weight.requires_grad_(mode == "no_grad")
+    target = _targets((N_ROWS,), N_CLASSES)
+    with measure() as m, torch.set_grad_enabled(mode != "no_grad"):
+        logprob = fastce.linear_token_logprobs(hidden, weight, target, linear_bias=bias, chunk_size=CHUNK)
+    assert logprob.grad_fn is None
+    assert m.ops["addmm"].calls == 4 and "mm" not in m.ops and "token_stats_bwd_kernel" not in m.kernels
+    assert m.triton_write == 4 * N_ROWS, m.report()  # the log-probabilities, no statistics
+    torch.testing.assert_close(logprob, reference.linear_token_logprobs(hidden, weight.detach(), target,
+                                                                        linear_bias=bias))
+
+
+def test_second_backward_through_a_retained_graph():
+    params = _head()
+    params = [p.requires_grad_() for p in params]
+    target = _targets((N_ROWS,), N_CLASSES)
+    logprob, entropy = fastce.linear_token_logprobs(params[0], params[1], target, linear_bias=params[2],
+                                                    return_entropy=True, chunk_size=CHUNK)
+    loss = (logprob - entropy).sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in params]
+    loss.backward()
+    for p, grad in zip(params, first):
+        torch.testing.assert_close(p.grad, 2 * grad)
+
+
+# ---- torch.compile, the CPU fallback, bad arguments, the README example -----------------------------
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    x = _logits((2, 3, 40))
+    target = _targets((2, 3), 40)
+    hidden, weight, bias = _head()
+    linear_target = _targets((N_ROWS,), N_CLASSES)
+
+    def losses(x, hidden, weight, bias):
+        logprob, entropy = fastce.token_logprobs(x, target, temperature=0.8, return_entropy=True)
+        entropy_only = fastce.token_logprobs(x * 2, target, return_entropy=True)[1]
+        linear_logprob, linear_entropy = fastce.linear_token_logprobs(
+            hidden, weight, linear_target, linear_bias=bias, temperature=1.2, return_entropy=True, chunk_size=CHUNK)
+        return (logprob * 0.3 - entropy).sum() + entropy_only.sum() + (linear_logprob * 0.7 + linear_entropy).sum()
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (losses, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, hidden, weight, bias)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [t.grad for t in leaves]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    x = _logits((6, 30))
+    target = _targets((6,), 30)
+    hidden, weight, bias = _head()
+    linear_target = _targets((N_ROWS,), N_CLASSES)
+    kernels = (fastce.token_logprobs(x, target, return_entropy=True),
+               fastce.linear_token_logprobs(hidden, weight, linear_target, linear_bias=bias, return_entropy=True))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with measure() as m:
+        fallback = (fastce.token_logprobs(x, target, return_entropy=True),
+                    fastce.linear_token_logprobs(hidden, weight, linear_target, linear_bias=bias, return_entropy=True))
+    assert m.triton_launches == 0
+    torch.testing.assert_close(fallback, kernels)
+
+
+@pytest.mark.parametrize("make_bad, error", [
+    (lambda x, t: (x, t.float()), TypeError),                        # probabilities / float indices
+    (lambda x, t: (x, t.int()), TypeError),                          # int32 class indices
+    (lambda x, t: (x, t[:-1]), ValueError),                          # target shape
+    (lambda x, t: (x.long(), t), TypeError),                         # integer logits
+    (lambda x, t: (x[0, 0], t[0]), ValueError),                      # 0-dim logits
+    (lambda x, t: (x[:, :0], t), ValueError),                        # no classes
+])
+def test_bad_arguments_raise_clear_errors_before_any_kernel(make_bad, error):
+    x, target = _logits((5, 11)), torch.randint(0, 11, (5,))
+    args = make_bad(x, target)
+    with measure() as m, pytest.raises(error):
+        fastce.token_logprobs(*args)
+    assert m.triton_launches == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(temperature=-1.0), dict(temperature=float("nan")),
+                                    dict(chunk_size=0)])
+def test_bad_options_raise_clear_errors(kwargs):
+    hidden, weight, _ = _head()
+    target = _targets((N_ROWS,), N_CLASSES)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        fastce.linear_token_logprobs(hidden, weight, target, **kwargs)
+    if "temperature" in kwargs:
+        with pytest.raises(ValueError, match="temperature"):
+            fastce.token_logprobs(_logits((3, 4)), torch.zeros(3, dtype=torch.long), **kwargs)
+    with pytest.raises(TypeError):
+        fastce.linear_token_logprobs(hidden, weight, torch.rand(N_ROWS, N_CLASSES))  # probabilities
+
+
+def test_readme_grpo_example_runs_and_trains_the_head():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Token statistics for RL", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    loss, lm_head, hidden = namespace["loss"], namespace["lm_head"], namespace["hidden"]
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert lm_head.weight.grad is not None and torch.isfinite(lm_head.weight.grad).all()
+    assert hidden.grad is not None and torch.equal(hidden.grad[:, -3:], torch.zeros_like(hidden.grad[:, -3:]))
