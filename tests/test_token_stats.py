@@ -71,11 +71,23 @@ def _check_logits_form(x, target, weights, *, temperature=1.0, output_tol=None):
         assert_close_dtype(actual, expected, output_tol or out_dtype, name)
     assert grad.dtype == x.dtype and grad.shape == x.shape
     assert_close_dtype(grad, want_grad, x.dtype, "grad")
+    if x.dtype in (torch.bfloat16, torch.float16):
+        _assert_rounded_once(grad, want_grad)
     ignored = target == -100
     assert torch.equal(logprob[ignored], torch.zeros_like(logprob[ignored]))
     assert torch.equal(entropy[ignored], torch.zeros_like(entropy[ignored]))
     assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
     return logprob, entropy, grad
+
+
+def _assert_rounded_once(actual, exact):
+    """A low-precision gradient computed in fp32 and rounded once to nearest lies within one ulp of
+    the exact value rounded (a truncating cast would not)."""
+    rounded = exact.to(actual.dtype).double()
+    finfo = torch.finfo(actual.dtype)
+    ulp = finfo.eps * torch.exp2(torch.floor(torch.log2(rounded.abs().clamp_min(finfo.tiny))))
+    assert ((actual.double() - rounded).abs() <= ulp).all()
+    assert ((actual.double() - exact).abs() / ulp).mean() <= 0.3  # round to nearest: ulp/4 on average
 
 
 @pytest.mark.parametrize("outputs_in_loss", OUTPUTS_IN_LOSS)
