@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -12,6 +13,12 @@ OPS = ("cross_entropy", "focal_loss", "linear_cross_entropy")
 # or detection labels, ±1 for soft margin); "tokens" are the rows N and "vocab" the classes C.
 BINARY_OPS = ("binary_cross_entropy_with_logits", "soft_margin_loss", "sigmoid_focal_loss")
 OPS = OPS + BINARY_OPS
+LINEAR_OPS = ("linear_cross_entropy", "linear_token_logprobs")  # from hidden states (N, H) and a weight (V, H)
+# Per-token statistics for RL: a policy-gradient loss on each token's log-probability (and entropy),
+# with one advantage per sequence of SEQUENCE_TOKENS tokens (GRPO's), as bench/providers.py defines it.
+TOKEN_OPS = ("token_logprobs", "linear_token_logprobs")
+SEQUENCE_TOKENS = 256
+OPS = OPS + TOKEN_OPS
 PASSES = ("forward", "backward", "forward+backward")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REDUCTIONS = ("mean", "none")
@@ -39,7 +46,7 @@ class Case:
     dtype: str
     tokens: int
     vocab: int
-    hidden: int = 0  # linear_cross_entropy only
+    hidden: int = 0  # LINEAR_OPS only
     reduction: str = "mean"
 
     @property
@@ -51,7 +58,7 @@ class Case:
         """Bytes of what the loss must read: the logits, or the hidden states and the weight (a
         binary loss's target, as large as its logits, is counted in ``floor_multiple``)."""
         itemsize = self.torch_dtype.itemsize
-        if self.op == "linear_cross_entropy":
+        if self.op in LINEAR_OPS:
             return (self.tokens + self.vocab) * self.hidden * itemsize
         return self.tokens * self.vocab * itemsize
 
@@ -70,7 +77,7 @@ class Case:
     @property
     def flops(self) -> int:
         """Useful matmul FLOPs of linear cross-entropy (logits 2NHV; dX and dW 4NHV); 0 otherwise."""
-        if self.op != "linear_cross_entropy":
+        if self.op not in LINEAR_OPS:
             return 0
         per_pass = {"forward": 2, "backward": 4, "forward+backward": 6}[self.pass_]
         return per_pass * self.tokens * self.hidden * self.vocab
@@ -97,7 +104,8 @@ class Case:
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Fresh random inputs; the tensors that get gradients require grad when the pass has a
-    backward. ``grad_output`` is the upstream gradient for the 'none' reduction."""
+    backward. ``grad_output`` is the upstream gradient for the 'none' reduction; ``advantage`` (token
+    operations) holds one value per token, the same for every token of a sequence."""
     generator = torch.Generator(device=device).manual_seed(seed)
     dtype = case.torch_dtype
 
@@ -106,7 +114,7 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Dict[str, torch.Tenso
         return values.to(dtype).requires_grad_(case.needs_grad)
 
     inputs = {"target": torch.randint(0, case.vocab, (case.tokens,), generator=generator, device=device)}
-    if case.op == "linear_cross_entropy":
+    if case.op in LINEAR_OPS:
         inputs["hidden"] = randn(case.tokens, case.hidden)
         inputs["weight"] = randn(case.vocab, case.hidden, scale=case.hidden ** -0.5)
     else:
@@ -114,10 +122,19 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Dict[str, torch.Tenso
     if case.op in BINARY_OPS:  # a few positives per row, as in detection and multi-label data
         labels = torch.rand(case.tokens, case.vocab, generator=generator, device=device) < 0.05
         inputs["target"] = (labels * 2 - 1 if case.op == "soft_margin_loss" else labels).to(dtype)
+    if case.op in TOKEN_OPS:
+        sequence = sequence_tokens(case.tokens)
+        per_sequence = torch.randn(case.tokens // sequence, generator=generator, device=device)
+        inputs["advantage"] = per_sequence.repeat_interleave(sequence)  # fp32, as trainers keep them
     if case.reduction == "none":
         loss_shape = (case.tokens, case.vocab) if case.op in BINARY_OPS else (case.tokens,)
         inputs["grad_output"] = torch.randn(loss_shape, generator=generator, device=device).to(dtype)
     return inputs
+
+
+def sequence_tokens(tokens: int) -> int:
+    """Tokens per sequence of the token operations: SEQUENCE_TOKENS, or fewer so that they divide N."""
+    return math.gcd(tokens, SEQUENCE_TOKENS)
 
 
 def leaves(inputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
@@ -131,7 +148,7 @@ def build_cases(ops: Iterable[str], passes: Iterable[str], dtypes: Iterable[str]
     """Every op × pass × dtype × shape: tokens × vocabs, except that the binary losses take
     ``binary_shapes`` (rows, classes) when given."""
     grid = list(itertools.product(tokens, vocabs))
-    return [Case(op, pass_, dtype, n, v, hidden if op == "linear_cross_entropy" else 0, reduction)
+    return [Case(op, pass_, dtype, n, v, hidden if op in LINEAR_OPS else 0, reduction)
             for op, pass_, dtype in itertools.product(ops, passes, dtypes)
             for n, v in (binary_shapes if op in BINARY_OPS and binary_shapes else grid)]
 

@@ -95,6 +95,8 @@ def _fastce_ops():
     ops.update({op: _on_logits(getattr(fastce, op)) for op in BINARY_OPS if hasattr(fastce, op)})
     if not ops:
         raise NotRun("fastce exports no loss yet (fastce.cross_entropy is missing)")
+    if hasattr(fastce, "token_logprobs"):
+        ops.update(_token_ops(fastce))
     return ops
 
 
@@ -105,13 +107,15 @@ def _reference_ops():
     return {"cross_entropy": _on_logits(reference.cross_entropy),
             "focal_loss": _on_logits(reference.focal_loss),
             "linear_cross_entropy": _on_hidden(reference.linear_cross_entropy),
-            **{op: _on_logits(getattr(reference, op)) for op in BINARY_OPS}}
+            **{op: _on_logits(getattr(reference, op)) for op in BINARY_OPS},
+            **_token_ops(reference)}
 
 
 def _torch_compile_ops():
     """torch.compile of what a user would write: F.cross_entropy, F.linear then F.cross_entropy,
-    F.binary_cross_entropy_with_logits, F.soft_margin_loss, and (torch has no focal loss) the
-    reference's focal losses."""
+    F.binary_cross_entropy_with_logits, F.soft_margin_loss, (torch has no focal loss) the
+    reference's focal losses, and for the token operations a log-softmax in fp32, its gather and
+    the entropy."""
     import torch.nn.functional as F
 
     def compiled(factory):
@@ -128,7 +132,10 @@ def _torch_compile_ops():
                  "linear_cross_entropy": _on_hidden(linear_then_cross_entropy),
                  "binary_cross_entropy_with_logits": _on_logits(F.binary_cross_entropy_with_logits),
                  "soft_margin_loss": _on_logits(F.soft_margin_loss),
-                 "sigmoid_focal_loss": _reference_ops()["sigmoid_focal_loss"]}
+                 "sigmoid_focal_loss": _reference_ops()["sigmoid_focal_loss"],
+                 "token_logprobs": _token_stats_on_logits(_log_softmax_gather),
+                 "linear_token_logprobs": _token_logprob_on_hidden(
+                     lambda hidden, weight, target: _log_softmax_gather(hidden @ weight.t(), target)[0])}
     return {op: compiled(factory) for op, factory in factories.items()}
 
 
@@ -140,7 +147,81 @@ def _torch_native_ops():
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         chunked = torch.nn.LinearCrossEntropyOptions()  # the chunked path, not the reference one
         ops["linear_cross_entropy"] = _on_hidden(functools.partial(F.linear_cross_entropy, options=chunked))
+    ops.update(_trainer_token_ops())
     return ops
+
+
+# ---- token statistics for RL (cases.TOKEN_OPS) ---------------------------------------------------
+# token_logprobs: from logits, the per-token loss −(A·log p_y + ENTROPY_BONUS·H) (policy gradient with
+# an entropy bonus). linear_token_logprobs: from hidden states, −A·log p_y alone, the loss Liger's
+# fused linear GRPO computes too (it returns no entropy). 'mean' averages over tokens.
+
+ENTROPY_BONUS = 0.01
+
+
+def _policy_gradient_loss(logprob, entropy, advantage, reduction):
+    per_token = -advantage.to(logprob.dtype) * logprob
+    if entropy is not None:
+        per_token = per_token - ENTROPY_BONUS * entropy
+    return per_token.mean() if reduction == "mean" else per_token
+
+
+def _token_stats_on_logits(stats):
+    """Factory for token_logprobs given ``stats(logits, target) -> (logprob, entropy)``."""
+    return lambda case: lambda x: _policy_gradient_loss(*stats(x["logits"], x["target"]), x["advantage"],
+                                                        case.reduction)
+
+
+def _token_logprob_on_hidden(logprob):
+    """Factory for linear_token_logprobs given ``logprob(hidden, weight, target)``."""
+    return lambda case: lambda x: _policy_gradient_loss(logprob(x["hidden"], x["weight"], x["target"]), None,
+                                                        x["advantage"], case.reduction)
+
+
+def _token_ops(module):
+    """fastce's or fastce.reference's token_logprobs / linear_token_logprobs as the two operations."""
+    return {"token_logprobs": _token_stats_on_logits(
+                functools.partial(module.token_logprobs, return_entropy=True)),
+            "linear_token_logprobs": _token_logprob_on_hidden(module.linear_token_logprobs)}
+
+
+def _log_softmax_gather(logits, target):
+    """(log p_y, entropy) as a user would write them: one fp32 log-softmax of the whole logits."""
+    log_p = torch.log_softmax(logits.float(), -1)
+    return log_p.gather(-1, target[:, None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+
+
+def _selective_log_softmax(logits, target, sequence):
+    """log softmax(logits)[target] as TRL's selective_log_softmax computes it, a sequence at a time to
+    bound the temporaries: logsumexp and a gather in fp32/fp64, a log_softmax in bf16/fp16 (whose
+    logsumexp would round)."""
+    rows = zip(logits.split(sequence), target.split(sequence))
+    if logits.dtype in (torch.float32, torch.float64):
+        return torch.cat([row.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(row, -1) for row, t in rows])
+    return torch.cat([row.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1) for row, t in rows])
+
+
+def _chunked_entropy(logits, chunk_rows=128):
+    """−Σ p log p per row in chunks of rows, as TRL's entropy_from_logits and verl's chunked entropy."""
+    entropies = []
+    for chunk in logits.split(chunk_rows):
+        log_p = chunk.log_softmax(-1)
+        entropies.append(-(log_p.exp() * log_p).sum(-1))
+    return torch.cat(entropies)
+
+
+def _trainer_token_ops():
+    """The token operations as RL trainers compute them today (the `torch` provider's)."""
+    from .cases import sequence_tokens
+
+    def on_logits(logits, target):
+        return _selective_log_softmax(logits, target, sequence_tokens(len(target))), _chunked_entropy(logits)
+
+    def on_hidden(hidden, weight, target):
+        return _selective_log_softmax(hidden @ weight.t(), target, sequence_tokens(len(target)))
+
+    return {"token_logprobs": _token_stats_on_logits(on_logits),
+            "linear_token_logprobs": _token_logprob_on_hidden(on_hidden)}
 
 
 # ---- peers -------------------------------------------------------------------------------------
@@ -152,8 +233,24 @@ def _liger_ops():
         module = liger.LigerFusedLinearCrossEntropyLoss(reduction=case.reduction)
         return lambda x: module(x["weight"], x["hidden"], x["target"])  # weight comes first
 
+    def linear_token_logprobs(case):
+        # on-policy CISPO with a clip above 1 is the plain policy gradient: −Σ A·log p_y over the mask's
+        # tokens, divided by their count (the importance ratio is exactly 1, its clip inactive)
+        if case.reduction == "none":
+            raise NotRun("Liger's fused linear GRPO returns the batch's loss only (no reduction='none')")
+        from .cases import sequence_tokens
+        chunked = _require("liger_kernel.chunked_loss", "pip install liger-kernel")
+        grpo = chunked.LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="cispo", epsilon_high=5.0,
+                                                compiled=False)
+
+        def loss(x):
+            sequences = x["target"].view(-1, sequence_tokens(len(x["target"])))
+            return grpo(x["hidden"].view(*sequences.shape, -1), x["weight"], sequences,
+                        torch.ones_like(sequences), x["advantage"].view(sequences.shape)[:, 0])[0]
+        return loss
+
     return {"cross_entropy": _module_on_logits(liger.LigerCrossEntropyLoss),
-            "linear_cross_entropy": linear_cross_entropy}
+            "linear_cross_entropy": linear_cross_entropy, "linear_token_logprobs": linear_token_logprobs}
 
 
 def _flash_attn_ops():
@@ -198,14 +295,18 @@ def _quack_ops():
 PROVIDERS = {p.name: p for p in (
     Provider("fastce", "fastce (Triton kernels)", _fastce_ops),
     Provider("torch", "PyTorch eager: torch.nn.functional.cross_entropy / linear_cross_entropy (chunked) / "
-             "binary_cross_entropy_with_logits / soft_margin_loss",
+             "binary_cross_entropy_with_logits / soft_margin_loss; the token operations as RL trainers compute "
+             "them (TRL's selective_log_softmax, a sequence at a time, and entropy_from_logits, 128-row chunks)",
              _torch_native_ops, cpu_blind_ops=("linear_cross_entropy",),
              cpu_blind_reason="one fused aten operator, whose inner traffic the byte counter cannot see"),
     Provider("torch.compile", "torch.compile of F.cross_entropy, of F.linear + F.cross_entropy, of "
-             "F.binary_cross_entropy_with_logits and F.soft_margin_loss, and of the reference's focal losses "
-             "(torch has none)", _torch_compile_ops,
+             "F.binary_cross_entropy_with_logits and F.soft_margin_loss, of the reference's focal losses "
+             "(torch has none), and of an fp32 log_softmax with its gather and entropy (token operations)",
+             _torch_compile_ops,
              cpu_blind_ops=OPS, cpu_blind_reason="compiled kernels are invisible to the byte counter"),
-    Provider("liger", "Liger-Kernel LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss", _liger_ops),
+    Provider("liger", "Liger-Kernel LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss / "
+             "LigerFusedLinearGRPOLoss (pure PyTorch, run with compiled=False: only its per-token loss "
+             "arithmetic would be compiled)", _liger_ops),
     Provider("flash-attn", "flash-attention's Triton cross-entropy", _flash_attn_ops),
     Provider("cut-cross-entropy", "Cut Cross-Entropy (Apple), linear cross-entropy", _cut_cross_entropy_ops,
              cpu_blind_ops=("linear_cross_entropy",),

@@ -1,4 +1,5 @@
 """The benchmark suite runs on the CPU (Triton interpreter) and writes what it promises."""
+import contextlib
 import csv
 import dataclasses
 import json
@@ -32,7 +33,8 @@ def run_bench(*args, timeout=300):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
-    printed = run_bench("-m", "bench", "--quick", "--no-progress", "--out", str(out)).stdout
+    # every operation × provider on the interpreter: about 100 s of CPU time, more on a shared machine
+    printed = run_bench("-m", "bench", "--quick", "--no-progress", "--out", str(out), timeout=400).stdout
     return out, printed, json.loads((out / "results.json").read_text())
 
 
@@ -131,3 +133,17 @@ def test_cut_cross_entropy_says_why_it_does_not_run(cut_cross_entropy):
 def test_cut_cross_entropy_matches_the_reference(cut_cross_entropy, reduction):
     case = dataclasses.replace(SMALL_LINEAR, reduction=reduction)
     assert max_relative_error(case, cut_cross_entropy.loss_fn(case, on_gpu=True), "cuda") < 1e-4
+
+
+# ---- token operations: the trainers' expressions and Liger's fused linear GRPO --------------------
+
+@pytest.mark.parametrize("op, provider", [("token_logprobs", "torch"),
+                                          ("linear_token_logprobs", "torch"),
+                                          ("linear_token_logprobs", "liger")])
+def test_token_operation_peers_compute_the_same_loss(op, provider):
+    if provider == "liger":
+        pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is not installed (a bench peer)")
+    case = Case(op, "forward+backward", "fp32", tokens=48, vocab=300, hidden=16 if op.startswith("linear") else 0)
+    assert max_relative_error(case, PROVIDERS[provider].loss_fn(case, on_gpu=False), "cpu") < 1e-5
+    with pytest.raises(NotRun, match="reduction='none'") if provider == "liger" else contextlib.nullcontext():
+        PROVIDERS[provider].loss_fn(dataclasses.replace(case, reduction="none"), on_gpu=False)
