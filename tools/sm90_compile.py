@@ -143,11 +143,47 @@ def compile_all(variants: Iterable[Variant]) -> list[tuple]:
     return rows
 
 
+# ---- per-token statistics (fastce/kernels/token_stats.py) --------------------------------------------
+
+def token_stats_variants() -> list[tuple]:
+    """(name, kernel, V, dtype, flags set to True) of the token-statistics kernels' launches."""
+    fwd, bwd = "token_stats_fwd_kernel", "token_stats_bwd_kernel"
+    return [
+        ("token forward, V=128k", fwd, 131072, "bf16", ("HAS_ENTROPY", "STORE_STATS")),
+        ("token forward, V=256", fwd, 256, "bf16", ("HAS_ENTROPY", "STORE_STATS")),
+        ("token forward float64, V=1000", fwd, 1000, "fp64", ("HAS_ENTROPY", "STORE_STATS")),
+        ("token backward, V=128k", bwd, 131072, "bf16", ("HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY")),
+        ("token backward, V=256", bwd, 256, "fp32", ("HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY")),
+    ]
+
+
+def compile_token_stats(variants: Iterable[tuple]) -> list[tuple]:
+    import triton.language as tl
+    from fastce import token_stats
+    from fastce.kernels import token_stats as token_kernels
+    rows = []
+    for name, kernel_name, n_classes, dtype, flags in variants:
+        kernel = getattr(token_kernels, kernel_name).fn
+        config = token_stats.launch_config(8192, n_classes)
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        pointers = {arg: f"*{dtype}" if arg in ("logits_ptr", "grad_ptr") else "*i64" if arg == "target_ptr"
+                    else f"*{acc}" for arg in kernel.arg_names if arg.endswith("_ptr")}
+        constexprs = {arg: arg in flags for arg in kernel.arg_names if arg.isupper()}
+        constexprs.update(ROWS=config.rows, BLOCK_SIZE=config.block_size, WIDE_OFFSETS=False,
+                          COMPUTE_DTYPE=tl.float64 if acc == "fp64" else tl.float32)
+        scalars = {arg: "fp32" if arg == "inv_temperature" else "i64" if "stride" in arg or arg == "class_offset"
+                   else "i32" for arg in kernel.arg_names if arg not in pointers and arg not in constexprs}
+        signature = {arg: pointers.get(arg) or scalars.get(arg) or "constexpr" for arg in kernel.arg_names}
+        compiled = _compile(kernel, signature, constexprs, config.num_warps)
+        rows.append((name, config, *resource_usage(compiled.asm["cubin"])))
+    return rows
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     print(f"{'kernel variant':40s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} {'regs':>5s} {'stack B':>8s}")
-    for name, config, registers, spills in compile_all(forward_variants()):
+    for name, config, registers, spills in compile_all(forward_variants()) + compile_token_stats(token_stats_variants()):
         print(f"{name:40s} {config.rows:4d} {config.block_size:7d} {config.num_ctas:4d} {config.num_warps:5d} "
               f"{registers:5d} {spills:8d}")
 
