@@ -47,19 +47,20 @@ class TokenStatsSpec(NamedTuple):
     return_entropy: bool = False
 
 
-# Launch rule. Neither kernel keeps a row on chip (the forward is one online pass, the backward
-# needs no reduction over the row), so a row streams in tiles of at most TILE_CLASSES classes, read
-# once whatever their size; rows per program as for cross-entropy (several rows when V is small).
-# The tiles keep several values live per element (z, e = exp(z − ref), z − ref and their products;
-# log p, p and the gradient in the backward): at 16 elements per thread (ELEMENTS_PER_WARP), with 16
-# warps, so 128 registers a thread, for the longest tile, neither kernel spills when compiled for sm_90.
-TILE_CLASSES = 8192
+# Launch rule: the cross-entropy kernel's (ops.launch_config, measured on an H200: rows of more than
+# 4096 classes stream in 2048-class tiles, one row a program, 16 values of a tile per thread; shorter
+# rows are one tile, several rows a program when V is small), with warps for 16 elements per thread
+# everywhere. Neither token kernel keeps a row on chip (the forward is one online pass, the backward
+# needs no reduction over the row), so a streamed row is still read once; and their tiles keep
+# several values live per element (z, e = exp(z − ref), z − ref and their products; log p, p and the
+# gradient in the backward), so the 32 elements per thread the cross-entropy rule gives a one-tile
+# row spill when compiled for sm_90 (tools/sm90_compile.py), where 16 do not.
 ELEMENTS_PER_WARP = 512
 
 
 def launch_config(n_rows: int, n_classes: int) -> ops.LaunchConfig:
     """Rows per program, classes per tile and warps, by the rule above."""
-    config = ops.launch_config(n_rows, min(n_classes, TILE_CLASSES))
+    config = ops.launch_config(n_rows, n_classes)
     warps = triton.next_power_of_2(config.rows * config.block_size // ELEMENTS_PER_WARP)
     return config._replace(num_warps=min(32, max(4, warps)))
 
@@ -264,7 +265,7 @@ def linear_backward(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional
     grad_hidden = _HiddenGradient(hidden) if need_hidden else None
     grad_weight = torch.empty_like(linear_weight) if need_weight else None
     grad_bias = torch.empty_like(linear_bias) if need_bias else None
-    grad_logprob, grad_entropy = (None if g is None else g.reshape(-1).contiguous() for g in (grad_logprob, grad_entropy))
+    grad_logprob, grad_entropy = (_per_row(g, None) for g in (grad_logprob, grad_entropy))
     for start in range(0, n_classes, width):
         classes = slice(start, min(start + width, n_classes))
         n_slice = classes.stop - start

@@ -1,200 +1,226 @@
 """fastce.token_logprobs / linear_token_logprobs on a CUDA GPU: correctness against float64 (and
-against torch in the input's dtype), torch.compile with inductor, and timings against a copy, the
-torch expressions RL trainers use and Liger's fused linear GRPO (if installed). A few minutes on an
-H100/H200; no GPU has run it yet (the CPU tests run the same kernels on the interpreter).
+against torch in the input's dtype), torch.compile, and timings against a copy of the logits, the
+torch expressions RL trainers use and Liger's fused linear GRPO (when importable). A few minutes on
+an H100/H200.
 
-    python tools/gpu_check_token_stats.py      # from the repository root
+    python tools/gpu_check_token_stats.py              # from the repository root, on a GPU
+    python tools/gpu_check_token_stats.py --dry-run    # the same code at tiny sizes on the CPU
+                                                       # (Triton interpreter; times mean nothing)
 """
+from __future__ import annotations
+
+import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 
-os.environ["TRITON_INTERPRET"] = "0"
+DRY_RUN = "--dry-run" in sys.argv
+os.environ["TRITON_INTERPRET"] = "1" if DRY_RUN else "0"  # before triton is imported
+sys.path.insert(0, os.getcwd())  # the repository root: fastce and bench
+
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 import fastce  # noqa: E402
+from bench.providers import _chunked_entropy, _log_softmax_gather, _selective_log_softmax  # noqa: E402
 from fastce import reference  # noqa: E402
 
-dev = "cuda"
-print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
-assert fastce.uses_triton(torch.empty(0, device=dev))
-torch.manual_seed(0)
-t_start = time.time()
+DEVICE = "cpu" if DRY_RUN else "cuda"
+# (tokens, vocabulary, dtype, temperature) of the logits checks; (tokens, hidden, vocabulary, dtype,
+# chunk_size) of the linear ones; the timed shapes
+LOGITS_CHECKS = ([(9, 300, torch.bfloat16, 0.7), (3, 5000, torch.float32, 1.3)] if DRY_RUN else
+                 [(257, 32000, torch.bfloat16, 0.7), (8, 151936, torch.bfloat16, 1.0), (64, 50257, torch.float32, 1.3),
+                  (300, 203, torch.float16, 1.0), (16, 262144, torch.float32, 0.9)])
+LINEAR_CHECKS = ([(40, 16, 300, torch.bfloat16, 8)] if DRY_RUN else
+                 [(1000, 256, 32000, torch.bfloat16, 200), (513, 128, 50257, torch.float32, None),
+                  (2048, 512, 8192, torch.float16, 300)])
+TIMED_LOGITS = (256, 2048) if DRY_RUN else (16384, 128256)
+TIMED_LINEAR = (256, 32, 512) if DRY_RUN else (8192, 4096, 128256)
+SEQUENCE = 256  # tokens per sequence of the trainers' expressions and Liger's GRPO
 
 
-def rel(a, b):
-    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+def relative(actual, exact):
+    return ((actual.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-30)).item()
 
 
-def both_grads(fn, leaves, target, ga, gb, **kw):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in leaves]
-    lp, ent = fn(*leaves, target, return_entropy=True, **kw)
-    (lp * ga.to(lp.dtype) + ent * gb.to(ent.dtype)).sum().backward()
-    return lp.detach(), ent.detach(), [None if t is None else t.grad for t in leaves]
+def outputs_and_grads(fn, leaves, target, weights, **kwargs):
+    """fn(*leaves, target, return_entropy=True) and the leaves' gradients of Σ w_lp·logprob + w_H·entropy."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    logprob, entropy = fn(*leaves, target, return_entropy=True, **kwargs)
+    (logprob * weights[0].to(logprob.dtype) + entropy * weights[1].to(entropy.dtype)).sum().backward()
+    return logprob.detach(), entropy.detach(), [t.grad for t in leaves]
 
 
-print("== correctness: logits form (errors relative to max |float64|; 'mat' = torch in the same dtype)")
-for n, v, dt, temp in [(257, 32000, torch.bfloat16, 0.7), (8, 151936, torch.bfloat16, 1.0),
-                       (64, 50257, torch.float32, 1.3), (300, 203, torch.float16, 1.0), (16, 262144, torch.float32, 0.9)]:
-    x = (torch.randn(n, v, device=dev) * 3).to(dt)
-    y = torch.randint(0, v, (n,), device=dev)
-    y[::7] = -100
-    ga, gb = torch.randn(n, device=dev), torch.randn(n, device=dev)
-    f = both_grads(lambda t, yy, **k: fastce.token_logprobs(t, yy, **k), [x], y, ga, gb, temperature=temp)
-    e = both_grads(lambda t, yy, **k: reference.token_logprobs(t, yy, **k), [x.double()], y, ga.double(), gb.double(),
-                   temperature=temp)
-    m = both_grads(lambda t, yy, **k: reference.token_logprobs(t, yy, **k), [x], y, ga, gb, temperature=temp)
-    ign = y == -100
-    zero_ok = bool((f[0][ign] == 0).all() and (f[1][ign] == 0).all() and (f[2][0][ign] == 0).all())
-    print(f"token N={n} V={v} {dt} T={temp}: logp {rel(f[0], e[0]):.1e} H {rel(f[1], e[1]):.1e} "
-          f"grad {rel(f[2][0], e[2][0]):.1e} (mat {rel(m[2][0], e[2][0]):.1e}) ignored-zero {zero_ok}", flush=True)
-
-print("== correctness: linear form")
-for n, h, v, dt, chunk in [(1000, 256, 32000, torch.bfloat16, 200), (513, 128, 50257, torch.float32, None),
-                           (2048, 512, 8192, torch.float16, 300)]:
-    hid = torch.randn(n, h, device=dev).to(dt)
-    w = (torch.randn(v, h, device=dev) * h ** -0.5 * 2).to(dt)
-    b = torch.randn(v, device=dev).to(dt)
-    y = torch.randint(0, v, (n,), device=dev)
-    y[::5] = -100
-    ga, gb = torch.randn(n, device=dev), torch.randn(n, device=dev)
-    lin = lambda a, ww, bb, t, **k: fastce.linear_token_logprobs(a, ww, t, linear_bias=bb, chunk_size=chunk, **k)  # noqa
-    ref = lambda a, ww, bb, t, **k: reference.linear_token_logprobs(a, ww, t, linear_bias=bb, **k)  # noqa
-    f = both_grads(lin, [hid, w, b], y, ga, gb, temperature=0.8)
-    e = both_grads(ref, [hid.double(), w.double(), b.double()], y, ga.double(), gb.double(), temperature=0.8)
-    m = both_grads(ref, [hid, w, b], y, ga, gb, temperature=0.8)
-    print(f"linear N={n} H={h} V={v} {dt} chunk={chunk}: logp {rel(f[0], e[0]):.1e} H {rel(f[1], e[1]):.1e} "
-          + " ".join(f"{name} {rel(a, c):.1e} (mat {rel(mm, c):.1e})"
-                     for name, a, mm, c in zip(("dh", "dW", "db"), f[2], m[2], e[2])), flush=True)
-
-print("== torch.compile(fullgraph, inductor) vs eager")
-torch._dynamo.reset()
-x = torch.randn(64, 1000, device=dev)
-y = torch.randint(0, 1000, (64,), device=dev)
-hid = torch.randn(64, 32, device=dev)
-w = torch.randn(1000, 32, device=dev) * 0.2
+def check(fast, exact_fn, leaves, target, **kwargs):
+    """Errors of fastce, and of the same computation in torch in the input's dtype, against float64."""
+    weights = [torch.randn(len(target), device=DEVICE) for _ in range(2)]
+    got = outputs_and_grads(fast, leaves, target, weights, **kwargs)
+    exact = outputs_and_grads(exact_fn, [t.double() for t in leaves], target, [w.double() for w in weights], **kwargs)
+    same_dtype = outputs_and_grads(exact_fn, leaves, target, weights, **kwargs)
+    ignored = target == -100
+    zero = all(bool((t[ignored] == 0).all()) for t in (got[0], got[1])) and bool((got[2][0][ignored] == 0).all())
+    errors = [f"logprob {relative(got[0], exact[0]):.1e}", f"entropy {relative(got[1], exact[1]):.1e}"]
+    errors += [f"grad{i} {relative(a, c):.1e} (torch {relative(b, c):.1e})"
+               for i, (a, b, c) in enumerate(zip(got[2], same_dtype[2], exact[2]))]
+    return " ".join(errors) + f", ignored tokens all zero: {zero}"
 
 
-def loss_fn(x, hid, w):
-    lp, ent = fastce.token_logprobs(x, y, temperature=0.9, return_entropy=True)
-    llp, lent = fastce.linear_token_logprobs(hid, w, y, return_entropy=True, chunk_size=16)
-    return (lp * 0.3 - ent).sum() + (llp - 0.1 * lent).sum()
+def timed_ms(fn, grad_to_none=()):
+    if DRY_RUN:  # wall-clock of one call: the script runs, the number means nothing
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    from triton.testing import do_bench
+    return do_bench(fn, grad_to_none=list(grad_to_none), return_mode="median")
 
 
-outs = []
-for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-    leaves = [t.clone().requires_grad_() for t in (x, hid, w)]
-    loss = fn(*leaves)
-    loss.backward()
-    outs.append([loss.detach()] + [t.grad for t in leaves])
-print("compiled vs eager max diff:", [f"{(a - b).abs().max().item():.1e}" for a, b in zip(*outs)], flush=True)
-
-print("== timings (median ms; GB/s counted on the bytes each must move)")
-n, v = 16384, 128256
-x = (torch.randn(n, v, device=dev) * 2).to(torch.bfloat16)
-y = torch.randint(0, v, (n,), device=dev)
-adv = torch.randn(n, device=dev)
-nbytes = x.numel() * 2
-copy_ms = do_bench(lambda: torch.empty_like(x).copy_(x), return_mode="median")
-print(f"copy of the logits ({nbytes / 1e9:.2f} GB, 2x bytes): {copy_ms:.3f} ms = {2 * nbytes / copy_ms / 1e6:.0f} GB/s")
-fwd_ms = do_bench(lambda: fastce.token_logprobs(x, y, return_entropy=True), return_mode="median")
-print(f"fastce token_logprobs fwd (1x read): {fwd_ms:.3f} ms = {nbytes / fwd_ms / 1e6:.0f} GB/s", flush=True)
-xg = x.clone().requires_grad_()
-
-
-def step(fn):
-    def run():
-        lp, ent = fn(xg)
-        (-(adv * lp) - 0.01 * ent).mean().backward()
-    return run
-
-
-fastce_step = step(lambda t: fastce.token_logprobs(t, y, return_entropy=True))
-fb_ms = do_bench(fastce_step, grad_to_none=[xg], return_mode="median")
-print(f"fastce token_logprobs fwd+bwd (3x): {fb_ms:.3f} ms = {3 * nbytes / fb_ms / 1e6:.0f} GB/s "
-      f"({fb_ms / copy_ms:.2f}x a copy's time, which moves 2x)", flush=True)
-
-
-def torch_logits_form(t):
-    logp = torch.log_softmax(t.float(), -1)
-    return logp.gather(-1, y[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
-
-
-sys.path.insert(0, os.getcwd())
-from bench.providers import _chunked_entropy, _selective_log_softmax  # noqa: E402
-
-for name, fn in (("torch log_softmax(fp32).gather + entropy", torch_logits_form),
-                 ("trainers (TRL-style, bf16, 256-token sequences, 128-row entropy chunks)",
-                  lambda t: (_selective_log_softmax(t, y, 256), _chunked_entropy(t)))):
+@contextmanager
+def peak_above_start():
+    """Yields a list that receives the peak bytes allocated above the start (GPU only; 0 on the CPU)."""
+    result = []
+    if DRY_RUN:
+        yield result
+        result.append(0)
+        return
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ms = do_bench(step(fn), grad_to_none=[xg], return_mode="median")
-    print(f"{name} fwd+bwd: {ms:.3f} ms ({ms / fb_ms:.1f}x fastce), peak above inputs "
-          f"{(torch.cuda.max_memory_allocated() - base) / 1e9:.1f} GB", flush=True)
-torch.cuda.reset_peak_memory_stats()
-base = torch.cuda.memory_allocated()
-fastce_step()
-xg.grad = None
-print(f"fastce peak above inputs: {(torch.cuda.max_memory_allocated() - base) / 1e9:.2f} GB")
-del x, xg
-torch.cuda.empty_cache()
-
-n, h, v = 8192, 4096, 128256
-hid = (torch.randn(n, h, device=dev)).to(torch.bfloat16).requires_grad_()
-w = (torch.randn(v, h, device=dev) * h ** -0.5).to(torch.bfloat16).requires_grad_()
-y = torch.randint(0, v, (n,), device=dev)
-adv = torch.randn(n, device=dev)
-flops = 6 * n * h * v
-mm_ms = do_bench(lambda: hid @ w.t(), return_mode="median")
-print(f"one logits GEMM ({2 * n * h * v / 1e12:.1f} TFLOP): {mm_ms:.3f} ms", flush=True)
+    start = torch.cuda.memory_allocated()
+    yield result
+    result.append(torch.cuda.max_memory_allocated() - start)
 
 
-def linear_step(entropy):
-    def run():
-        out = fastce.linear_token_logprobs(hid, w, y, return_entropy=entropy)
-        lp, ent = out if entropy else (out, None)
-        loss = -(adv * lp).mean() - (0.01 * ent.mean() if entropy else 0)
+def correctness():
+    print("== correctness (largest error relative to the largest |float64| value)")
+    for n, v, dtype, temperature in LOGITS_CHECKS:
+        x = (torch.randn(n, v, device=DEVICE) * 3).to(dtype)
+        target = torch.randint(0, v, (n,), device=DEVICE)
+        target[::7] = -100
+        print(f"token_logprobs N={n} V={v} {dtype} T={temperature}:",
+              check(fastce.token_logprobs, reference.token_logprobs, [x], target, temperature=temperature))
+    for n, h, v, dtype, chunk in LINEAR_CHECKS:
+        leaves = [torch.randn(n, h, device=DEVICE).to(dtype), (torch.randn(v, h, device=DEVICE) * h ** -0.5 * 2).to(dtype),
+                  torch.randn(v, device=DEVICE).to(dtype)]
+        target = torch.randint(0, v, (n,), device=DEVICE)
+        target[::5] = -100
+
+        def fast(hidden, weight, bias, t, **kwargs):
+            return fastce.linear_token_logprobs(hidden, weight, t, linear_bias=bias, chunk_size=chunk, **kwargs)
+
+        def exact(hidden, weight, bias, t, **kwargs):
+            return reference.linear_token_logprobs(hidden, weight, t, linear_bias=bias, **kwargs)
+
+        print(f"linear_token_logprobs N={n} H={h} V={v} {dtype} chunk_size={chunk}:",
+              check(fast, exact, leaves, target, temperature=0.8))
+
+
+def compiled_matches_eager():
+    torch._dynamo.reset()
+    x, hidden = torch.randn(64, 1000, device=DEVICE), torch.randn(64, 32, device=DEVICE)
+    weight = torch.randn(1000, 32, device=DEVICE) * 0.2
+    target = torch.randint(0, 1000, (64,), device=DEVICE)
+
+    def loss_fn(x, hidden, weight):
+        logprob, entropy = fastce.token_logprobs(x, target, temperature=0.9, return_entropy=True)
+        linear_logprob, linear_entropy = fastce.linear_token_logprobs(hidden, weight, target, return_entropy=True,
+                                                                      chunk_size=16)
+        return (logprob * 0.3 - entropy).sum() + (linear_logprob - 0.1 * linear_entropy).sum()
+
+    results = []
+    backend = "aot_eager" if DRY_RUN else "inductor"
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend=backend)):
+        leaves = [t.clone().requires_grad_() for t in (x, hidden, weight)]
+        loss = fn(*leaves)
         loss.backward()
-    return run
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    print(f"== torch.compile(fullgraph, {backend}) against eager, largest differences:",
+          " ".join(f"{(a - b).abs().max().item():.1e}" for a, b in zip(*results)))
 
 
-for entropy in (False, True):
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ms = do_bench(linear_step(entropy), grad_to_none=[hid, w], return_mode="median")
-    peak = torch.cuda.max_memory_allocated() - base - (hid.numel() + w.numel()) * 2
-    print(f"fastce linear_token_logprobs entropy={entropy} fwd+bwd: {ms:.2f} ms = {flops / ms / 1e9:.0f} TFLOP/s "
-          f"(6NHV), {ms / mm_ms:.2f} logits-GEMM times; peak beyond inputs+grads {peak / 1e9:.3f} GB "
-          f"({peak / (n * v * 2) * 100:.1f}% of the logits)", flush=True)
+def logits_timings():
+    n, v = TIMED_LOGITS
+    x = (torch.randn(n, v, device=DEVICE) * 2).to(torch.bfloat16)
+    target = torch.randint(0, v, (n,), device=DEVICE)
+    advantage = torch.randn(n, device=DEVICE)
+    logits_bytes = x.numel() * x.element_size()
+    print(f"== token_logprobs, bf16 N={n} V={v} ({logits_bytes / 1e9:.2f} GB of logits); "
+          "GB/s over the bytes each must move")
+    copy_ms = timed_ms(lambda: torch.empty_like(x).copy_(x))
+    print(f"copy of the logits: {copy_ms:.3f} ms, {2 * logits_bytes / copy_ms / 1e6:.0f} GB/s")
+    forward_ms = timed_ms(lambda: fastce.token_logprobs(x, target, return_entropy=True))
+    print(f"fastce forward (reads 1x): {forward_ms:.3f} ms, {logits_bytes / forward_ms / 1e6:.0f} GB/s")
+    leaf = x.clone().requires_grad_()
 
-try:
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-    grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="cispo", epsilon_high=5.0,
-                                    compiled=False)
-    seqs = y.view(-1, 256)
+    def step(stats):
+        def run():
+            logprob, entropy = stats(leaf)
+            (-(advantage * logprob) - 0.01 * entropy).mean().backward()
+        return run
 
-    def liger_step():
-        grpo(hid.view(*seqs.shape, -1), w, seqs, torch.ones_like(seqs), adv.view(seqs.shape)[:, 0])[0].backward()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ms = do_bench(liger_step, grad_to_none=[hid, w], return_mode="median")
-    peak = torch.cuda.max_memory_allocated() - base - (hid.numel() + w.numel()) * 2
-    print(f"liger fused linear GRPO fwd+bwd: {ms:.2f} ms; peak beyond inputs+grads {peak / 1e9:.3f} GB", flush=True)
-except ImportError as error:
-    print("liger not installed here:", error)
-
-
-def trainer_linear():
-    logits = hid @ w.t()
-    lp = _selective_log_softmax(logits, y, 256)
-    (-(adv * lp).mean()).backward()
+    steps = {"fastce": step(lambda t: fastce.token_logprobs(t, target, return_entropy=True)),
+             "torch log_softmax(fp32).gather + entropy": step(lambda t: _log_softmax_gather(t, target)),
+             "trainers (TRL-style, in bf16)": step(lambda t: (_selective_log_softmax(t, target, SEQUENCE),
+                                                              _chunked_entropy(t)))}
+    for name, run in steps.items():
+        with peak_above_start() as peak:
+            ms = timed_ms(run, grad_to_none=[leaf])
+        print(f"{name} forward+backward: {ms:.3f} ms ({ms / copy_ms:.2f}x the copy's time; fastce moves 3x the "
+              f"logits' bytes, the copy 2x), peak above the inputs {peak[0] / 1e9:.2f} GB")
 
 
-torch.cuda.reset_peak_memory_stats()
-base = torch.cuda.memory_allocated()
-ms = do_bench(trainer_linear, grad_to_none=[hid, w], return_mode="median")
-peak = torch.cuda.max_memory_allocated() - base - (hid.numel() + w.numel()) * 2
-print(f"trainers (materialised logits) fwd+bwd: {ms:.2f} ms; peak beyond inputs+grads {peak / 1e9:.2f} GB")
-print(f"total {time.time() - t_start:.0f} s")
+def linear_timings():
+    n, h, v = TIMED_LINEAR
+    hidden = torch.randn(n, h, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device=DEVICE) * h ** -0.5).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, v, (n,), device=DEVICE)
+    advantage = torch.randn(n, device=DEVICE)
+    inputs_bytes, logits_bytes = (hidden.numel() + weight.numel()) * 2, n * v * 2
+    gemm_ms = timed_ms(lambda: hidden @ weight.t())
+    print(f"== linear_token_logprobs, bf16 N={n} H={h} V={v}; one logits GEMM {gemm_ms:.3f} ms; "
+          "peaks beyond inputs and gradients, as % of the logits' bytes")
+
+    def fastce_step(entropy):
+        def run():
+            out = fastce.linear_token_logprobs(hidden, weight, target, return_entropy=entropy)
+            logprob, bonus = (out[0], 0.01 * out[1].mean()) if entropy else (out, 0.0)
+            (-(advantage * logprob).mean() - bonus).backward()
+        return run
+
+    def trainers():
+        (-(advantage * _selective_log_softmax(hidden @ weight.t(), target, SEQUENCE)).mean()).backward()
+
+    steps = {"fastce": fastce_step(False), "fastce with entropy": fastce_step(True),
+             "trainers (materialised logits)": trainers}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="cispo", epsilon_high=5.0,
+                                        compiled=False)
+        sequences = target.view(-1, SEQUENCE)
+        steps["liger fused linear GRPO"] = lambda: grpo(hidden.view(*sequences.shape, -1), weight, sequences,
+                                                        torch.ones_like(sequences),
+                                                        advantage.view(sequences.shape)[:, 0])[0].backward()
+    except ImportError as error:
+        print("liger: not importable here:", error)
+    for name, run in steps.items():
+        with peak_above_start() as peak:
+            ms = timed_ms(run, grad_to_none=[hidden, weight])
+        beyond = peak[0] - inputs_bytes  # the two gradients, which every step must hold
+        print(f"{name} forward+backward: {ms:.3f} ms ({ms / gemm_ms:.2f} logits GEMMs), "
+              f"peak beyond inputs and gradients {max(beyond, 0) / logits_bytes * 100:.1f}%")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
+    parser.parse_args()
+    assert fastce.uses_triton(torch.empty(0, device=DEVICE)), "no Triton for this device"
+    print(torch.__version__, torch.cuda.get_device_name() if not DRY_RUN else "CPU (Triton interpreter)")
+    torch.manual_seed(0)
+    start = time.time()
+    correctness()
+    compiled_matches_eager()
+    logits_timings()
+    linear_timings()
+    print(f"done in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -154,6 +154,7 @@ def token_stats_variants() -> list[tuple]:
         ("token forward float64, V=1000", fwd, 1000, "fp64", ("HAS_ENTROPY", "STORE_STATS")),
         ("token backward, V=128k", bwd, 131072, "bf16", ("HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY")),
         ("token backward, V=256", bwd, 256, "fp32", ("HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY")),
+        ("token backward, V=4096", bwd, 4096, "bf16", ("HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY")),
     ]
 
 
@@ -183,7 +184,8 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     print(f"{'kernel variant':40s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} {'regs':>5s} {'stack B':>8s}")
-    for name, config, registers, spills in compile_all(forward_variants()) + compile_token_stats(token_stats_variants()):
+    rows = compile_all(forward_variants()) + compile_token_stats(token_stats_variants())
+    for name, config, registers, spills in rows:
         print(f"{name:40s} {config.rows:4d} {config.block_size:7d} {config.num_ctas:4d} {config.num_warps:5d} "
               f"{registers:5d} {spills:8d}")
 
