@@ -491,3 +491,53 @@ def test_fastce_imports_without_transformers_and_the_integration_says_what_to_in
     result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert 'pip install "fastce[transformers]"' in result.stdout
+
+
+# ---- per-token log-probabilities and entropy (RL) -----------------------------------------------------
+
+TOKEN_MODELS = ["llama", "llama-tied", "cohere", "granite", "phi", "gpt2"]  # plain, tied, scaled logits, a head bias
+
+
+@pytest.mark.parametrize("name", [model for model in AVAILABLE_MODELS if model.values[0] in TOKEN_MODELS])
+def test_token_logprobs_and_entropy_equal_the_stock_logits_and_train_the_same(name, path):
+    from fastce.integrations.transformers import token_logprobs
+    model = _tiny_model(name)
+    batch = _batch()
+    keep = SEQ - 3  # the completion: the last positions, as GRPO keeps them
+    labels = batch["labels"][:, -keep:]
+    weights = torch.randn(2, BATCH, keep)
+
+    def statistics(call):
+        model.zero_grad(set_to_none=True)
+        log_probs, entropy = call()
+        (weights[0] * log_probs + weights[1] * entropy).sum().backward()
+        return log_probs.detach(), entropy.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    def fused():
+        output = token_logprobs(model, batch["input_ids"], labels, attention_mask=batch["attention_mask"],
+                                logits_to_keep=keep, temperature=0.7, return_entropy=True)
+        return output["log_probs"], output.entropy
+
+    def stock():  # the model's own logits, then log_softmax(logits / T) at the next token, in float64
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        return fastce.reference.token_logprobs(logits.double(), targets, temperature=0.7, return_entropy=True)
+
+    got, expected = statistics(fused), statistics(stock)
+    assert got[0].dtype == torch.float32 and got[0].shape == (BATCH, keep)
+    for actual, wanted in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(actual.double(), wanted, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0][:, -1], torch.zeros(BATCH))  # the last position predicts nothing
+    for parameter, grad in got[2].items():
+        wanted = expected[2][parameter]
+        assert (grad is None) == (wanted is None), parameter
+        if grad is not None:
+            torch.testing.assert_close(grad, wanted.to(grad.dtype), rtol=1e-4, atol=1e-6, msg=parameter)
+
+
+def test_token_logprobs_refuses_soft_capped_logits():
+    from fastce.integrations.transformers import token_logprobs
+    if not hasattr(transformers, "Gemma2ForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma2ForCausalLM")
+    with pytest.raises(TypeError, match="final_logit_softcapping"):
+        token_logprobs(_tiny_model("gemma2"), _batch()["input_ids"])

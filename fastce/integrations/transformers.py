@@ -56,7 +56,7 @@ try:
 except ImportError:  # torch built without distributed: no DTensor can exist
     DTensor = ()
 
-__all__ = ["causal_lm_loss", "apply_fastce", "register", "unregister"]
+__all__ = ["causal_lm_loss", "apply_fastce", "register", "unregister", "token_logprobs", "TokenLogprobsOutput"]
 
 # transformers' own loss, as imported before register() replaces it
 _STOCK_LOSS = loss_utils.ForCausalLMLoss
@@ -134,17 +134,16 @@ def _float32_loss(loss: Tensor, lse: Tensor, targets: Tensor, ignore_index: int,
     return loss + (value - loss.detach())
 
 
-def _fused_head_loss(model: PreTrainedModel, hidden: Tensor, labels: Tensor,
-                     num_items_in_batch: Union[None, int, Tensor] = None, ignore_index: int = -100,
-                     shift_labels: Optional[Tensor] = None) -> Tensor:
-    """model.loss_function(head(hidden), labels, …) without the logits: fastce.linear_cross_entropy."""
+def _head_operands(model: PreTrainedModel, hidden: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[float]]:
+    """(hidden (N, H), weight, bias, softcap) such that the model's logits are softcap·tanh((hidden·Wᵀ + b) / softcap)
+    (no tanh when softcap is None): the head's operands in the autocast dtype, its logit scale folded into
+    hidden and bias."""
     head = _lm_head(model)
     if isinstance(head.weight, DTensor):  # FSDP2 gives a head sharded with its parent its whole weight in forward
         raise TypeError(
             "the LM head's weight is a DTensor in forward (tensor parallelism, or FSDP2 without the head's parameters "
             "gathered): fastce's fused head needs the whole weight; use apply_fastce(model, fused_linear=False)")
     scale, softcap = _logit_transform(model)
-    targets = _next_token_targets(labels, shift_labels, ignore_index, hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     weight, bias = head.weight, head.bias
     device_type = hidden.device.type
@@ -155,6 +154,16 @@ def _fused_head_loss(model: PreTrainedModel, hidden: Tensor, labels: Tensor,
     if scale != 1.0:
         hidden = hidden * scale
         bias = None if bias is None else bias * scale
+    return hidden, weight, bias, softcap
+
+
+def _fused_head_loss(model: PreTrainedModel, hidden: Tensor, labels: Tensor,
+                     num_items_in_batch: Union[None, int, Tensor] = None, ignore_index: int = -100,
+                     shift_labels: Optional[Tensor] = None) -> Tensor:
+    """model.loss_function(head(hidden), labels, …) without the logits: fastce.linear_cross_entropy."""
+    targets = _next_token_targets(labels, shift_labels, ignore_index, hidden.device)
+    hidden, weight, bias, softcap = _head_operands(model, hidden)
+    device_type = hidden.device.type
     normalisation = _normalisation(num_items_in_batch, weight.shape[0], hidden.device)
     with torch.autocast(device_type, enabled=False):
         loss, lse = fastce.linear_cross_entropy(hidden, weight, targets, linear_bias=bias, ignore_index=ignore_index,
@@ -168,6 +177,55 @@ def _fused_head_loss(model: PreTrainedModel, hidden: Tensor, labels: Tensor,
         return z if softcap is None else softcap * torch.tanh(z / softcap)
 
     return _float32_loss(loss, lse, targets, ignore_index, normalisation.get("weight"), target_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token log-probabilities and entropy (RL, DESIGN §7.2)
+
+
+@dataclasses.dataclass
+class TokenLogprobsOutput(ModelOutput):
+    """What token_logprobs returns in place of logits: float32 (B, S) tensors, as TRL's fused head
+    returns them (`output["log_probs"]`, `output.entropy`)."""
+    log_probs: Optional[Tensor] = None
+    entropy: Optional[Tensor] = None
+
+
+def token_logprobs(model: PreTrainedModel, input_ids: Tensor, labels: Optional[Tensor] = None, *,
+                   shift_labels: Optional[Tensor] = None, logits_to_keep: Union[int, Tensor] = 0,
+                   temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                   **model_kwargs) -> TokenLogprobsOutput:
+    """The log-probability of each next token under a causal LM, and on request the entropy of its
+    next-token distribution at each position, from the last hidden states through
+    fastce.linear_token_logprobs: the (tokens × vocab) logits are never built, and both outputs are
+    differentiable (into the decoder and the head) for GRPO/PPO-style losses.
+
+    Position i of the (kept) hidden states scores labels[:, i + 1] (transformers' shift), or
+    shift_labels[:, i]; labels default to input_ids (to their last logits_to_keep positions). Positions
+    whose target is ignore_index, and the last one, get 0. temperature divides the logits. model_kwargs
+    (attention_mask, position_ids, …) go to the decoder. The model's logit scale (Cohere, Granite) is
+    honoured; soft-capped logits (Gemma 2/3's final_logit_softcapping) are refused with a TypeError,
+    as the fused head's other refusals: use fastce.token_logprobs on model(...).logits there.
+    """
+    if model.base_model is model:
+        raise TypeError(f"{type(model).__name__} has no decoder under a head (model.base_model is the model itself): "
+                        "token_logprobs expects a *ForCausalLM")
+    model_kwargs.setdefault("use_cache", False)
+    hidden = slice_logits_to_keep(model.base_model(input_ids=input_ids, **model_kwargs)[0], logits_to_keep)
+    if labels is None and shift_labels is None:
+        labels = input_ids[:, -hidden.shape[1]:] if isinstance(logits_to_keep, int) else input_ids[:, logits_to_keep]
+    targets = _next_token_targets(labels, shift_labels, ignore_index, hidden.device)
+    row_shape = hidden.shape[:-1]
+    hidden, weight, bias, softcap = _head_operands(model, hidden)
+    if softcap is not None:
+        raise TypeError(f"{type(model).__name__} soft-caps its logits (final_logit_softcapping), which "
+                        "fastce.linear_token_logprobs does not: use fastce.token_logprobs on model(...).logits")
+    with torch.autocast(hidden.device.type, enabled=False):
+        outputs = fastce.linear_token_logprobs(hidden, weight, targets, linear_bias=bias, temperature=temperature,
+                                               ignore_index=ignore_index, return_entropy=return_entropy)
+    log_probs, entropy = outputs if return_entropy else (outputs, None)
+    return TokenLogprobsOutput(log_probs=log_probs.reshape(row_shape),
+                               entropy=None if entropy is None else entropy.reshape(row_shape))
 
 
 # ---------------------------------------------------------------------------------------------
