@@ -27,6 +27,10 @@ def test_gpu_run_checks_every_launch_path_and_times_every_provider(tmp_path):
     fastce_rows = [row for row in timings if row["provider"].startswith("fastce")]
     assert fastce_rows and all(row["status"] == "ok" for row in fastce_rows), fastce_rows
     assert printed.rstrip().endswith((tmp_path / "summary.md").read_text().rstrip().splitlines()[-1])
+    token_stats = (tmp_path / "token_stats.log").read_text()  # bench.gpu_token_stats, one stage of the run
+    token_checks = [line for line in token_stats.splitlines() if "ignored tokens all zero" in line]
+    assert len(token_checks) == 3 and all(line.endswith("True") for line in token_checks), token_stats
+    assert token_stats.rstrip().splitlines()[-1].startswith("done in"), token_stats
 
 
 def test_launch_sweep_times_the_rule_beside_its_alternatives(tmp_path):

@@ -444,17 +444,3 @@ def test_kernels_compile_for_hopper_without_spills():
     assert len(rows) == 6, result.stdout
     for name, registers, stack in rows:
         assert 0 < int(registers) <= 255 and int(stack) == 0, f"{name}: {registers} registers, {stack} B of stack"
-
-
-def test_gpu_check_script_runs_in_its_dry_run_mode():
-    # tools/gpu_check_token_stats.py is what a GPU session runs; its --dry-run is the same code at tiny
-    # sizes on the interpreter, so that the session finds it working
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    result = subprocess.run([sys.executable, "tools/gpu_check_token_stats.py", "--dry-run"],
-                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    checks = [line for line in result.stdout.splitlines() if "ignored tokens all zero" in line]
-    assert len(checks) == 3 and all(line.endswith("True") for line in checks), result.stdout
-    assert "liger fused linear GRPO forward+backward" in result.stdout or "liger: not importable" in result.stdout
-    assert result.stdout.rstrip().splitlines()[-1].startswith("done in")

@@ -3,9 +3,9 @@ against torch in the input's dtype), torch.compile, and timings against a copy o
 torch expressions RL trainers use and Liger's fused linear GRPO (when importable). A few minutes on
 an H100/H200.
 
-    python tools/gpu_check_token_stats.py              # from the repository root, on a GPU
-    python tools/gpu_check_token_stats.py --dry-run    # the same code at tiny sizes on the CPU
-                                                       # (Triton interpreter; times mean nothing)
+    python -m bench.gpu_token_stats              # on a GPU; python -m bench.gpu_run runs it as one stage
+    python -m bench.gpu_token_stats --dry-run    # the same code at tiny sizes on the CPU
+                                                 # (Triton interpreter; times mean nothing)
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from contextlib import contextmanager
 
 DRY_RUN = "--dry-run" in sys.argv
 os.environ["TRITON_INTERPRET"] = "1" if DRY_RUN else "0"  # before triton is imported
-sys.path.insert(0, os.getcwd())  # the repository root: fastce and bench
 
 import torch  # noqa: E402
 
