@@ -1,0 +1,260 @@
+"""Vocabulary-parallel cross-entropy over torch.distributed: the loss for tensor-parallel training.
+
+    import fastce.distributed as fd
+    loss = fd.vocab_parallel_cross_entropy(local_logits, target, group=tp_group)        # (…, V/tp) slice
+    loss = fd.linear_cross_entropy(hidden, local_head_weight, target, group=tp_group)  # column-parallel head
+
+Each rank of `group` (default: the world) holds a slice of the class dimension (class dimension
+last), consecutive slices in rank order unless `vocab_start` says where each begins. Every rank
+gets what fastce.cross_entropy returns on the concatenated logits, and the gradient of its own
+slice. Communication: two all-reduces per forward (the row max; then one packed sum of the row
+statistics), none in the backward of the loss; no host sync with validate=False. DTensor users
+call fastce.cross_entropy / fastce.linear_cross_entropy directly (see fastce/distributed/dtensor.py).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validation import (
+    CLASS_INDEX_DTYPES,
+    InvalidArgumentError,
+    TargetDtypeError,
+    check_label_smoothing,
+    check_linear,
+    check_reduction,
+    check_target_range,
+    logits_placeholder,
+)
+from ..reference import compute_dtype
+from .collectives import Arguments, Partition, agree, check_device, resolve_group
+from .spec import VocabParallelSpec
+
+__all__ = ["vocab_parallel_cross_entropy", "linear_cross_entropy"]
+
+# what a local check raises: caught under validate=True so that every rank raises together
+_ARGUMENT_ERRORS = (TypeError, ValueError, RuntimeError, IndexError)
+
+
+def _check_logits_and_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TargetDtypeError(f"expected floating point logits, but got {logits.dtype}")
+    if logits.dim() == 0:
+        raise InvalidArgumentError("logits must have a class dimension (last): expected (…, V_r), got a 0-dim tensor")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    if target.device != logits.device:
+        raise InvalidArgumentError(f"target is on {target.device} but logits are on {logits.device}")
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise InvalidArgumentError(
+                f"probability targets must be this rank's slice, shaped like its logits {list(logits.shape)}, "
+                f"got {list(target.shape)}")
+        if ignore_index != -100:
+            raise InvalidArgumentError("ignore_index is not supported for floating point target")
+        return
+    if target.dtype not in CLASS_INDEX_DTYPES:
+        raise TargetDtypeError(
+            f"expected target dtype to be Long or Byte (global class indices) or the logits' floating point dtype "
+            f"(this rank's slice of probabilities), but got {target.dtype}")
+    if target.shape != logits.shape[:-1]:
+        raise InvalidArgumentError(
+            f"expected target of shape {list(logits.shape[:-1])} (the logits' shape without the class dimension, "
+            f"which is last), got {list(target.shape)}")
+
+
+def _check_weight(weight: Optional[Tensor], logits: Tensor, slice_end: int) -> None:
+    if weight is None:
+        return
+    from ..functional import _check_not_differentiable
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
+    if weight.dim() != 1 or not weight.is_floating_point():
+        raise InvalidArgumentError(f"weight must be the full (V,) floating point class weights, got "
+                                   f"{weight.dtype} of shape {list(weight.shape)}")
+    if weight.device != logits.device:
+        raise InvalidArgumentError(f"weight is on {weight.device} but logits are on {logits.device}")
+    if weight.numel() < slice_end:
+        raise InvalidArgumentError(
+            f"weight has {weight.numel()} classes but this rank's slice ends at class {slice_end}: pass the full "
+            "(V,) class weights on every rank")
+    _check_not_differentiable(weight, "weight")
+
+
+def _check_options(reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float]) -> None:
+    from ..functional import _check_z_loss_softcap
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    _check_z_loss_softcap(z_loss, softcap)
+
+
+def _partition(group, rank: int, world_size: int, args: Arguments, n_rows: int, check_local, validate: bool) -> Partition:
+    """Runs this rank's checks (`check_local`, no sync) and, with validate, the exchange that makes
+    every rank agree (raising the same error everywhere); returns where this rank's slice lies."""
+    local_error = None
+    try:
+        check_local()
+        vocab_start = None if args.vocab_start is None else operator.index(args.vocab_start)
+        if vocab_start is not None and vocab_start < 0:
+            raise InvalidArgumentError(f"vocab_start must be a class index >= 0, got {vocab_start}")
+        args = args._replace(vocab_start=vocab_start)
+    except _ARGUMENT_ERRORS as error:
+        if not validate:
+            raise
+        local_error = error
+    n_classes = args.logits.shape[-1] if local_error is None else 0
+    if validate:
+        device = args.logits.device if isinstance(args.logits, Tensor) else torch.device("cpu")
+        vocab_size = agree(group, rank, world_size, device, args, n_rows, local_error)
+        if vocab_size == 0:
+            raise InvalidArgumentError("fastce.distributed: the logits have no classes on any rank")
+        if not args.target.is_floating_point():
+            check_target_range(args.target, vocab_size, args.ignore_index)  # the same verdict on every rank
+    elif args.weight is not None:
+        vocab_size = args.weight.numel()
+    else:
+        vocab_size = world_size * n_classes if args.vocab_start is None else None
+    vocab_start = rank * n_classes if args.vocab_start is None else args.vocab_start
+    return Partition(group, rank, world_size, vocab_start, n_classes, vocab_size)
+
+
+def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap) -> VocabParallelSpec:
+    return VocabParallelSpec(operator.index(ignore_index), reduction, float(label_smoothing), float(z_loss),
+                             None if softcap is None else float(softcap))
+
+
+def vocab_parallel_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    validate: bool = True,
+    loss_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Cross-entropy of logits split over the class dimension across the ranks of `group`.
+
+    Args:
+        logits: this rank's slice (…, V_r) of the logits, class dimension last.
+        target: the global class indices (…), the same on every rank; or this rank's slice (…, V_r)
+            of probability targets.
+        group: the process group holding the slices (default: the world).
+        vocab_start: where this rank's slice begins (default rank·V_r: equal slices); needed for
+            uneven slices, on every rank.
+        weight: the full (V,) class weights, the same on every rank.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as fastce.cross_entropy.
+        validate: check, before computing, that every rank's arguments are sound and agree (same
+            rows, target, weight and options; slices tiling [0, V); class indices in range), raising
+            the same error on every rank: one extra all-reduce of a few int64 per rank and one host
+            sync. With False: no host sync, and a bad class index gives NaN for its row.
+        loss_dtype: dtype of the returned loss (default: the logits' dtype, as torch).
+
+    Returns what fastce.cross_entropy returns on the concatenated logits (moved to torch's class
+    dimension), on every rank; backward gives each rank the gradient of its own slice.
+    """
+    group, rank, world_size = resolve_group(group)
+    args = Arguments(logits, target, weight, vocab_start, ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+    def check_local():
+        _check_options(reduction, label_smoothing, z_loss, softcap)
+        _check_logits_and_target(logits, target, ignore_index)
+        check_device(group, logits.device)
+        start = rank * logits.shape[-1] if vocab_start is None else operator.index(vocab_start)
+        _check_weight(weight, logits, start + logits.shape[-1])
+
+    n_rows = logits.shape[:-1].numel() if isinstance(logits, Tensor) and logits.dim() else 0
+    part = _partition(group, rank, world_size, args, n_rows, check_local, validate)
+    from .autograd import VocabParallelCrossEntropyFunction, per_rank_steps
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if weight is not None:
+        weight = weight.detach().to(compute_dtype(logits.dtype)).contiguous()
+    divisors = per_rank_steps(logits).mean_divisors(logits, target, weight, spec, part.vocab_size)
+    return VocabParallelCrossEntropyFunction.apply(logits, target, weight, spec, part, divisors,
+                                                   loss_dtype or logits.dtype)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    validate: bool = True,
+    chunk_size: Optional[int] = None,
+    loss_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Cross-entropy of a column-parallel head: this rank holds rows [vocab_start, vocab_start + V_r)
+    of the head (linear_weight (V_r, H), linear_bias (V_r)); input (…, H) is the same on every rank.
+
+    Equals vocab_parallel_cross_entropy(input @ linear_weight.T + linear_bias, target, …) with
+    gradients for input (summed over the group: one all-reduce of N·H values in the backward),
+    linear_weight and linear_bias (this rank's rows), computed in chunks of rows as
+    fastce.linear_cross_entropy is (chunk_size rows, default its rule for V_r classes): neither
+    the full logits nor this rank's slice of them exist at once. target: global class indices
+    (…), or this rank's slice (…, V_r) of probabilities. Other arguments as
+    vocab_parallel_cross_entropy; two all-reduces per chunk in the forward.
+    """
+    group, rank, world_size = resolve_group(group)
+    n_local = linear_weight.shape[0] if isinstance(linear_weight, Tensor) and linear_weight.dim() else 0
+    is_tensor = isinstance(input, Tensor) and input.dim() > 0
+    logits_like = logits_placeholder(input, input.shape[:-1].numel(), n_local).view(*input.shape[:-1], n_local) \
+        if is_tensor else input
+    args = Arguments(logits_like, target, weight, vocab_start, ignore_index, reduction, label_smoothing, z_loss,
+                     softcap)
+
+    def check_local():
+        _check_options(reduction, label_smoothing, z_loss, softcap)
+        check_linear(input, linear_weight, linear_bias, target, ignore_index)
+        check_device(group, input.device)
+        if chunk_size is not None and chunk_size < 1:
+            raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        start = rank * n_local if vocab_start is None else operator.index(vocab_start)
+        _check_weight(weight, input, start + n_local)
+
+    n_rows = input.shape[:-1].numel() if is_tensor else 0
+    part = _partition(group, rank, world_size, args, n_rows, check_local, validate)
+    from .autograd import (
+        SumGradientOverGroup,
+        VocabParallelCrossEntropyFunction,
+        VocabParallelLinearCrossEntropyFunction,
+        per_rank_steps,
+    )
+    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    loss_dtype = loss_dtype or input.dtype
+    if weight is not None:
+        weight = weight.detach().to(compute_dtype(input.dtype)).contiguous()
+    row_shape = input.shape[:-1]
+    rows_input = input.reshape(-1, input.shape[-1])
+    rows_target = target.reshape(-1, n_local) if target.is_floating_point() else target.reshape(-1)
+    steps = per_rank_steps(input)
+    divisors = steps.mean_divisors(logits_like, target, weight, spec, part.vocab_size)
+    if steps.__name__.endswith(".reference"):
+        # the CPU path without Triton: this rank's slice of the logits, through torch's autograd
+        logits = torch.nn.functional.linear(SumGradientOverGroup.apply(rows_input, group), linear_weight, linear_bias)
+        loss = VocabParallelCrossEntropyFunction.apply(logits, rows_target, weight, spec, part, divisors, loss_dtype)
+    else:
+        from ..linear import default_chunk_rows
+        chunk_rows = chunk_size or default_chunk_rows(rows_input.shape[0], n_local, rows_input.shape[1],
+                                                      rows_input.element_size())
+        loss = VocabParallelLinearCrossEntropyFunction.apply(rows_input, linear_weight, linear_bias, rows_target,
+                                                             weight, spec, part, divisors, chunk_rows, loss_dtype)
+    return loss.reshape(row_shape) if reduction == "none" else loss

@@ -1,0 +1,191 @@
+"""Communication of fastce.distributed: plain torch.distributed collectives (NCCL, gloo, whatever
+the group runs), and the exchange that lets every rank agree on its arguments before any of them
+computes (validate=True).
+
+Why every rank must reach the same verdict: a rank that raises while the others go on into an
+all-reduce leaves them waiting for it forever. So with validate=True each rank runs its local
+checks, catches what they raise, and the ranks then swap one small table (one all-reduce of a
+few int64 per rank, one host sync) that carries each rank's verdict and what must agree (rows,
+target, class weights, options, slices); every rank reads the same table and raises the same
+error, or none does.
+"""
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._validation import InvalidArgumentError
+
+
+class Partition(NamedTuple):
+    """Where this rank's slice of the class dimension lies in its group."""
+    group: object             # the torch.distributed ProcessGroup
+    rank: int                 # this process's rank in `group`
+    world_size: int
+    vocab_start: int          # first global class of the slice
+    n_classes: int            # V_r, the slice's width
+    vocab_size: Optional[int]  # V when the host knows it without communicating, else None
+
+
+def resolve_group(group) -> tuple[object, int, int]:
+    """(group, rank in it, its size); the world when `group` is None. Raises on this rank alone:
+    a process outside the group has nobody to tell."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("fastce.distributed needs an initialised process group: call "
+                           "torch.distributed.init_process_group first (torchrun sets up its environment)")
+    group = dist.group.WORLD if group is None else group
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise InvalidArgumentError(
+            f"fastce.distributed: this process (global rank {dist.get_rank()}) is not a member of the group "
+            "it was given; pass the tensor-parallel group this rank belongs to")
+    return group, rank, dist.get_world_size(group)
+
+
+def check_device(group, device: torch.device) -> None:
+    """The group must have a backend for the tensors' device (NCCL has none for CPU tensors)."""
+    device_types = getattr(group, "_device_types", None)
+    if device_types is not None and device.type not in {d.type for d in device_types}:
+        raise InvalidArgumentError(
+            f"fastce.distributed: the group's backend ({dist.get_backend(group)}) cannot communicate {device.type} "
+            f"tensors; pass tensors on {', '.join(sorted({d.type for d in device_types}))} or a group for {device.type}")
+
+
+def all_reduce_max(t: Tensor, group) -> None:
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+
+def all_reduce_sum(t: Tensor, group) -> None:
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+# ---------------------------------------------------------------------------------------------
+# validate=True: one exchange of what must agree
+
+
+def _fingerprint(t: Optional[Tensor]) -> tuple[int, int]:
+    """Two int64 sums of a tensor's values (bit patterns for floats), one weighted by position, so
+    that ranks holding different tensors see different numbers (wrap-around is deterministic)."""
+    if t is None:
+        return 0, 0
+    flat = t.detach().reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.to(torch.float64).view(torch.int64)
+    flat = flat.long()
+    position = torch.arange(1, 2 * flat.numel() + 1, 2, device=flat.device, dtype=torch.int64)
+    return flat.sum(), (flat * position).sum()
+
+
+def _float_bits(value: Optional[float]) -> int:
+    return -1 if value is None else struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+_FIELDS = ("error", "rows", "classes", "start", "target_sum", "target_mix", "weight_sum", "weight_mix",
+           "weight_numel", "dtype", "probabilities", "ignore_index", "reduction", "label_smoothing", "z_loss",
+           "softcap")
+# fields every rank must hold the same value of, with what a person is told when they do not
+_MUST_AGREE = {
+    "rows": "the number of rows (tokens) differs between ranks",
+    "target_sum": "target differs between ranks: every rank must pass the same class indices",
+    "target_mix": "target differs between ranks: every rank must pass the same class indices",
+    "weight_sum": "weight differs between ranks: every rank must pass the same (V,) class weights",
+    "weight_mix": "weight differs between ranks: every rank must pass the same (V,) class weights",
+    "weight_numel": "weight differs between ranks: every rank must pass the same (V,) class weights",
+    "dtype": "the logits' dtype differs between ranks",
+    "probabilities": "some ranks pass class indices and others probabilities",
+    "ignore_index": "ignore_index differs between ranks",
+    "reduction": "reduction differs between ranks",
+    "label_smoothing": "label_smoothing differs between ranks",
+    "z_loss": "z_loss differs between ranks",
+    "softcap": "softcap differs between ranks",
+}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+class Arguments(NamedTuple):
+    """What one rank was called with, as far as the ranks must agree on it."""
+    logits: Tensor
+    target: Tensor
+    weight: Optional[Tensor]
+    vocab_start: Optional[int]
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: Optional[float]
+
+
+def _describe(args: Arguments, n_rows: int) -> dict:
+    prob = args.target.is_floating_point()
+    target_sum, target_mix = _fingerprint(None if prob else args.target)  # probability slices differ by design
+    weight_sum, weight_mix = _fingerprint(args.weight)
+    return dict(
+        rows=n_rows, classes=args.logits.shape[-1], start=-1 if args.vocab_start is None else args.vocab_start,
+        target_sum=target_sum, target_mix=target_mix, weight_sum=weight_sum, weight_mix=weight_mix,
+        weight_numel=-1 if args.weight is None else args.weight.numel(),
+        dtype=_DTYPES.index(args.logits.dtype) if args.logits.dtype in _DTYPES else len(_DTYPES),
+        probabilities=int(prob), ignore_index=args.ignore_index, reduction=_REDUCTIONS.index(args.reduction),
+        label_smoothing=_float_bits(args.label_smoothing), z_loss=_float_bits(args.z_loss),
+        softcap=_float_bits(args.softcap))
+
+
+def agree(group, rank: int, world_size: int, device: torch.device, args: Optional[Arguments], n_rows: int,
+          local_error: Optional[BaseException]) -> int:
+    """Exchanges each rank's verdict and arguments; raises the same error on every rank when any
+    rank's arguments are wrong or the ranks' arguments disagree; else returns V, the number of
+    classes of all slices together. One all-reduce and one host sync."""
+    table = torch.zeros((world_size, len(_FIELDS)), dtype=torch.int64, device=device)
+    if local_error is None:
+        described = _describe(args, n_rows)
+        table[rank, 1:] = torch.stack([torch.as_tensor(described[f], dtype=torch.int64, device=device)
+                                       for f in _FIELDS[1:]])
+    else:
+        table[rank, 0] = 1
+    all_reduce_sum(table, group)
+    rows = [dict(zip(_FIELDS, values)) for values in table.tolist()]
+    failed = [r for r, row in enumerate(rows) if row["error"]]
+    if failed:
+        if local_error is not None:
+            raise local_error
+        raise InvalidArgumentError(
+            f"fastce.distributed: rank(s) {failed} of the group rejected their arguments (the error is raised "
+            f"there); no rank computed the loss")
+    for field, message in _MUST_AGREE.items():
+        values = [row[field] for row in rows]
+        if len(set(values)) > 1:
+            differing = [r for r, v in enumerate(values) if v != values[0]]
+            raise InvalidArgumentError(f"fastce.distributed: {message} (rank 0 and rank(s) {differing} disagree)")
+    return _tiled_vocab_size(rows)
+
+
+def _tiled_vocab_size(rows: Sequence[dict]) -> int:
+    """V, after checking that the slices tile [0, V) without gap or overlap."""
+    widths = [row["classes"] for row in rows]
+    if all(row["start"] == -1 for row in rows):
+        if len(set(widths)) > 1:
+            raise InvalidArgumentError(
+                f"fastce.distributed: the ranks' slices have different widths {widths}: pass vocab_start "
+                "(where each rank's slice begins) for uneven slices")
+        starts = [r * widths[0] for r in range(len(rows))]
+    elif any(row["start"] == -1 for row in rows):
+        raise InvalidArgumentError("fastce.distributed: vocab_start must be given on every rank or on none")
+    else:
+        starts = [row["start"] for row in rows]
+    end = 0
+    for start, width in sorted(zip(starts, widths)):
+        if start != end:
+            raise InvalidArgumentError(
+                f"fastce.distributed: the slices (vocab_start, width) {list(zip(starts, widths))} do not tile the "
+                f"vocabulary: {'a gap' if start > end else 'an overlap'} at class {min(start, end)}")
+        end = start + width
+    weight_numel = rows[0]["weight_numel"]
+    if weight_numel not in (-1, end):
+        raise InvalidArgumentError(
+            f"fastce.distributed: weight has {weight_numel} classes but the slices hold {end}; pass the full (V,) "
+            "class weights on every rank")
+    return end
