@@ -104,6 +104,14 @@ def _runs_reference(input, target, n_classes: int, ignore_index: int, validate: 
     return True
 
 
+def _is_dtensor(t) -> bool:
+    # DTensors go to fastce.distributed (fastce/distributed/dtensor.py); plain tensors skip the import
+    if type(t) in (Tensor, torch.nn.Parameter) or not isinstance(t, Tensor):
+        return False
+    from .distributed.dtensor import is_dtensor
+    return is_dtensor(t)
+
+
 def _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softcap):
     from .ops import LossSpec
     return LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
@@ -156,7 +164,15 @@ def cross_entropy(
             out-of-range index gives NaN for its row instead of an error.
         return_lse: also return the per-row fp32 log-sum-exp of the (soft-capped) logits,
             shaped like the 'none' loss (0 at ignored rows).
+
+    A DTensor `input` sharded on the class dimension (torch's loss_parallel convention) runs
+    fastce.distributed's vocabulary-parallel loss on its mesh and returns a DTensor.
     """
+    if _is_dtensor(input):
+        from .distributed.dtensor import cross_entropy as dtensor_cross_entropy
+        return dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
+                                     softcap=softcap, inplace_backward=inplace_backward, validate=validate,
+                                     return_lse=return_lse)
     n_classes = _check_common(input, target, ignore_index, reduction, label_smoothing)
     check_class_factor(weight, n_classes, input, "weight")
     _check_not_differentiable(weight, "weight")
@@ -185,6 +201,8 @@ def focal_loss(
     alpha: None, a float (every class), or a (C,) tensor of per-class factors. "mean" divides by
     the number of non-ignored rows. gamma = 0 with alpha = None is cross-entropy.
     """
+    if _is_dtensor(input):
+        raise NotImplementedError("fastce.focal_loss has no DTensor (vocabulary-parallel) form; pass a plain tensor")
     n_classes = _check_common(input, target, ignore_index, reduction, label_smoothing)
     _check_finite("gamma", float(gamma), 0.0)
     if alpha is not None and not isinstance(alpha, Tensor):
@@ -230,7 +248,15 @@ def linear_cross_entropy(
         heads, up to 2048 rows while the chunk's logits take no more bytes than a bf16 W).
     options: torch's LinearCrossEntropyOptions, accepted for drop-in use and ignored (fastce
     always chunks, by the rule above).
+    A DTensor `linear_weight` sharded on dim 0 (a column-parallel head) runs fastce.distributed's
+    vocabulary-parallel form on its mesh and returns a DTensor.
     """
+    if _is_dtensor(linear_weight) or _is_dtensor(input):
+        from .distributed.dtensor import linear_cross_entropy as dtensor_linear_cross_entropy
+        return dtensor_linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=-100 if ignore_index is None else ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, validate=validate, return_lse=return_lse, chunk_size=chunk_size)
     ignore_index = -100 if ignore_index is None else ignore_index
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
