@@ -30,7 +30,7 @@ from .._validation import (
     logits_placeholder,
 )
 from ..reference import compute_dtype
-from .collectives import Arguments, Partition, agree, check_device, resolve_group
+from .collectives import Arguments, Partition, agree, check_device, exchange_device, resolve_group
 from .spec import VocabParallelSpec
 
 __all__ = ["vocab_parallel_cross_entropy", "linear_cross_entropy"]
@@ -109,8 +109,7 @@ def _partition(group, rank: int, world_size: int, args: Arguments, n_rows: int, 
         local_error = error
     n_classes = args.logits.shape[-1] if local_error is None else 0
     if validate:
-        device = args.logits.device if isinstance(args.logits, Tensor) else torch.device("cpu")
-        vocab_size = agree(group, rank, world_size, device, args, n_rows, local_error)
+        vocab_size = agree(group, rank, world_size, exchange_device(group, args.logits), args, n_rows, local_error)
         if vocab_size == 0:
             raise InvalidArgumentError("fastce.distributed: the logits have no classes on any rank")
         if not args.target.is_floating_point():
@@ -211,7 +210,8 @@ def linear_cross_entropy(
     fastce.linear_cross_entropy is (chunk_size rows, default its rule for V_r classes): neither
     the full logits nor this rank's slice of them exist at once. target: global class indices
     (…), or this rank's slice (…, V_r) of probabilities. Other arguments as
-    vocab_parallel_cross_entropy; two all-reduces per chunk in the forward.
+    vocab_parallel_cross_entropy; two all-reduces per chunk in the forward. chunk_size, when given,
+    must be the same on every rank.
     """
     group, rank, world_size = resolve_group(group)
     n_local = linear_weight.shape[0] if isinstance(linear_weight, Tensor) and linear_weight.dim() else 0
@@ -223,7 +223,13 @@ def linear_cross_entropy(
 
     def check_local():
         _check_options(reduction, label_smoothing, z_loss, softcap)
-        check_linear(input, linear_weight, linear_bias, target, ignore_index)
+        if n_local:
+            check_linear(input, linear_weight, linear_bias, target, ignore_index)
+        else:  # an empty slice (uneven slices, or a DTensor head with fewer rows than ranks)
+            check_linear(input, linear_weight.new_empty(()).expand(1, linear_weight.shape[-1]), None,
+                         target[..., :1] if target.is_floating_point() else target, ignore_index)
+            if linear_bias is not None and linear_bias.shape != (0,):
+                raise InvalidArgumentError(f"expected linear_bias shape [0], got {list(linear_bias.shape)}")
         check_device(group, input.device)
         if chunk_size is not None and chunk_size < 1:
             raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
@@ -253,7 +259,10 @@ def linear_cross_entropy(
         loss = VocabParallelCrossEntropyFunction.apply(logits, rows_target, weight, spec, part, divisors, loss_dtype)
     else:
         from ..linear import default_chunk_rows
-        chunk_rows = chunk_size or default_chunk_rows(rows_input.shape[0], n_local, rows_input.shape[1],
+        # every rank must cut the rows alike (each chunk is two all-reduces): only numbers all ranks share,
+        # the widest slice of V when V is known, else no cap on the chunk's bytes
+        widest = -(-part.vocab_size // world_size) if part.vocab_size else 1
+        chunk_rows = chunk_size or default_chunk_rows(rows_input.shape[0], widest, rows_input.shape[1],
                                                       rows_input.element_size())
         loss = VocabParallelLinearCrossEntropyFunction.apply(rows_input, linear_weight, linear_bias, rows_target,
                                                              weight, spec, part, divisors, chunk_rows, loss_dtype)

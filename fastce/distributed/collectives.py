@@ -55,6 +55,17 @@ def check_device(group, device: torch.device) -> None:
             f"tensors; pass tensors on {', '.join(sorted({d.type for d in device_types}))} or a group for {device.type}")
 
 
+def exchange_device(group, t) -> torch.device:
+    """Where the argument exchange's table lives: `t`'s device when the group can send it, else one
+    it can (a rank whose tensors are unusable must still take part, to tell the others)."""
+    device_types = [d.type for d in getattr(group, "_device_types", ())]
+    if isinstance(t, Tensor) and (not device_types or t.device.type in device_types):
+        return t.device
+    if "cpu" in device_types:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def all_reduce_max(t: Tensor, group) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
 

@@ -125,7 +125,8 @@ def vocab_parallel_stats_kernel(
         mask = valid[:, None] & in_slice[None, :]
         x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
                          HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
-        is_target = cols[None, :] == y_local[:, None]
+        # (a padded lane past the slice may carry the next rank's first class number: not a target)
+        is_target = (cols[None, :] == y_local[:, None]) & in_slice[None, :]
         # online log-sum-exp with ref = m, or 0 while m is −inf (no −inf − −inf)
         m_new = tl.maximum(m, tl.max(x, 1))
         ref_old = tl.where(m == float("-inf"), 0.0, m)
@@ -310,7 +311,7 @@ def vocab_parallel_grad_kernel(
         # p = e^((x' − REF) − log s): x' − REF is exact near the max, where x' − lse would carry lse's rounding
         p = tl.exp((x - ref[:, None]) - log_s[:, None])
         global_cols = vocab_start + cols
-        is_target = global_cols[None, :] == y[:, None]
+        is_target = (global_cols[None, :] == y[:, None]) & in_slice[None, :]
         if PROB_TARGET or HAS_SMOOTHING:
             w = _class_weights(weight_ptr, global_cols, in_slice, HAS_WEIGHT, COMPUTE_DTYPE)
         if PROB_TARGET:
