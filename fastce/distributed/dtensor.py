@@ -31,7 +31,7 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _sharding_dim(placements, tensor_dim: int, what: str) -> int:
+def sharding_mesh_dim(placements, tensor_dim: int, what: str) -> int:
     """The one mesh dimension that shards `tensor_dim` (torch's "TP" dimension); the others must be
     Replicate or shard another dimension."""
     dims = [i for i, p in enumerate(placements) if p.is_shard(tensor_dim)]
@@ -45,7 +45,7 @@ def _sharding_dim(placements, tensor_dim: int, what: str) -> int:
     return dims[0]
 
 
-def _slice_start(size: int, mesh, mesh_dim: int) -> int:
+def slice_start(size: int, mesh, mesh_dim: int) -> int:
     """Where this rank's shard of `size` classes begins (torch.chunk's split, as DTensor's Shard)."""
     chunk = -(-size // mesh.size(mesh_dim))
     return min(size, chunk * mesh.get_local_rank(mesh_dim))
@@ -111,7 +111,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
         raise NotImplementedError("fastce.cross_entropy of a DTensor: inplace_backward and return_lse are not supported")
     class_dim = 1 if input.dim() >= 2 else 0
     mesh, placements = input.device_mesh, input.placements
-    mesh_dim = _sharding_dim(placements, class_dim, "input")
+    mesh_dim = sharding_mesh_dim(placements, class_dim, "input")
     rows_placements = _rows_placements(placements, mesh_dim, class_dim)
     out_placements = _loss_placements(rows_placements, mesh_dim, reduction)
     if target is not None and is_dtensor(target) and target.dim() == input.dim():
@@ -119,7 +119,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
                                    "loss_parallel has none either); pass class indices")
     loss = vocab_parallel_cross_entropy(
         input.to_local().movedim(class_dim, -1), _local(target, rows_placements, mesh, "target"),
-        group=mesh.get_group(mesh_dim), vocab_start=_slice_start(input.shape[class_dim], mesh, mesh_dim),
+        group=mesh.get_group(mesh_dim), vocab_start=slice_start(input.shape[class_dim], mesh, mesh_dim),
         weight=_replicated(weight, mesh), ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, validate=validate)
     return DTensor.from_local(loss, mesh, out_placements, run_check=False)
@@ -136,7 +136,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
         raise InvalidArgumentError("fastce.linear_cross_entropy: with DTensor inputs, linear_weight must be a "
                                    "DTensor sharded on dim 0 (a column-parallel head)")
     mesh = linear_weight.device_mesh
-    mesh_dim = _sharding_dim(linear_weight.placements, 0, "linear_weight")
+    mesh_dim = sharding_mesh_dim(linear_weight.placements, 0, "linear_weight")
     if any(not p.is_replicate() for i, p in enumerate(linear_weight.placements) if i != mesh_dim):
         raise InvalidArgumentError("fastce: linear_weight must be Replicate on every mesh dimension but the one "
                                    f"that shards its rows, got {tuple(linear_weight.placements)}")
@@ -156,7 +156,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
         else linear_bias
     loss = vocab_parallel_linear_cross_entropy(
         local_input, linear_weight.to_local(), _local(target, rows_placements, mesh, "target"),
-        group=mesh.get_group(mesh_dim), vocab_start=_slice_start(linear_weight.shape[0], mesh, mesh_dim),
+        group=mesh.get_group(mesh_dim), vocab_start=slice_start(linear_weight.shape[0], mesh, mesh_dim),
         linear_bias=local_bias, weight=_replicated(weight, mesh), ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, validate=validate, chunk_size=chunk_size)
     return DTensor.from_local(loss, mesh, _loss_placements(rows_placements, mesh_dim, reduction), run_check=False)

@@ -21,7 +21,7 @@ from torch import Tensor
 import fastce
 
 from .. import distributed
-from ..distributed.dtensor import _sharding_dim, _slice_start, is_dtensor
+from ..distributed.dtensor import sharding_mesh_dim, slice_start, is_dtensor
 
 IGNORE_INDEX = -100
 
@@ -40,8 +40,8 @@ def cross_entropy_loss(pred: Tensor, labels: Tensor, *, global_vocab_size: Optio
         labels = labels.to_local()  # replicated over the tensor-parallel group
     if is_dtensor(pred):
         mesh = pred.device_mesh
-        mesh_dim = _sharding_dim(pred.placements, pred.dim() - 1, "pred")
-        group, vocab_start = mesh.get_group(mesh_dim), _slice_start(pred.shape[-1], mesh, mesh_dim)
+        mesh_dim = sharding_mesh_dim(pred.placements, pred.dim() - 1, "pred")
+        group, vocab_start = mesh.get_group(mesh_dim), slice_start(pred.shape[-1], mesh, mesh_dim)
         pred = pred.to_local()
     elif group is not None:
         world_size, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
