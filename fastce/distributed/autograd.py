@@ -41,7 +41,8 @@ def per_rank_steps(t: Tensor):
 
 
 def reduce_rows(loss_rows: Tensor, reduction: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """The loss from per-row values already divided by the mean's divisors (so every reduction is a sum)."""
+    """The loss from per-row values already divided by the mean's divisors (so every reduction is a sum).
+    (fastce.autograd.reduce_rows, with the loss dtype chosen: that module needs Triton, this one not.)"""
     if reduction == "none":
         return loss_rows.reshape(shape).to(dtype)
     if reduction == "mean" and loss_rows.numel() == 0:
