@@ -511,9 +511,16 @@ def dtensor_with_options_torch_lacks(ctx):
     mesh = init_device_mesh("cpu", (ctx.world_size,))
     full, target = torch.randn(5, 9), torch.randint(0, 9, (5,))
     options = dict(label_smoothing=0.2, z_loss=0.01, softcap=3.0)
-    loss = fastce.cross_entropy(distribute_tensor(full, mesh, [Shard(1)]), target, **options)
-    assert_close_dtype(loss.full_tensor(), fastce.reference.cross_entropy(full.double(), target, **options),
-                       torch.float32, "DTensor with smoothing, z-loss, softcap")
+    logits = distribute_tensor(full, mesh, [Shard(1)])
+    expected = fastce.reference.cross_entropy(full.double(), target, **options)
+    loss = fastce.cross_entropy(logits, target, **options)
+    assert_close_dtype(loss.full_tensor(), expected, torch.float32, "DTensor with smoothing, z-loss, softcap")
+    module_loss = fastce.CrossEntropyLoss(label_smoothing=0.2, z_loss=0.01, softcap=3.0)(logits, target)
+    assert_close_dtype(module_loss.full_tensor(), expected, torch.float32, "fastce.CrossEntropyLoss of a DTensor")
+    from fastce._validation import InvalidArgumentError
+    expect_error(InvalidArgumentError, "probability targets are not supported",
+                 lambda: fastce.cross_entropy(logits, distribute_tensor(torch.rand(5, 9), mesh, [Shard(1)])))
+    expect_error(NotImplementedError, "no DTensor", lambda: fastce.focal_loss(logits, target))
 
 
 @case(2, 4)
