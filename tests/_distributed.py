@@ -193,11 +193,17 @@ def check_vocab_parallel(ctx: Rank, rows_shape=(7,), n_classes=13, dtype=torch.f
     assert_close_dtype(loss, expected64, dtype, "loss vs float64")
     assert_close_dtype(loss, expected.double(), dtype, "loss vs fastce.cross_entropy")
     assert_same_on_every_rank(loss, "loss")
+    # float64 stays float64, scalar options included (a float32 ε, z or s would be off by ~1e-8)
+    float64_close = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else None
+    if float64_close:
+        torch.testing.assert_close(loss, expected64.detach(), **float64_close)
     if grad:
         loss.backward(grad_output)
         expected.backward(grad_output)
         expected64.backward(grad_output.double())
         assert local.grad.dtype == dtype and local.grad.shape == local.shape
+        if float64_close:
+            torch.testing.assert_close(local.grad, whole64.grad[..., start:start + width], **float64_close)
         assert_close_dtype(local.grad, whole64.grad[..., start:start + width], dtype, "slice gradient vs float64")
         assert_close_dtype(local.grad, whole.grad[..., start:start + width].double(), dtype,
                            "slice gradient vs fastce.cross_entropy")
@@ -277,7 +283,7 @@ def megatron_shaped_rows_and_other_dtypes(ctx):
     check_vocab_parallel(ctx, rows_shape=(3, 2), reduction="none", label_smoothing=0.1)  # [s, b, V/tp]
     check_vocab_parallel(ctx, dtype=torch.bfloat16, weighted=True, label_smoothing=0.1)
     check_vocab_parallel(ctx, dtype=torch.float16, reduction="sum")
-    check_vocab_parallel(ctx, dtype=torch.float64, z_loss=0.1, softcap=3.0)
+    check_vocab_parallel(ctx, dtype=torch.float64, z_loss=0.1, softcap=3.0, label_smoothing=0.1, weighted=True)
 
 
 @case(2)

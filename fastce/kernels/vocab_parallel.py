@@ -88,8 +88,9 @@ def vocab_parallel_stats_kernel(
     target_stride_outer, target_stride_inner, target_stride_class,  # probability targets only
     # sizes
     n_rows, n_classes, inner_size, vocab_start,    # n_classes = V_r, the slice's width
-    # scalars
-    ignore_index, softcap,
+    # scalars: float64 on the way in (a Python float would reach a compiled kernel as float32), cast
+    # once to COMPUTE_DTYPE, so that fp64 kernels compute with fp64 values
+    ignore_index, softcap: "fp64",
     # compile-time flags
     ROWS: tl.constexpr,            # rows per program
     BLOCK_SIZE: tl.constexpr,      # classes per tile
@@ -101,6 +102,7 @@ def vocab_parallel_stats_kernel(
     WIDE_OFFSETS: tl.constexpr,    # class offsets need int64
     COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
 ):
+    softcap = tl.full((), softcap, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
     logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
@@ -198,10 +200,12 @@ def vocab_parallel_finish_kernel(
     weight_total_ptr,          # Σ_c w_c over all V classes (HAS_WEIGHT; else V)
     loss_ptr, lse_ptr,         # out: per-row loss (divided by the mean's divisor), lse (0 where ignored)
     row_state_ptr,             # out: (N, 3) [log s, A, 1 − p_y] for the backward
-    n_rows, n_weights, ignore_index, label_smoothing, z_loss,
+    n_rows, n_weights, ignore_index, label_smoothing: "fp64", z_loss: "fp64",  # fp64 in, as above
     BLOCK_ROWS: tl.constexpr, N_STATS: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, MEAN: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
+    label_smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE)
+    z_loss = tl.full((), z_loss, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     in_bounds = rows < n_rows
     vocab_size = tl.load(stats_ptr + n_rows * N_STATS).to(COMPUTE_DTYPE)
@@ -265,14 +269,17 @@ def vocab_parallel_grad_kernel(
     grad_stride_outer, grad_stride_inner, grad_stride_class,
     # sizes
     n_rows, n_classes, inner_size, vocab_start, n_weights,
-    # scalars
-    ignore_index, label_smoothing, z_loss, softcap,
+    # scalars (fp64 in, as above)
+    ignore_index, label_smoothing: "fp64", z_loss: "fp64", softcap: "fp64",
     # compile-time flags
     ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr,
     GRAD_OUTPUT: tl.constexpr,     # upstream gradient: 0 none (=1), 1 scalar, 2 one per row
     WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
+    label_smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE)
+    z_loss = tl.full((), z_loss, COMPUTE_DTYPE)
+    softcap = tl.full((), softcap, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
     logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
