@@ -13,7 +13,11 @@ measures them without a GPU:
   inputs and writes its outputs. Views and allocations move nothing; write-only operators
   (``copy_``, ``fill_``, ``zero_``, ``out=`` arguments) do not read what they overwrite, nor
   ``zeros_like``-style factories the tensor they copy the shape of.
-  The interpreter's own host copies around a kernel launch are not counted.
+  The interpreter's own host copies around a kernel launch are not counted. A custom op
+  written in Python (``torch.library.custom_op``) is charged what its body runs, not its
+  arguments and results on top. ``torch.compile``'d code is counted as it runs (the counter
+  steps aside while compiling): with ``backend="aot_eager"`` that is every operator of the
+  compiled graphs; inductor's generated kernels are invisible.
 * **Peak memory**: the most bytes of tensor storages created inside the block that were
   alive at once (storages alive before the block are not counted).
 * **Host syncs**: operators that make the host wait for the device: ``.item()``,
@@ -353,14 +357,30 @@ def _forces_sync(name: str, overload: str, args, kwargs, output) -> bool:
     return False
 
 
+def _python_custom_op(func):
+    """The torch.library.custom_op definition behind `func`, or None (aten and other operators)."""
+    from torch._library.custom_ops import OPDEFS
+    return OPDEFS.get(func._schema.name)
+
+
 class _TorchOpCounter(TorchDispatchMode):
     def __init__(self, result: Measurement, launch: _LaunchRecorder) -> None:
         super().__init__()
         self.result = result
         self.launch = launch
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        custom_op = _python_custom_op(func)
+        if custom_op is not None:
+            # a torch.library custom op written in Python (fastce's, under torch.compile): count what
+            # its body runs (its Triton kernels and torch operators), not the op as a whole
+            with self:
+                return custom_op._init_fn(*args, **kwargs)
         output = func(*args, **kwargs)
         if self.launch.kernel is not None:  # the interpreter copying kernel arguments
             return output

@@ -197,6 +197,34 @@ def test_report_names_kernels_and_operators():
     assert m.as_dict()["launches"] == m.launches == 4
 
 
+@torch.library.custom_op("fastce_test::double_copy", mutates_args=())
+def double_copy(src: torch.Tensor) -> torch.Tensor:
+    dst = torch.empty_like(src)
+    launch(copy_kernel, src, dst)
+    return dst * 2
+
+
+@double_copy.register_fake
+def _(src):
+    return torch.empty_like(src)
+
+
+def test_compiled_graphs_and_python_custom_ops_are_counted_once():
+    # a custom op is charged what its body runs (its kernel and torch operators), not its
+    # inputs and outputs on top; a compiled function runs under the counter, not around it
+    n = 64
+    src = torch.randn(n)
+    compiled = torch.compile(lambda t: double_copy(t + 1), fullgraph=True, backend="aot_eager")
+    compiled(src)  # compile outside the measurement
+    for fn in (double_copy, compiled):
+        with measure() as m:
+            fn(src)
+        assert m.triton_read == m.triton_write == n * FLOAT, m.report()
+        assert m.ops["mul"].read == m.ops["mul"].write == n * FLOAT, m.report()
+        assert "double_copy" not in m.ops, m.report()
+    assert m.ops["add"].calls == 1, m.report()
+
+
 def test_imports_and_counts_torch_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
