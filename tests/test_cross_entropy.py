@@ -8,7 +8,7 @@ import fastce
 from fastce import reference
 
 from _support import (DTYPES, GRADCHECK, REDUCTIONS, as64, assert_close_dtype, bitwise_equal,
-                      ce_fns, check_loss_and_grad, count_kernel_launches, grads, make_inputs,
+                      ce_fns, check_loss_and_grad, count_kernel_launches, focal_fns, grads, make_inputs,
                       make_logits, make_probs, make_targets, make_weight, random_grad_output)
 
 # Named argument sets: each exercises a different part of the semantics.
@@ -357,6 +357,27 @@ def test_return_lse(device, shape, softcap):
     l2.backward()
     _, _, (rg,) = grads(lambda a, b: reference.cross_entropy(a, b, softcap=softcap), [x.double(), t])
     assert_close_dtype(xx.grad, rg, torch.float32, "grad with return_lse")
+
+
+FLOAT64_OPTIONS = {
+    "smoothing": ("cross_entropy", dict(label_smoothing=0.1)),
+    "smoothing_probs": ("cross_entropy", dict(label_smoothing=0.3, probs=True)),
+    "z_loss": ("cross_entropy", dict(z_loss=1e-3)),
+    "softcap": ("cross_entropy", dict(softcap=3.7)),
+    "focal_gamma": ("focal_loss", dict(gamma=1.7, label_smoothing=0.05)),
+}
+
+
+@pytest.mark.parametrize("case", list(FLOAT64_OPTIONS), ids=list(FLOAT64_OPTIONS))
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_float64_stays_float64_for_every_scalar_option(device, case, reduction):
+    """Scalar options reach the fp64 kernels as fp64: results to fp64 accuracy (an fp32 ε/C, z,
+    s or γ would be ~1e-8 off), loss and gradient."""
+    name, kw = FLOAT64_OPTIONS[case]
+    kw = dict(kw)
+    x, t = make_inputs((7, 33), torch.float64, device, scale=3.0, probs=kw.pop("probs", False))
+    fast, ref = (ce_fns if name == "cross_entropy" else focal_fns)(None, reduction=reduction, **kw)
+    check_loss_and_grad(fast, ref, [x, t], torch.float64, "random", case)
 
 
 # ------------------------------------------------------------------------------------------

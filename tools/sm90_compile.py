@@ -96,7 +96,7 @@ def _forward_source(variant: Variant):
         elif name in ("n_rows", "n_classes", "inner_size", "ignore_index"):
             signature[name] = "i32"
         elif name in ("label_smoothing", "z_loss", "softcap", "gamma"):
-            signature[name] = "fp32"
+            signature[name] = "fp64"  # the kernel's annotation: fp64 kernels compute with fp64 scalars
     if not flags["HAS_WEIGHT"]:
         constexprs["weight_ptr"] = None
     return signature, constexprs, config

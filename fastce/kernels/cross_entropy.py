@@ -214,8 +214,9 @@ def cross_entropy_fwd_kernel(
     grad_stride_outer, grad_stride_inner, grad_stride_class,
     # sizes
     n_rows, n_classes, inner_size,
-    # scalars
-    ignore_index, label_smoothing, z_loss, softcap, gamma,
+    # scalars: float64 on the way in (a plain Python float would reach a compiled kernel as
+    # float32), cast once to COMPUTE_DTYPE below, so that fp64 kernels compute with fp64 values
+    ignore_index, label_smoothing: "fp64", z_loss: "fp64", softcap: "fp64", gamma: "fp64",
     # compile-time flags
     ROWS: tl.constexpr,            # rows per program (several when C is small)
     BLOCK_SIZE: tl.constexpr,      # classes per tile
@@ -232,6 +233,10 @@ def cross_entropy_fwd_kernel(
     GRAD_OUTPUT: tl.constexpr,     # upstream gradient: 0 none (=1), 1 scalar, 2 one per row
     COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
 ):
+    label_smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE)
+    z_loss = tl.full((), z_loss, COMPUTE_DTYPE)
+    softcap = tl.full((), softcap, COMPUTE_DTYPE)
+    gamma = tl.full((), gamma, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
     logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
