@@ -68,7 +68,9 @@ def _per_row_losses(input, target, class_factor, ignore_index, label_smoothing, 
     """
     x = softcap_logits(class_last_rows(input).to(compute_dtype(input.dtype)), softcap)
     lse = torch.logsumexp(x, dim=-1)
-    logp = x - lse.unsqueeze(-1)
+    # as torch: (x − max) − log Σ exp(x − max); x − lse would inherit lse's rounding, which at
+    # logits of 1e4 is as large as the loss of a confident row
+    logp = torch.log_softmax(x, dim=-1)
     q, valid, in_range, y_safe = _row_targets(x, target, ignore_index, label_smoothing)
     a = q if class_factor is None else q * class_factor.to(x.dtype)
     if gamma == 0.0:
@@ -78,8 +80,7 @@ def _per_row_losses(input, target, class_factor, ignore_index, label_smoothing, 
         else:
             loss = -(a * logp).sum(-1)
     else:
-        p = logp.exp()
-        term = a * (1.0 - p).clamp(min=0.0).pow(gamma) * logp
+        term = a * (-torch.expm1(logp)).pow(gamma) * logp  # 1 − p without cancellation as p → 1
         # a class with no target mass adds nothing, even where its logit is -inf
         loss = -torch.where(a == 0, torch.zeros_like(term), term).sum(-1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))

@@ -1,5 +1,6 @@
 """Numerics that other kernels got wrong (DESIGN §2): -inf logits, p - 1 in bf16, C = 1,
-C across block sizes and past the single-pass limit, many rows per program, huge logits."""
+C across block sizes and past the single-pass limit, many rows per program, huge logits; on the
+kernels and on the pure-PyTorch path alike."""
 import math
 
 import pytest
@@ -13,6 +14,14 @@ from _support import (DTYPES, assert_close_dtype, ce_fns, check_loss_and_grad, f
                       make_logits, make_targets, make_weight, tol)
 
 NEG_INF = float("-inf")
+
+
+@pytest.fixture(autouse=True, params=["kernels", "reference"])
+def path(request, monkeypatch):
+    """Every case here runs on the kernels and on the pure-PyTorch path (CPU without the interpreter)."""
+    if request.param == "reference":
+        monkeypatch.setattr(fastce.functional, "uses_triton", lambda input: False)
+    return request.param
 
 
 # ------------------------------------------------------------------------------------------
