@@ -1,10 +1,11 @@
 """torch.autograd.Function behind fastce.cross_entropy and fastce.focal_loss.
 
-Gradient strategy (DESIGN §6): for 'mean' and 'sum' the forward kernel already writes
-∂loss/∂logits for an upstream gradient of 1, so backward only rescales it, on the device and only
-when the upstream gradient is not 1. For 'none' the upstream gradient is a per-row tensor that
-is usually not 1: backward recomputes the gradient from the logits in one fused pass, which moves
-fewer bytes than writing a gradient in forward and rescaling it.
+Gradient strategy (DESIGN §6, and the design note in fastce/ops.py): for 'mean' and 'sum' the
+forward kernel already writes ∂loss/∂logits for an upstream gradient of 1, and backward hands it
+out, rewriting it from the logits on the device only where the upstream gradient is not 1 or the
+returned lse has a gradient too. For 'none' the upstream gradient is a per-row tensor that is
+usually not 1: backward computes the gradient from the logits in one fused pass. Eager mode and
+torch.compile take the same path (compiled, through the custom ops of fastce/ops.py).
 
 With inplace_backward=True the gradient is written over the logits in forward, for every
 reduction, by two Functions: one overwrites the logits and marks them dirty (it returns only
@@ -24,12 +25,10 @@ from .ops import LossSpec
 from .reference import row_shape
 
 
-def _forward_op(logits, target, weight, spec: LossSpec, *, compute_grad: bool, validate: bool):
+def _forward_op(logits, target, weight, spec: LossSpec, *, keep_gradient: bool, validate: bool):
     if torch.compiler.is_compiling():
-        loss_rows, lse, grad, divisors = torch.ops.fastce.cross_entropy_forward(
-            logits, target, weight, *spec, compute_grad, validate)
-        return loss_rows, lse, grad if compute_grad else None, divisors
-    return ops.forward(logits, target, weight, spec, compute_grad=compute_grad, inplace=False, validate=validate)
+        return torch.ops.fastce.cross_entropy_forward(logits, target, weight, *spec, keep_gradient, validate)
+    return ops.forward(logits, target, weight, spec, keep_gradient=keep_gradient, validate=validate)
 
 
 def _forward_inplace_op(logits, loss_rows, lse, divisors, target, weight, spec: LossSpec, *, validate: bool):
@@ -37,14 +36,14 @@ def _forward_inplace_op(logits, loss_rows, lse, divisors, target, weight, spec: 
         torch.ops.fastce.cross_entropy_forward_inplace_(logits, loss_rows, lse, divisors, target, weight, *spec,
                                                        validate)
     else:
-        ops.forward(logits, target, weight, spec, compute_grad=True, inplace=True, validate=validate,
-                    out=(loss_rows, lse, divisors))
+        ops.forward_inplace(logits, target, weight, spec, validate=validate, out=(loss_rows, lse, divisors))
 
 
-def _recompute_grad_op(logits, target, weight, spec: LossSpec, divisors, grad_output):
+def _backward_op(logits, target, weight, spec: LossSpec, divisors, grad_output, lse_grad):
     if torch.compiler.is_compiling():
-        return torch.ops.fastce.cross_entropy_recompute_grad(logits, target, weight, divisors, grad_output, *spec)
-    return ops.recompute_gradient(logits, target, weight, spec, divisors, grad_output)
+        return torch.ops.fastce.cross_entropy_backward(logits, target, weight, divisors, grad_output, lse_grad,
+                                                       *spec)
+    return ops.backward(logits, target, weight, spec, divisors, grad_output, lse_grad)
 
 
 def _scale_grad_op(grad, grad_output):
@@ -66,7 +65,7 @@ def reduce_rows(loss_rows: Tensor, reduction: str, row_shape: torch.Size, dtype:
 def forward_no_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
                     validate: bool) -> tuple[Tensor, Tensor]:
     """(loss, lse) when no gradient is needed: one read of the logits, no gradient buffer."""
-    loss_rows, lse, _, _ = _forward_op(logits, target, weight, spec, compute_grad=False, validate=validate)
+    loss_rows, lse, _ = _forward_op(logits, target, weight, spec, keep_gradient=False, validate=validate)
     shape = row_shape(logits)
     return reduce_rows(loss_rows, spec.reduction, shape, logits.dtype), lse.reshape(shape)
 
@@ -77,7 +76,7 @@ _NO_GRADS = (None,) * 5
 
 class CrossEntropyFunction(torch.autograd.Function):
     """apply(logits, target, weight=None, spec=LossSpec(), validate=True, return_lse=False)
-    -> loss, or (loss, lse) with return_lse.
+    -> loss, or (loss, lse) with return_lse; both differentiable with respect to the logits.
 
     `spec` (fastce.ops.LossSpec) carries ignore_index, reduction, label_smoothing, z_loss,
     softcap and the focal options. (inplace_backward=True goes through `cross_entropy_inplace`.)
@@ -89,33 +88,20 @@ class CrossEntropyFunction(torch.autograd.Function):
         spec = LossSpec() if spec is None else spec
         ctx.set_materialize_grads(False)
         ctx.spec = spec
-        ctx.grad_handed_out = False
-        # A compiled graph recomputes in backward instead: it may not mutate a saved buffer.
-        ctx.grad_in_forward = spec.reduction != "none" and not torch.compiler.is_compiling()
-        loss_rows, lse, grad, divisors = _forward_op(logits, target, weight, spec,
-                                                     compute_grad=ctx.grad_in_forward, validate=validate)
-        ctx.save_for_backward(logits, target, weight, divisors, grad)
+        loss_rows, lse, divisors = _forward_op(logits, target, weight, spec,
+                                               keep_gradient=spec.reduction != "none", validate=validate)
+        ctx.save_for_backward(logits, target, weight, divisors)
         shape = row_shape(logits)
         loss = reduce_rows(loss_rows, spec.reduction, shape, logits.dtype)
-        if not return_lse:
-            return loss
-        lse = lse.reshape(shape)
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        return (loss, lse.reshape(shape)) if return_lse else loss
 
     @staticmethod
     @once_differentiable  # the gradient is not itself differentiable: a clear error on double backward
-    def backward(ctx, grad_loss, *_unused_grads):
-        if grad_loss is None:
+    def backward(ctx, grad_loss, grad_lse=None):
+        if grad_loss is None and grad_lse is None:
             return None, *_NO_GRADS
-        logits, target, weight, divisors, grad = ctx.saved_tensors
-        if ctx.grad_in_forward and not ctx.grad_handed_out:
-            # First backward: scale the forward's gradient in place (a no-op when grad_loss == 1)
-            # and hand the buffer out; a later backward through a retained graph recomputes.
-            ctx.grad_handed_out = True
-            _scale_grad_op(grad, grad_loss)
-            return grad, *_NO_GRADS
-        return _recompute_grad_op(logits, target, weight, ctx.spec, divisors, grad_loss), *_NO_GRADS
+        logits, target, weight, divisors = ctx.saved_tensors
+        return _backward_op(logits, target, weight, ctx.spec, divisors, grad_loss, grad_lse), *_NO_GRADS
 
 
 class _OverwriteLogitsWithGradient(torch.autograd.Function):

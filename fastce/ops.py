@@ -231,15 +231,18 @@ def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec
 
 def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *,
                    grad: Optional[Tensor], divisors: Tensor, grad_output: Optional[Tensor] = None,
-                   grad_output_per_row: bool = False,
-                   out: Optional[tuple[Tensor, Tensor]] = None,
+                   grad_output_per_row: bool = False, lse_grad: Optional[Tensor] = None,
+                   keep_unit_rows: bool = False, out: Optional[tuple[Tensor, Tensor]] = None,
                    config: Optional[LaunchConfig] = None) -> tuple[Tensor, Tensor]:
     """Run the fused kernel: returns per-row (loss contribution, lse), into `out` if given;
-    writes `grad` if given.
+    writes `grad` if given, for the upstream gradients `grad_output` of the loss (None: 1; a
+    scalar, or one value per row) and `lse_grad` of the lse (one value per row, or None).
 
     The per-row loss is already divided by the mean's divisors when spec.reduction == "mean",
     so every reduction is a plain sum of it. `grad` may alias `logits` (in-place backward): each
-    element is read before it is overwritten. `config` overrides the launch rule.
+    element is read before it is overwritten. With `keep_unit_rows`, `grad` already holds the
+    gradient for an upstream gradient of 1 and programs whose rows need no other are skipped
+    (their loss and lse rows are not written then). `config` overrides the launch rule.
     """
     n_classes = n_classes_of(logits)
     n_rows = logits.numel() // max(n_classes, 1)
@@ -265,6 +268,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spe
     kernel[grid](
         logits, target, weight, loss_rows, lse, grad if grad is not None else loss_rows,
         divisors, divisors[1:], grad_output if grad_output is not None else divisors,
+        lse_grad if lse_grad is not None else divisors,
         l_outer, l_inner, l_class, t_outer, t_inner, t_class, g_outer, g_inner, g_class,
         n_rows, n_classes, inner_size,
         spec.ignore_index, spec.label_smoothing, spec.z_loss,
@@ -275,6 +279,7 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spe
         HAS_SOFTCAP=spec.softcap is not None, FOCAL=spec.focal and spec.gamma != 0,
         MEAN=spec.reduction == "mean", COMPUTE_GRAD=grad is not None,
         GRAD_OUTPUT=0 if grad_output is None else (2 if grad_output_per_row else 1),
+        HAS_LSE_GRAD=lse_grad is not None, KEEP_UNIT_ROWS=keep_unit_rows,
         COMPUTE_DTYPE=_triton_dtype(logits.dtype), **launch_options)
     return loss_rows, lse
 
@@ -298,33 +303,72 @@ def launch_scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Op bodies (shared by the eager path and the custom ops)
+#
+# For 'mean' and 'sum' the forward writes ∂loss/∂logits for an upstream gradient of 1 (one read of
+# the logits gives the loss and the gradient), and backward hands that buffer out: nothing moves
+# when the upstream gradient is 1 (the usual loss.backward()); any other upstream gradient, or one
+# for the returned lse, rewrites it from the logits in one pass (a rescale would move as many
+# bytes, and would round a low-precision gradient twice). For 'none' the per-row upstream gradient
+# is usually not 1, so the forward writes no gradient and backward computes it.
+#
+# The buffer travels as an attribute of the forward's `divisors` output, which autograd (eager)
+# and AOTAutograd (torch.compile) both save for backward; backward takes it, once. Under
+# torch.compile this keeps the buffer out of the graph on purpose: the graph holds a forward op
+# with outputs (loss_rows, lse, divisors) and a backward op that returns a fresh gradient, both
+# pure, so nothing is functionalized and a compiled step moves what an eager one moves. As a graph
+# value, the buffer would need a backward op that mutates a saved tensor, which AOTAutograd turns
+# into a copy of the whole gradient (aot_eager clones it, inductor into a self-copy: a third
+# logits-sized pass). Wherever the attribute does not reach backward (saved-tensor hooks that copy,
+# a second backward through a retained graph, CUDA-graph replay under torch.compile, which runs no
+# Python), backward computes the gradient from the logits: correct, one pass more.
+
+_FORWARD_GRADIENT = "_fastce_forward_gradient"
 
 
-def forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *,
-            compute_grad: bool, inplace: bool, validate: bool,
-            out: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-    """Loss per row, lse per row, the gradient for an upstream gradient of 1 (or None), and the
-    mean's divisors (into `out`'s three tensors if given). With inplace=True the gradient is
-    written over `logits` and returned as it."""
+def _prepare(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, validate: bool,
+             out: Optional[Tensor]) -> Tensor:
+    """Validation and the mean's divisors: what every forward does before the fused kernel."""
     if validate and not target.is_floating_point():
         check_target_range(target, n_classes_of(logits), spec.ignore_index)
-    divisors = mean_divisors(logits, target, weight, spec, out=None if out is None else out[2])
-    grad = None
-    if compute_grad:
-        grad = logits if inplace else torch.empty_like(logits)
-    loss_rows, lse = launch_forward(logits, target, weight, spec, grad=grad, divisors=divisors,
-                                    out=None if out is None else out[:2])
-    return loss_rows, lse, grad, divisors
+    return mean_divisors(logits, target, weight, spec, out=out)
 
 
-def recompute_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
-                       divisors: Tensor, grad_output: Tensor) -> Tensor:
-    """∂loss/∂logits for the given upstream gradient, from the logits (backward of 'none', or a
-    second backward through a retained graph)."""
-    grad = torch.empty_like(logits)
+def forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *, keep_gradient: bool,
+            validate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss per row, lse per row and the mean's divisors. With keep_gradient, the gradient for an
+    upstream gradient of 1 is written too and kept with the divisors for `backward`."""
+    divisors = _prepare(logits, target, weight, spec, validate, None)
+    grad = torch.empty_like(logits) if keep_gradient else None
+    loss_rows, lse = launch_forward(logits, target, weight, spec, grad=grad, divisors=divisors)
+    if keep_gradient:
+        setattr(divisors, _FORWARD_GRADIENT, grad)
+    return loss_rows, lse, divisors
+
+
+def forward_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *, validate: bool,
+                    out: tuple[Tensor, Tensor, Tensor]) -> None:
+    """forward() into `out` = (loss rows, lse, divisors), with the gradient for an upstream
+    gradient of 1 written over the logits (inplace_backward=True)."""
+    divisors = _prepare(logits, target, weight, spec, validate, out[2])
+    launch_forward(logits, target, weight, spec, grad=logits, divisors=divisors, out=out[:2])
+
+
+def backward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, divisors: Tensor,
+             grad_output: Optional[Tensor], lse_grad: Optional[Tensor]) -> Tensor:
+    """∂/∂logits for the upstream gradients of the loss (None if unused; a scalar, or one per row
+    for 'none') and of the lse (one per row, or None): the forward's buffer when it kept one
+    (rewritten only where needed), else a new one."""
+    grad = getattr(divisors, _FORWARD_GRADIENT, None)
+    kept = grad is not None
+    if kept:
+        delattr(divisors, _FORWARD_GRADIENT)  # handed out once: it becomes the caller's
+    else:
+        grad = torch.empty_like(logits)
+    if grad_output is None:  # only the lse is used
+        grad_output = torch.zeros((), dtype=divisors.dtype, device=divisors.device)
     launch_forward(logits, target, weight, spec, grad=grad, divisors=divisors,
-                   grad_output=grad_output.reshape(-1).contiguous(),
-                   grad_output_per_row=spec.reduction == "none")
+                   grad_output=grad_output.reshape(-1).contiguous(), grad_output_per_row=grad_output.numel() > 1,
+                   lse_grad=None if lse_grad is None else lse_grad.reshape(-1).contiguous(), keep_unit_rows=kept)
     return grad
 
 
@@ -341,21 +385,21 @@ def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, foca
 def cross_entropy_forward_op(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: Optional[float], gamma: float, focal: bool,
-    compute_grad: bool, validate: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    keep_gradient: bool, validate: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
-    loss_rows, lse, grad, divisors = forward(logits, target, weight, spec, compute_grad=compute_grad,
-                                             inplace=False, validate=validate)
-    return loss_rows, lse, grad if grad is not None else logits.new_empty(0), divisors
+    # a CUDA graph captured by torch.compile replays without running this Python: nothing could
+    # hand the kept buffer to backward, which then computes the gradient itself
+    keep_gradient = keep_gradient and not (logits.is_cuda and torch.cuda.is_current_stream_capturing())
+    return forward(logits, target, weight, spec, keep_gradient=keep_gradient, validate=validate)
 
 
 @cross_entropy_forward_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal,
-      compute_grad, validate):
+      keep_gradient, validate):
     n_rows = logits.numel() // n_classes_of(logits)
     acc = compute_dtype(logits.dtype)
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    return (logits.new_empty(n_rows, dtype=acc), logits.new_empty(n_rows, dtype=acc), grad,
+    return (logits.new_empty(n_rows, dtype=acc), logits.new_empty(n_rows, dtype=acc),
             logits.new_empty(2, dtype=acc))
 
 
@@ -367,8 +411,7 @@ def cross_entropy_forward_inplace_op(
     gamma: float, focal: bool, validate: bool,
 ) -> None:
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
-    forward(logits, target, weight, spec, compute_grad=True, inplace=True, validate=validate,
-            out=(loss_rows, lse, divisors))
+    forward_inplace(logits, target, weight, spec, validate=validate, out=(loss_rows, lse, divisors))
 
 
 @cross_entropy_forward_inplace_op.register_fake
@@ -377,18 +420,18 @@ def _(logits, loss_rows, lse, divisors, target, weight, ignore_index, reduction,
     return None
 
 
-@torch.library.custom_op("fastce::cross_entropy_recompute_grad", mutates_args=())
-def cross_entropy_recompute_grad_op(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Tensor, grad_output: Tensor,
-    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-    gamma: float, focal: bool,
+@torch.library.custom_op("fastce::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Tensor, grad_output: Optional[Tensor],
+    lse_grad: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+    softcap: Optional[float], gamma: float, focal: bool,
 ) -> Tensor:
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
-    return recompute_gradient(logits, target, weight, spec, divisors, grad_output)
+    return backward(logits, target, weight, spec, divisors, grad_output, lse_grad)
 
 
-@cross_entropy_recompute_grad_op.register_fake
-def _(logits, target, weight, divisors, grad_output, ignore_index, reduction, label_smoothing, z_loss,
+@cross_entropy_backward_op.register_fake
+def _(logits, target, weight, divisors, grad_output, lse_grad, ignore_index, reduction, label_smoothing, z_loss,
       softcap, gamma, focal):
     return torch.empty_like(logits)
 

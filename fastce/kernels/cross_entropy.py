@@ -22,16 +22,43 @@ import triton.language as tl
 
 
 @triton.jit
-def _tanh(u):
-    # tanh(u) = 1 − 2/(exp(2u) + 1): tends to exactly ±1 as u → ±∞ (no inf/inf)
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+def _expm1(v):
+    # exp(v) − 1 without cancellation: where |v| is small, its Taylor polynomial to v⁹ (the next
+    # term is below 1e-9 of the value at |v| < 0.5 in fp32, 3e-16 at |v| < 0.1 in fp64); beyond,
+    # exp(v) − 1 loses at most a few ulps of exp to the subtraction
+    series = v * (1.0 + v * (1 / 2 + v * (1 / 6 + v * (1 / 24 + v * (1 / 120 + v * (
+        1 / 720 + v * (1 / 5040 + v * (1 / 40320 + v * (1 / 362880)))))))))
+    small = 0.1 if v.dtype == tl.float64 else 0.5
+    return tl.where(tl.abs(v) < small, series, tl.exp(v) - 1.0)
 
 
 @triton.jit
-def _expm1(v):
-    # exp(v) − 1 without cancellation for small |v| (Taylor to v⁶ below 0.1, error < 1e-10)
-    series = v * (1.0 + v / 2.0 * (1.0 + v / 3.0 * (1.0 + v / 4.0 * (1.0 + v / 5.0 * (1.0 + v / 6.0)))))
-    return tl.where(tl.abs(v) < 0.1, series, tl.exp(v) - 1.0)
+def _log1p(v):
+    # log(1 + v) for v ≥ 0 to a few ulps (Goldberg): log u · v / (u − 1) with u = 1 + v rounded
+    # corrects u's rounding; log itself is accurate (libdevice's, not an approximation)
+    u = 1.0 + v
+    return tl.where(u == 1.0, v, tl.log(u) * (v / (u - 1.0)))
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = sign(u)·t/(2 − t) with t = 1 − e^(−2|u|) = −expm1(−2|u|): relative precision
+    # for |u| ≪ 1 (1 − 2/(e^(2u) + 1) would cancel there), and exactly ±1 as u → ±∞ (no inf/inf)
+    t = -_expm1(-2.0 * tl.abs(u))
+    magnitude = t / (2.0 - t)
+    return tl.where(u < 0.0, -magnitude, magnitude)
+
+
+@triton.jit
+def _to_storage(x, DTYPE: tl.constexpr):
+    # fp32 → bf16 rounded to nearest-even by hand: Triton's interpreter truncates instead (it
+    # ignores the rounding mode), which would leave the CPU suite a whole ulp of slack; on a GPU
+    # the bits equal the hardware's conversion. (The quiet bit keeps a NaN a NaN.)
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = tl.where(x != x, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(DTYPE)
 
 
 @triton.jit
@@ -82,10 +109,11 @@ def _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, c
 
 
 @triton.jit
-def _online_update(x, a, mask, is_target, m, s, s_other, mass, weighted_sum, DENSE_TARGET: tl.constexpr):
+def _online_update(x, a, mask, is_target, m, s, s_other, mass, weighted_sum, target_logit,
+                   DENSE_TARGET: tl.constexpr, HARD_TARGET: tl.constexpr):
     # Merge a tile into the running (max m, Σ exp(x − ref), the same sum without the target
-    # class, A, Σ a(x − ref)) with ref = m, or 0 while m is still −inf (masked vocabulary in
-    # leading tiles must not produce −inf − −inf).
+    # class, A, Σ a(x − ref), the target's logit) with ref = m, or 0 while m is still −inf
+    # (masked vocabulary in leading tiles must not produce −inf − −inf).
     m_new = tl.maximum(m, tl.max(x, 1))
     ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = tl.exp(m - ref_new)
@@ -99,11 +127,11 @@ def _online_update(x, a, mask, is_target, m, s, s_other, mass, weighted_sum, DEN
         shifted = tl.where(mask & (a != 0.0), a * (x - ref_new[:, None]), 0.0)
         weighted_sum = weighted_sum + mass * (ref_old - ref_new) + tl.sum(shifted, 1)
         mass = mass + tl.sum(a, 1)
-    else:
-        # one class holds all the mass: keep just its logit (A and Σ a(x − ref) follow from it),
+    if HARD_TARGET:
+        # without smoothing, one class holds all the mass: its logit gives A and Σ a(x − ref),
         # which spares the registers of a second row-sized tile
-        weighted_sum = weighted_sum + tl.sum(tl.where(is_target, x, 0.0), 1)
-    return m_new, s, s_other, mass, weighted_sum
+        target_logit = target_logit + tl.sum(tl.where(is_target, x, 0.0), 1)
+    return m_new, s, s_other, mass, weighted_sum, target_logit
 
 
 @triton.jit
@@ -130,17 +158,24 @@ def _focal_terms(x, a, ref, log_s, gamma):
 
 
 @triton.jit
-def _gradient(x, a, p, lse, is_target, target_miss, mass, focal_sum, ce_scale, z_scale, upstream, z_loss,
-              softcap, PROB_TARGET: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              FOCAL: tl.constexpr):
+def _gradient(x, a, p, lse, is_target, target_miss, mass, focal_sum, focal_other, ce_scale, z_scale, upstream,
+              lse_upstream, z_loss, softcap, PROB_TARGET: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr, HAS_LSE_GRAD: tl.constexpr):
     # Cross-entropy: ∂/∂x'_j Σ_c a_c (lse − x'_c) = A·p_j − a_j   (∂lse/∂x'_j = p_j).
     #   Computed in fp32 and rounded once, so the target's p − 1 does not cancel in bf16.
     # Focal: ∂L/∂x'_j = Σ_c a_c f'(p_c) ∂p_c/∂x'_j with ∂p_c/∂x'_j = p_c(δ_cj − p_j)
     #   = a_j h(p_j) − p_j Σ_c a_c h(p_c),  h(p) = p f'(p).
     # z-loss: ∂(z·lse²)/∂x'_j = 2 z lse p_j.
+    # Both scaled by the loss's upstream gradient g; the returned lse's own upstream gradient
+    #   g_lse adds g_lse·∂lse/∂x'_j = g_lse·p_j (the same pass, one rounding).
     # Soft-cap: x' = s tanh(x/s) ⇒ ∂x'/∂x = 1 − tanh² = 1 − (x'/s)².
     if FOCAL:
         grad = a - p * focal_sum[:, None]  # a here is a·h(p) (see _focal_terms)
+        if not PROB_TARGET:
+            # At the target a_y h_y − p_y Σ_c a_c h_c = a_y h_y (1 − p_y) − p_y Σ_{c≠y} a_c h_c, with
+            # 1 − p_y and the non-target sum each summed on its own: nothing cancels as p_y → 1.
+            at_target = a * target_miss[:, None] - p * focal_other[:, None]
+            grad = tl.where(is_target, at_target, grad)
     else:
         grad = p * mass[:, None] - a
         if not PROB_TARGET:
@@ -151,10 +186,13 @@ def _gradient(x, a, p, lse, is_target, target_miss, mass, focal_sum, ce_scale, z
     grad = grad * ce_scale[:, None]
     if HAS_Z_LOSS:
         grad += (2.0 * z_loss * lse * z_scale)[:, None] * p
+    grad = grad * upstream[:, None]
+    if HAS_LSE_GRAD:
+        grad += lse_upstream[:, None] * p
     if HAS_SOFTCAP:
         capped = x / softcap
         grad = grad * (1.0 - capped * capped)
-    return grad * upstream[:, None]
+    return grad
 
 
 @triton.jit
@@ -181,19 +219,21 @@ def _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, ta
 
 
 @triton.jit
-def _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale, upstream, valid,
-                    bad_target, row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss,
-                    softcap, gamma, PROB_TARGET: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+def _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, focal_other, ce_scale, z_scale,
+                    upstream, lse_upstream, valid, bad_target, row_in_bounds, grad_ptr, grad_row_offs,
+                    grad_stride_class, n_classes, z_loss, softcap, gamma, PROB_TARGET: tl.constexpr,
+                    HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FOCAL: tl.constexpr,
+                    HAS_LSE_GRAD: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
     if FOCAL:
         _, a, p = _focal_terms(x, a, ref, log_s, gamma)  # a becomes a·h(p)
     else:
         p = tl.exp(_log_softmax(x, ref, log_s))
-    grad = _gradient(x, a, p, ref + log_s, cols[None, :] == y[:, None], target_miss, mass, focal_sum, ce_scale,
-                     z_scale, upstream, z_loss, softcap, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL)
+    grad = _gradient(x, a, p, ref + log_s, cols[None, :] == y[:, None], target_miss, mass, focal_sum, focal_other,
+                     ce_scale, z_scale, upstream, lse_upstream, z_loss, softcap, PROB_TARGET, HAS_Z_LOSS,
+                     HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD)
     grad = _mask_rows(grad, valid, bad_target)
     tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
-             grad.to(grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
+             _to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
 
 
 @triton.heuristics({
@@ -207,7 +247,8 @@ def cross_entropy_fwd_kernel(
     logits_ptr, target_ptr, weight_ptr,            # inputs; weight = class weights / focal alpha
     loss_ptr, lse_ptr, grad_ptr,                   # per-row loss and lse (fp32/fp64), gradient
     ce_divisor_ptr, z_divisor_ptr,                 # device scalars of the "mean" reduction
-    grad_output_ptr,                               # upstream gradient (GRAD_OUTPUT > 0)
+    grad_output_ptr,                               # upstream gradient of the loss (GRAD_OUTPUT > 0)
+    lse_grad_ptr,                                  # upstream gradient of the returned lse, per row
     # strides, in elements: row r -> (r // inner_size)·outer + (r % inner_size)·inner
     logits_stride_outer, logits_stride_inner, logits_stride_class,
     target_stride_outer, target_stride_inner, target_stride_class,  # probability targets only
@@ -230,7 +271,10 @@ def cross_entropy_fwd_kernel(
     FOCAL: tl.constexpr,           # focal loss with exponent gamma instead of cross-entropy
     MEAN: tl.constexpr,            # scale loss and gradient by the mean's device-side divisors
     COMPUTE_GRAD: tl.constexpr,    # write the gradient (forward-fused or backward recompute)
-    GRAD_OUTPUT: tl.constexpr,     # upstream gradient: 0 none (=1), 1 scalar, 2 one per row
+    GRAD_OUTPUT: tl.constexpr,     # upstream gradient of the loss: 0 none (=1), 1 scalar, 2 one per row
+    HAS_LSE_GRAD: tl.constexpr,    # the lse has an upstream gradient too (lse_grad_ptr)
+    KEEP_UNIT_ROWS: tl.constexpr,  # grad_ptr holds the forward's gradient for upstream 1: programs
+                                   # whose rows all have upstream 1 and no lse gradient leave it be
     COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
 ):
     label_smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE)
@@ -239,129 +283,155 @@ def cross_entropy_fwd_kernel(
     gamma = tl.full((), gamma, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
-    logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
-    target_row_offs = _row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
-    grad_row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
 
-    if PROB_TARGET:
-        y = tl.zeros((ROWS,), dtype=tl.int64)
-        valid = row_in_bounds
-        bad_target = tl.zeros((ROWS,), dtype=tl.int1)
-        w_y = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-    else:
-        y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
-        valid = row_in_bounds & (y != ignore_index)
-        # only possible with validate=False: NaN for the row, and no out-of-bounds access
-        bad_target = valid & ((y < 0) | (y >= n_classes))
-        valid = valid & ~bad_target
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y, mask=valid, other=0.0).to(COMPUTE_DTYPE)
-        else:
-            w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
-
-    if MEAN:
-        ce_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(ce_divisor_ptr).to(COMPUTE_DTYPE)
-        z_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(z_divisor_ptr).to(COMPUTE_DTYPE)
-    else:
-        ce_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
-        z_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
     if GRAD_OUTPUT == 1:
         upstream = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
     elif GRAD_OUTPUT == 2:
         upstream = tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
     else:
         upstream = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+    lse_upstream = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    if HAS_LSE_GRAD:
+        lse_upstream = tl.load(lse_grad_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
+    run = True
+    if KEEP_UNIT_ROWS:
+        # decided on the device (no host sync): the usual loss.backward() moves nothing here; any
+        # other upstream gradient recomputes the program's rows from the logits, so that a
+        # low-precision gradient is rounded once (scaling the stored one would round it twice)
+        rework = row_in_bounds & ((upstream != 1.0) | (lse_upstream != 0.0))
+        run = tl.max(rework.to(tl.int32), 0) > 0
+    if run:
+        logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
+        target_row_offs = _row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
+        grad_row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
 
-    m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
-    s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-    s_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-    mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-    weighted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-    cols = tl.arange(0, BLOCK_SIZE)
-
-    # Pass 1: online log-sum-exp and target sums. A single-pass row stays in registers (x, and a
-    # for probability targets; a hard target's mass is rebuilt for the gradient).
-    if SINGLE_PASS:
-        x, a, mask = _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr,
-                                target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
-                                label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                                WIDE_OFFSETS, COMPUTE_DTYPE)
-        m, s, s_other, mass, weighted_sum = _online_update(x, a, mask, cols[None, :] == y[:, None], m, s,
-                                                           s_other, mass, weighted_sum,
-                                                           PROB_TARGET or HAS_SMOOTHING)
-    else:
-        for start in range(0, n_classes, BLOCK_SIZE):
-            x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
-                                    target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
-                                    n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
-                                    HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
-            m, s, s_other, mass, weighted_sum = _online_update(x, a, mask, (start + cols)[None, :] == y[:, None],
-                                                               m, s, s_other, mass, weighted_sum,
-                                                               PROB_TARGET or HAS_SMOOTHING)
-
-    ref = tl.where(m == float("-inf"), 0.0, m)
-    if not (PROB_TARGET or HAS_SMOOTHING):
-        mass = w_y  # weighted_sum held the target logit
-        weighted_sum = w_y * (weighted_sum - ref)
-    log_s = tl.log(s)
-    lse = ref + log_s
-    target_miss = s_other / s  # 1 − p_y for hard targets
-    # CE = Σ a (lse − x) = A·(lse − ref) − Σ a (x − ref): no large numbers cancel
-    loss = mass * log_s - weighted_sum
-
-    # Pass 2 (focal only): the loss and Σ a h(p) need p, hence the final lse.
-    focal_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-    if FOCAL:
-        if SINGLE_PASS:
-            loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
-            loss = tl.sum(loss_terms, 1)
-            focal_sum = tl.sum(a_h, 1)
+        if PROB_TARGET:
+            y = tl.zeros((ROWS,), dtype=tl.int64)
+            valid = row_in_bounds
+            bad_target = tl.zeros((ROWS,), dtype=tl.int1)
+            w_y = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
         else:
-            loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
+            valid = row_in_bounds & (y != ignore_index)
+            # only possible with validate=False: NaN for the row, and no out-of-bounds access
+            bad_target = valid & ((y < 0) | (y >= n_classes))
+            valid = valid & ~bad_target
+            if HAS_WEIGHT:
+                w_y = tl.load(weight_ptr + y, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+            else:
+                w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
+
+        if MEAN:
+            # a zero divisor (every row ignored, or zero weight at every target) gives NaN, as
+            # torch's 0/0: also where the smoothing term alone would give ±inf
+            ce_divisor = tl.load(ce_divisor_ptr).to(COMPUTE_DTYPE)
+            ce_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.where(ce_divisor == 0.0, float("nan"),
+                                                                         1.0 / ce_divisor)
+            z_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(z_divisor_ptr).to(COMPUTE_DTYPE)
+        else:
+            ce_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+            z_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+
+        m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
+        s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        s_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        weighted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        target_logit = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        cols = tl.arange(0, BLOCK_SIZE)
+
+        # Pass 1: online log-sum-exp and target sums. A single-pass row stays in registers (x, and
+        # a for probability targets; a hard target's mass is rebuilt for the gradient).
+        if SINGLE_PASS:
+            x, a, mask = _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr,
+                                    target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
+                                    label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                                    WIDE_OFFSETS, COMPUTE_DTYPE)
+            m, s, s_other, mass, weighted_sum, target_logit = _online_update(
+                x, a, mask, cols[None, :] == y[:, None], m, s, s_other, mass, weighted_sum, target_logit,
+                PROB_TARGET or HAS_SMOOTHING, not PROB_TARGET)
+        else:
             for start in range(0, n_classes, BLOCK_SIZE):
                 x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
                                         target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
                                         n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
                                         HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                m, s, s_other, mass, weighted_sum, target_logit = _online_update(
+                    x, a, mask, (start + cols)[None, :] == y[:, None], m, s, s_other, mass, weighted_sum,
+                    target_logit, PROB_TARGET or HAS_SMOOTHING, not PROB_TARGET)
+
+        ref = tl.where(m == float("-inf"), 0.0, m)
+        log_s = tl.log(s)
+        if not PROB_TARGET:
+            # When the target holds the row's max, s = 1 + Σ_{c≠y} e^(x_c − ref) and −log p_y = log s
+            # is tiny for a confident row: log1p of the non-target sum keeps its digits, where log of
+            # s = 1 + 1e-5 would keep two.
+            log_s = tl.where(target_logit == ref, _log1p(s_other), log_s)
+            if not HAS_SMOOTHING:
+                mass = w_y
+                weighted_sum = w_y * (target_logit - ref)
+        lse = ref + log_s
+        target_miss = s_other / s  # 1 − p_y for hard targets
+        # CE = Σ a (lse − x) = A·(lse − ref) − Σ a (x − ref): no large numbers cancel
+        loss = mass * log_s - weighted_sum
+
+        # Pass 2 (focal only): the loss and Σ a h(p) (and the same without the target class)
+        # need p, hence the final lse.
+        focal_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        focal_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        if FOCAL:
+            if SINGLE_PASS:
                 loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
-                loss += tl.sum(loss_terms, 1)
-                focal_sum += tl.sum(a_h, 1)
+                loss = tl.sum(loss_terms, 1)
+                focal_sum = tl.sum(a_h, 1)
+                focal_other = tl.sum(tl.where(cols[None, :] == y[:, None], 0.0, a_h), 1)
+            else:
+                loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+                for start in range(0, n_classes, BLOCK_SIZE):
+                    x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
+                                            target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
+                                            n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
+                                            HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                    loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
+                    loss += tl.sum(loss_terms, 1)
+                    focal_sum += tl.sum(a_h, 1)
+                    focal_other += tl.sum(tl.where((start + cols)[None, :] == y[:, None], 0.0, a_h), 1)
 
-    z_term = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-    if HAS_Z_LOSS:
-        z_term = tl.where(valid, z_loss * lse * lse, 0.0)
-    loss = tl.where(valid, loss, 0.0)
-    # ignored rows: 0·(1/divisor) is NaN when every row is ignored, as torch's 0/0
-    row_loss = loss * ce_scale + z_term * z_scale
-    row_loss = tl.where(bad_target, float("nan"), row_loss)
-    tl.store(loss_ptr + rows, row_loss, mask=row_in_bounds)
-    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_in_bounds)
+        z_term = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        if HAS_Z_LOSS:
+            z_term = tl.where(valid, z_loss * lse * lse, 0.0)
+        loss = tl.where(valid, loss, 0.0)
+        # ignored rows: 0·(1/divisor) is NaN when every row is ignored, as torch's 0/0
+        row_loss = loss * ce_scale + z_term * z_scale
+        row_loss = tl.where(bad_target, float("nan"), row_loss)
+        tl.store(loss_ptr + rows, row_loss, mask=row_in_bounds)
+        tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_in_bounds)
 
-    # Last pass: the gradient, from registers for a single-pass row.
-    if COMPUTE_GRAD:
-        if SINGLE_PASS:
-            if not PROB_TARGET:
-                # rebuilt from (y, w): cheaper than keeping a second row-sized tile live in registers
-                a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols,
-                                 valid[:, None] & (cols < n_classes)[None, :], y, w_y, label_smoothing, n_classes,
-                                 PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, WIDE_OFFSETS, COMPUTE_DTYPE)
-            _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale, upstream,
-                            valid, bad_target, row_in_bounds, grad_ptr, grad_row_offs, grad_stride_class, n_classes,
-                            z_loss, softcap, gamma, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL,
-                            WIDE_OFFSETS)
-        else:
-            # Second read of the row. One row per program and about one program per SM in flight
-            # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so the
-            # re-read is served from cache rather than HBM.
-            for start in range(0, n_classes, BLOCK_SIZE):
-                x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
-                                        target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
-                                        n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
-                                        HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
-                _store_gradient(x, a, start + cols, y, ref, log_s, target_miss, mass, focal_sum, ce_scale, z_scale,
-                                upstream, valid, bad_target, row_in_bounds, grad_ptr, grad_row_offs,
-                                grad_stride_class, n_classes, z_loss, softcap, gamma, PROB_TARGET, HAS_Z_LOSS,
-                                HAS_SOFTCAP, FOCAL, WIDE_OFFSETS)
+        # Last pass: the gradient, from registers for a single-pass row.
+        if COMPUTE_GRAD:
+            if SINGLE_PASS:
+                if not PROB_TARGET:
+                    # rebuilt from (y, w): cheaper than keeping a second row-sized tile live in registers
+                    a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols,
+                                     valid[:, None] & (cols < n_classes)[None, :], y, w_y, label_smoothing,
+                                     n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, WIDE_OFFSETS, COMPUTE_DTYPE)
+                _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, focal_other, ce_scale,
+                                z_scale, upstream, lse_upstream, valid, bad_target, row_in_bounds, grad_ptr,
+                                grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma, PROB_TARGET,
+                                HAS_Z_LOSS, HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD, WIDE_OFFSETS)
+            else:
+                # Second read of the row. One row per program and about one program per SM in flight
+                # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so
+                # the re-read is served from cache rather than HBM.
+                for start in range(0, n_classes, BLOCK_SIZE):
+                    x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
+                                            target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
+                                            n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
+                                            HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                    _store_gradient(x, a, start + cols, y, ref, log_s, target_miss, mass, focal_sum, focal_other,
+                                    ce_scale, z_scale, upstream, lse_upstream, valid, bad_target, row_in_bounds,
+                                    grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma,
+                                    PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD, WIDE_OFFSETS)
 
 
 @triton.heuristics({
@@ -396,7 +466,7 @@ def cross_entropy_bwd_kernel(
             mask = needs_scaling[:, None] & (block_cols < n_classes)[None, :]
             ptrs = grad_ptr + row_offs[:, None] + _class_offsets(block_cols, grad_stride_class, WIDE_OFFSETS)
             grad = tl.load(ptrs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            tl.store(ptrs, (grad * g[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(ptrs, _to_storage(grad * g[:, None], grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
