@@ -4,6 +4,8 @@ Bytes are requested loads/stores of the Triton kernels plus torch operators' rea
 as multiples of the logits' bytes: forward + backward cannot move less than 2× (read the
 logits, write their gradient), a no-grad forward less than 1×.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,43 @@ def test_host_syncs(validate, max_syncs, reduction):
         loss = fastce.cross_entropy(x, target, reduction=reduction, validate=validate, label_smoothing=0.1)
         loss.backward(torch.rand_like(loss))
     assert m.syncs <= max_syncs, m.report()
+
+
+def _measured_step(step, logits, *args):
+    """Measure step(logits, *args).backward() on a fresh leaf, after one unmeasured call (which
+    compiles a compiled step); returns the measurement and the gradient."""
+    for measured in (False, True):
+        leaf = logits.detach().clone().requires_grad_()
+        with measure() if measured else contextlib.nullcontext() as m:
+            step(leaf, *args).backward()
+    return m, leaf.grad
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_step_costs_what_an_eager_one_costs(backend):
+    # The compiled graph runs the eager kernels: the forward writes the gradient, backward hands
+    # it out (or rewrites it from the logits for another upstream gradient). aot_eager runs every
+    # operator of the graphs through the counter; inductor's own kernels are not counted (here
+    # it generates none that touch the logits).
+    torch._dynamo.reset()
+    x = _bf16_logits(8, 4096, requires_grad=False)
+    target = torch.randint(0, 4096, (8,))
+    target[3] = -100
+
+    def step(logits, t, scale):
+        return fastce.cross_entropy(logits, t, validate=False) * scale
+
+    compiled_step = torch.compile(step, fullgraph=True, backend=backend)
+    for upstream, floor in ((1.0, 2.05), (0.25, 4.05)):  # loss.backward(), and a scaled loss
+        scale = torch.tensor(upstream)
+        eager, eager_grad = _measured_step(step, x, target, scale)
+        compiled, compiled_grad = _measured_step(compiled_step, x, target, scale)
+        report = f"compiled:\n{compiled.report()}\neager:\n{eager.report()}"
+        assert compiled.total_bytes <= 1.05 * eager.total_bytes, report
+        assert compiled.total_bytes <= floor * _nbytes(x), report
+        assert compiled.peak_bytes <= 1.05 * eager.peak_bytes, report
+        assert compiled.syncs == 0, report
+        assert torch.equal(compiled_grad, eager_grad)
 
 
 def _training_step_on_long_rows(n_classes):
