@@ -1,6 +1,7 @@
 """Input checks shared by the Triton and the pure-PyTorch paths (pure torch, no Triton)."""
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -18,6 +19,23 @@ class TargetDtypeError(TypeError, RuntimeError):
 
 class InvalidArgumentError(ValueError, RuntimeError):
     pass
+
+
+def scalar_type_name(dtype: torch.dtype) -> str:
+    """torch's name for a dtype in its error messages: Long, Float, BFloat16, ..."""
+    return torch.empty(0, dtype=dtype).type().rsplit(".", 1)[-1].removesuffix("Tensor")
+
+
+def check_ignore_index(ignore_index, function: str = "cross_entropy") -> int:
+    """ignore_index as an int: any integer (a Python or numpy int, an integer 0-d tensor), not a
+    bool, float or None, as torch's argument parser takes it."""
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"{function}(): argument 'ignore_index' must be int, not "
+                        f"{type(ignore_index).__name__}") from None
 
 
 def check_reduction(reduction: str) -> None:
@@ -57,10 +75,13 @@ def check_target(input: Tensor, target: Tensor, ignore_index: int, ignore_index_
         if ignore_index != ignore_index_default:
             raise InvalidArgumentError("ignore_index is not supported for floating point target")
         return
+    if target.shape == input.shape and input.dim() > 0:
+        raise TargetDtypeError(f"Expected floating point type for target with class probabilities, got "
+                               f"{scalar_type_name(target.dtype)}")
     if target.dtype not in CLASS_INDEX_DTYPES:
         raise TargetDtypeError(
-            f"expected target dtype to be Long or Byte (class indices) or the input's floating point "
-            f"dtype (probabilities), but got {target.dtype}")
+            f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)} (class "
+            "indices: int64 or uint8; class probabilities: a floating point tensor shaped like the input)")
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size(())
     if target.shape != expected:
         if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
@@ -70,7 +91,10 @@ def check_target(input: Tensor, target: Tensor, ignore_index: int, ignore_index_
             f"Expected target size {list(expected)}, got {list(target.shape)} (input shape {list(input.shape)})")
 
 
-def check_class_factor(factor: Optional[Tensor], n_classes: int, input: Tensor, name: str) -> None:
+def check_class_factor(factor: Optional[Tensor], n_classes: int, input: Tensor, name: str,
+                       input_dtype: bool = False) -> None:
+    """A (C,) floating tensor on the input's device; with input_dtype, of the input's dtype too
+    (torch's rule for cross_entropy's class weights)."""
     if factor is None:
         return
     if not isinstance(factor, Tensor):
@@ -83,6 +107,9 @@ def check_class_factor(factor: Optional[Tensor], n_classes: int, input: Tensor, 
         raise TargetDtypeError(f"{name} must be a floating point tensor, got {factor.dtype}")
     if factor.device != input.device:
         raise InvalidArgumentError(f"{name} is on {factor.device} but input is on {input.device}")
+    if input_dtype and factor.dtype != input.dtype:
+        raise TargetDtypeError(f"expected scalar type {scalar_type_name(input.dtype)} but found "
+                               f"{scalar_type_name(factor.dtype)} ({name} must have the input's dtype)")
 
 
 def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
@@ -90,8 +117,9 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
 
     The one check that needs the device's answer: a single host sync (skipped by validate=False).
     """
-    if target.numel() == 0:
+    if target.numel() == 0 or target.device.type == "meta":  # a meta tensor has no values to check
         return
+    target = target.long()  # compared in uint8, ignore_index = -100 would match the class index 156
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bad.any():
         value = target[bad].reshape(-1)[0].item()

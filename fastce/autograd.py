@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .ops import LossSpec
-from .reference import row_shape
+from .reference import loss_dtype, row_shape
 
 
 def _forward_op(logits, target, weight, spec: LossSpec, *, keep_gradient: bool, validate: bool):
@@ -67,7 +67,7 @@ def forward_no_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], sp
     """(loss, lse) when no gradient is needed: one read of the logits, no gradient buffer."""
     loss_rows, lse, _ = _forward_op(logits, target, weight, spec, keep_gradient=False, validate=validate)
     shape = row_shape(logits)
-    return reduce_rows(loss_rows, spec.reduction, shape, logits.dtype), lse.reshape(shape)
+    return reduce_rows(loss_rows, spec.reduction, shape, loss_dtype(logits, target)), lse.reshape(shape)
 
 
 # target, weight, spec, validate, return_lse get no gradient
@@ -92,7 +92,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                                                keep_gradient=spec.reduction != "none", validate=validate)
         ctx.save_for_backward(logits, target, weight, divisors)
         shape = row_shape(logits)
-        loss = reduce_rows(loss_rows, spec.reduction, shape, logits.dtype)
+        loss = reduce_rows(loss_rows, spec.reduction, shape, loss_dtype(logits, target))
         return (loss, lse.reshape(shape)) if return_lse else loss
 
     @staticmethod
@@ -157,5 +157,5 @@ def cross_entropy_inplace(logits: Tensor, target: Tensor, weight: Optional[Tenso
     divisors = logits.new_empty(2, dtype=acc)
     gradient = _OverwriteLogitsWithGradient.apply(logits, target, weight, spec, validate, loss_rows, lse, divisors)
     shape = row_shape(logits)
-    loss = _LossFromOverwrittenLogits.apply(gradient, loss_rows, spec.reduction, shape, logits.dtype)
+    loss = _LossFromOverwrittenLogits.apply(gradient, loss_rows, spec.reduction, shape, loss_dtype(logits, target))
     return loss, lse.reshape(shape)

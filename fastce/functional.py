@@ -18,6 +18,7 @@ from ._validation import (
     check_binary,
     check_broadcastable,
     check_class_factor,
+    check_ignore_index,
     check_input,
     check_label_smoothing,
     check_linear,
@@ -65,12 +66,14 @@ def _kernel_layout(t: Tensor) -> Tensor:
     return t
 
 
-def _check_common(input, target, ignore_index, reduction, label_smoothing) -> int:
+def _check_common(function, input, target, ignore_index, reduction, label_smoothing) -> tuple[int, int]:
+    """(number of classes, ignore_index as an int) after the checks every loss shares."""
+    ignore_index = check_ignore_index(ignore_index, function)
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
     n_classes = check_input(input)
     check_target(input, target, ignore_index)
-    return n_classes
+    return n_classes, ignore_index
 
 
 def _check_not_differentiable(factor: Optional[Tensor], name: str) -> None:
@@ -125,6 +128,11 @@ def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate:
     input = _kernel_layout(input)
     if target.is_floating_point():
         target = _kernel_layout(target)
+        # torch promotes input and probabilities together: with float64 probabilities the loss
+        # is float64, hence computed in float64 (the rare mixed case pays a copy of the logits)
+        promoted = reference.loss_dtype(input, target)
+        if reference.compute_dtype(promoted) != reference.compute_dtype(input.dtype):
+            input = input.to(promoted)
     if class_factor is not None:
         class_factor = class_factor.to(reference.compute_dtype(input.dtype)).contiguous()
     if not (torch.is_grad_enabled() and input.requires_grad):
@@ -173,8 +181,8 @@ def cross_entropy(
         return dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
                                      softcap=softcap, inplace_backward=inplace_backward, validate=validate,
                                      return_lse=return_lse)
-    n_classes = _check_common(input, target, ignore_index, reduction, label_smoothing)
-    check_class_factor(weight, n_classes, input, "weight")
+    n_classes, ignore_index = _check_common("cross_entropy", input, target, ignore_index, reduction, label_smoothing)
+    check_class_factor(weight, n_classes, input, "weight", input_dtype=True)
     _check_not_differentiable(weight, "weight")
     _check_z_loss_softcap(z_loss, softcap)
     if _runs_reference(input, target, n_classes, ignore_index, validate):
@@ -203,7 +211,7 @@ def focal_loss(
     """
     if _is_dtensor(input):
         raise NotImplementedError("fastce.focal_loss has no DTensor (vocabulary-parallel) form; pass a plain tensor")
-    n_classes = _check_common(input, target, ignore_index, reduction, label_smoothing)
+    n_classes, ignore_index = _check_common("focal_loss", input, target, ignore_index, reduction, label_smoothing)
     _check_finite("gamma", float(gamma), 0.0)
     if alpha is not None and not isinstance(alpha, Tensor):
         _check_finite("alpha", float(alpha))

@@ -23,6 +23,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
+    """The loss's dtype: the input's, or with probability targets torch's promotion of both
+    (bf16 logits with fp32 probabilities give an fp32 loss, anything with fp64 an fp64 one)."""
+    return torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+
+
 def class_last_rows(t: Tensor) -> Tensor:
     """(C) -> (1, C); (N, C) -> (N, C); (N, C, d1, ..., dk) -> (N*d1*...*dk, C)."""
     if t.dim() == 1:
@@ -55,7 +61,7 @@ def _row_targets(x: Tensor, target: Tensor, ignore_index: int, label_smoothing: 
     valid = y != ignore_index
     in_range = (y >= 0) & (y < n_classes)
     y_safe = torch.where(valid & in_range, y, torch.zeros_like(y))
-    onehot = torch.nn.functional.one_hot(y_safe, n_classes).to(x.dtype) if n_classes else x.new_zeros(x.shape)
+    onehot = (y_safe[:, None] == torch.arange(n_classes, device=x.device)).to(x.dtype)  # also on meta tensors
     q = (1.0 - eps) * onehot + eps / n_classes
     return q, valid, in_range, y_safe
 
@@ -66,7 +72,7 @@ def _per_row_losses(input, target, class_factor, ignore_index, label_smoothing, 
     class_factor: per-class weight w (cross-entropy) or alpha (focal), or None.
     Returns (loss_rows, lse, valid, in_range, y_safe) in the compute dtype.
     """
-    x = softcap_logits(class_last_rows(input).to(compute_dtype(input.dtype)), softcap)
+    x = softcap_logits(class_last_rows(input).to(compute_dtype(loss_dtype(input, target))), softcap)
     lse = torch.logsumexp(x, dim=-1)
     # as torch: (x − max) − log Σ exp(x − max); x − lse would inherit lse's rounding, which at
     # logits of 1e4 is as large as the loss of a confident row
@@ -95,7 +101,9 @@ def _reduce(loss_rows, divisor, z_rows, valid, reduction, shape, out_dtype):
     if reduction == "sum":
         total = loss_rows.sum() if z_rows is None else (loss_rows + z_rows).sum()
         return total.to(out_dtype)
-    total = loss_rows.sum() / divisor
+    # a zero divisor gives NaN, as torch's 0/0, also where the smoothing term alone is positive;
+    # the gradient is NaN then too, except at ignored rows
+    total = loss_rows.sum() * torch.where(divisor == 0, torch.nan, 1 / divisor)
     if z_rows is not None:
         total = total + z_rows.sum() / valid.sum()
     return total.to(out_dtype)
@@ -130,7 +138,7 @@ def cross_entropy(
     z_rows = None
     if z_loss:
         z_rows = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
-    loss = _reduce(loss_rows, divisor, z_rows, valid, reduction, row_shape(input), input.dtype)
+    loss = _reduce(loss_rows, divisor, z_rows, valid, reduction, row_shape(input), loss_dtype(input, target))
     if return_lse:
         lse = torch.where(valid, lse, torch.zeros_like(lse))
         return loss, lse.reshape(row_shape(input))

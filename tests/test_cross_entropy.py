@@ -289,6 +289,43 @@ def test_empty_batch(device, shape):
         assert xx.grad is not None and xx.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)])
+def test_zero_weight_at_every_target_is_nan_as_torch(device, label_smoothing, shape):
+    """'mean' divides by Σ w_y = 0: the loss is NaN (torch's 0/0; the smoothing term alone would
+    give inf), and so is the gradient, except at ignored rows (0), exactly where torch has them."""
+    x, t = make_inputs(shape, torch.float32, device, ignore_frac=0.3)
+    w = make_weight(5, device)
+    w[t[t != -100]] = 0.0
+    fast, ref = ce_fns(w, label_smoothing=label_smoothing)
+    out, _, (g,) = grads(fast, [x, t])
+    theirs, _, (tg,) = grads(lambda a, b: F.cross_entropy(a, b, weight=w, label_smoothing=label_smoothing), [x, t])
+    assert torch.isnan(out) and torch.isnan(theirs)
+    assert torch.equal(torch.isnan(g), torch.isnan(tg)) and torch.equal(g[~torch.isnan(tg)], tg[~torch.isnan(tg)])
+    ref_out, (rg,) = reference_grads(ref, [x, t], None)
+    assert torch.isnan(ref_out) and torch.equal(torch.isnan(rg), torch.isnan(tg))
+
+
+PROMOTIONS = [(torch.float32, torch.float64), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+              (torch.bfloat16, torch.float16), (torch.float64, torch.float32)]
+
+
+@pytest.mark.parametrize("input_dtype,target_dtype", PROMOTIONS, ids=lambda d: str(d).removeprefix("torch."))
+def test_probability_targets_follow_torch_type_promotion(device, input_dtype, target_dtype):
+    """The loss takes torch's promotion of input and target (computed in float64 when that is
+    float64); the gradient keeps the input's dtype."""
+    x = make_logits((6, 11), input_dtype, device)
+    q = make_probs((6, 11), target_dtype, device)
+    loss_dtype = torch.nn.functional.cross_entropy(x, q).dtype
+    assert loss_dtype == torch.promote_types(input_dtype, target_dtype)
+    fast, ref = ce_fns(None, label_smoothing=0.1)
+    out, _, (g,) = grads(fast, [x, q], torch.tensor(0.75, dtype=loss_dtype, device=device))
+    ref_out, (rg,) = reference_grads(ref, [x, q], torch.tensor(0.75, dtype=loss_dtype, device=device))
+    assert out.dtype == loss_dtype and g.dtype == input_dtype
+    assert_close_dtype(out, ref_out, loss_dtype, "promoted loss")
+    assert_close_dtype(g, rg, input_dtype, "gradient")
+
+
 def test_weighted_mean_divisor(device):
     """The 'mean' divides by the sum of the target classes' weights, not by N."""
     x, t = make_inputs((40, 4), torch.float32, device, ignore_frac=0.2)

@@ -1,5 +1,6 @@
 """Bad input (DESIGN §2): a clear Python exception raised before any kernel runs, with the
 caller's tensors left bit-identical; validate=False never reads out of bounds."""
+import numpy as np
 import pytest
 import torch
 
@@ -212,6 +213,66 @@ def test_kernel_counter_sees_launches(device):
     with count_kernel_launches() as launched:
         fastce.cross_entropy(x, t)
     assert launched
+
+
+# ------------------------------------------------------------------------------------------
+# What torch says, torch's way (found by fuzzing fastce against torch)
+# ------------------------------------------------------------------------------------------
+
+TORCH_REFUSES = {
+    # name: (input shape, make the target from the input, keyword arguments)
+    "long_target_shaped_like_input": ((4, C), lambda x: torch.zeros(x.shape, dtype=torch.long), {}),
+    "int32_target": ((4, C), lambda x: torch.zeros(4, dtype=torch.int32), {}),
+    "weight_of_another_dtype": ((4, C), lambda x: torch.zeros(4, dtype=torch.long),
+                                dict(weight=torch.ones(C, dtype=torch.float64))),
+    "weight_of_another_length": ((4, C), lambda x: torch.zeros(4, dtype=torch.long), dict(weight=torch.ones(3))),
+    "out_of_range": ((4, C), lambda x: torch.tensor([0, 1, C, 2]), {}),
+    "uint8_index_equal_to_ignore_index_mod_256": ((4, C), lambda x: torch.tensor([0, 1, 156, 2], dtype=torch.uint8),
+                                                  {}),
+    "batch_size": ((4, C), lambda x: torch.zeros(3, dtype=torch.long), {}),
+    "probabilities_with_ignore_index": ((4, C), lambda x: torch.rand(x.shape), dict(ignore_index=1)),
+    "label_smoothing_above_1": ((4, C), lambda x: torch.zeros(4, dtype=torch.long), dict(label_smoothing=1.5)),
+    "reduction": ((4, C), lambda x: torch.zeros(4, dtype=torch.long), dict(reduction="avg")),
+    "ignore_index_none": ((4, C), lambda x: torch.zeros(4, dtype=torch.long), dict(ignore_index=None)),
+    "ignore_index_float": ((4, C), lambda x: torch.zeros(4, dtype=torch.long), dict(ignore_index=1.5)),
+    "ignore_index_bool": ((4, C), lambda x: torch.zeros(4, dtype=torch.long), dict(ignore_index=True)),
+    "ignore_index_float_tensor": ((4, C), lambda x: torch.zeros(4, dtype=torch.long),
+                                  dict(ignore_index=torch.tensor(2.0))),
+}
+
+
+@pytest.mark.parametrize("case", list(TORCH_REFUSES), ids=list(TORCH_REFUSES))
+def test_refuses_what_torch_refuses_with_torch_words(device, case):
+    """The exception is (a subclass of) torch's, and its message starts with torch's own words
+    (argument-parser messages name the argument and the type, in torch's form)."""
+    shape, make_target, kw = TORCH_REFUSES[case]
+    x = make_logits(shape, torch.float32, device)
+    t = make_target(x).to(device)
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    with pytest.raises(Exception) as theirs:
+        torch.nn.functional.cross_entropy(x, t, **kw)
+    ours = _expect_clean_error(type(theirs.value), "cross_entropy", x, t, **kw)
+    expected = str(theirs.value).replace("cross_entropy_loss(): ", "cross_entropy(): ").replace(" (position 5)", "")
+    assert str(ours).startswith(expected), (str(ours), str(theirs.value))
+
+
+@pytest.mark.parametrize("ignore_index", [torch.tensor(2), np.int64(2), np.int32(-100)], ids=repr)
+def test_ignore_index_accepts_any_integer_as_torch(device, ignore_index):
+    x, t = _hard(device, (6, C))
+    t[1] = 2
+    expected = torch.nn.functional.cross_entropy(x.double(), t, ignore_index=ignore_index)
+    assert_close_dtype(fastce.cross_entropy(x, t, ignore_index=ignore_index), expected, torch.float32, "ignore_index")
+
+
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_meta_tensors_with_validation(probs, reduction):
+    """Meta tensors have no values to validate: the loss's shape and dtype, as torch's."""
+    x = torch.empty(4, C, 3, device="meta", requires_grad=True)
+    t = torch.empty(4, C, 3, device="meta") if probs else torch.empty(4, 3, dtype=torch.long, device="meta")
+    ours = fastce.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+    theirs = torch.nn.functional.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+    assert ours.device.type == "meta" and (ours.shape, ours.dtype) == (theirs.shape, theirs.dtype)
 
 
 # ------------------------------------------------------------------------------------------
