@@ -8,6 +8,23 @@ import torch
 from torch import Tensor
 
 REDUCTIONS = ("none", "mean", "sum")
+
+# How class indices are checked: "sync" raises IndexError naming the value, after one host sync;
+# "device" asserts on the device without a sync (torch._assert_async, as torch's CUDA kernels
+# assert; capture-safe); "none" checks nothing (an out-of-range index gives a NaN row).
+VALIDATE_SYNC, VALIDATE_DEVICE, VALIDATE_NONE = "sync", "device", "none"
+
+
+def validation_mode(validate, device: torch.device) -> str:
+    """validate=True: on CUDA the device-side check (no host sync, as torch's CUDA kernels), on
+    other devices the synchronous IndexError; "sync": the IndexError on every device; False: none."""
+    if validate is True:
+        return VALIDATE_DEVICE if device.type == "cuda" else VALIDATE_SYNC
+    if validate is False:
+        return VALIDATE_NONE
+    if validate == VALIDATE_SYNC:
+        return VALIDATE_SYNC
+    raise InvalidArgumentError(f"validate must be True, False or 'sync', got {validate!r}")
 CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)  # what torch's cross_entropy accepts
 
 
@@ -124,6 +141,22 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
     if bad.any():
         value = target[bad].reshape(-1)[0].item()
         raise IndexError(f"Target {value} is out of bounds.")
+
+
+def out_of_range_message(n_classes: int, ignore_index: int) -> str:
+    return (f"fastce: a class index (target) is outside [0, {n_classes}) and is not ignore_index "
+            f"({ignore_index}); pass validate='sync' to have the IndexError naming it")
+
+
+def assert_target_range_on_device(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """The range check of check_target_range without a host sync: an assertion on the device
+    (on a GPU, a device-side assert that surfaces at the next synchronisation, as with torch's
+    own CUDA kernels; on the CPU a RuntimeError at once)."""
+    if target.numel() == 0 or target.device.type == "meta":
+        return
+    target = target.long()
+    in_range = (target == ignore_index) | ((target >= 0) & (target < n_classes))
+    torch._assert_async(in_range.all(), out_of_range_message(n_classes, ignore_index))
 
 
 def logits_placeholder(like: Tensor, n_rows: int, n_classes: int) -> Tensor:

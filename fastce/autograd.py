@@ -154,7 +154,7 @@ def cross_entropy_inplace(logits: Tensor, target: Tensor, weight: Optional[Tenso
     acc = ops.compute_dtype(logits.dtype)
     loss_rows = logits.new_empty(n_rows, dtype=acc)
     lse = logits.new_empty(n_rows, dtype=acc)
-    divisors = logits.new_empty(2, dtype=acc)
+    divisors = logits.new_empty(3, dtype=acc)  # see ops.statistics
     gradient = _OverwriteLogitsWithGradient.apply(logits, target, weight, spec, validate, loss_rows, lse, divisors)
     shape = row_shape(logits)
     loss = _LossFromOverwrittenLogits.apply(gradient, loss_rows, spec.reduction, shape, loss_dtype(logits, target))

@@ -14,7 +14,10 @@ from torch import Tensor
 
 from . import reference
 from ._validation import (
+    VALIDATE_DEVICE,
+    VALIDATE_SYNC,
     InvalidArgumentError,
+    assert_target_range_on_device,
     check_binary,
     check_broadcastable,
     check_class_factor,
@@ -28,6 +31,7 @@ from ._validation import (
     check_target_range,
     check_token_logits,
     check_token_target,
+    validation_mode,
 )
 
 
@@ -96,14 +100,17 @@ def _check_z_loss_softcap(z_loss: float, softcap: Optional[float]) -> None:
             raise InvalidArgumentError("softcap must be positive (or None to disable soft-capping)")
 
 
-def _runs_reference(input, target, n_classes: int, ignore_index: int, validate: bool) -> bool:
+def _runs_reference(input, target, n_classes: int, ignore_index: int, validate: str) -> bool:
     """Whether the call goes to fastce.reference (no Triton for this device, or a gradient into
     probability targets, which only the reference computes); if so, validates the class indices
-    here, as the kernels' launcher would."""
+    here (`validate`: a fastce._validation mode), as the kernels' launcher would."""
     if uses_triton(input) and not (target.requires_grad and torch.is_grad_enabled()):
         return False
-    if validate and not target.is_floating_point():
-        check_target_range(target, n_classes, ignore_index)
+    if not target.is_floating_point():
+        if validate == VALIDATE_SYNC:
+            check_target_range(target, n_classes, ignore_index)
+        elif validate == VALIDATE_DEVICE:
+            assert_target_range_on_device(target, n_classes, ignore_index)
     return True
 
 
@@ -121,7 +128,7 @@ def _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softca
                     None if softcap is None else float(softcap))
 
 
-def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate: bool):
+def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate: str):
     """(loss, lse) from the Triton kernels, through autograd when a gradient is needed."""
     from .autograd import CrossEntropyFunction, cross_entropy_inplace, forward_no_grad
 
@@ -158,20 +165,25 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     inplace_backward: bool = False,
-    validate: bool = True,
+    validate: Union[bool, str] = True,
     return_lse: bool = False,
 ):
     """Drop-in for torch.nn.functional.cross_entropy, plus z-loss and logit soft-capping.
+
+    As torch, `weight` must have the input's dtype, and `ignore_index` be an integer.
 
     Args beyond torch's:
         z_loss: adds z_loss·lse² per non-ignored row (averaged over non-ignored rows for "mean").
         softcap: replaces every logit x by softcap·tanh(x/softcap) first.
         inplace_backward: write the gradient over the logits' storage (saves a logits-sized
             buffer; the logits are then marked dirty and must not be a leaf).
-        validate: check class indices against [0, C) (one host sync). With False, an
-            out-of-range index gives NaN for its row instead of an error.
+        validate: check class indices against [0, C). True: on CUDA without a host sync, by a
+            device-side assertion (as torch's CUDA kernels; the error surfaces at the next
+            synchronisation), elsewhere an IndexError naming the index; "sync": that IndexError
+            on CUDA too (one host sync); False: no check, an out-of-range index gives NaN for
+            its row.
         return_lse: also return the per-row fp32 log-sum-exp of the (soft-capped) logits,
-            shaped like the 'none' loss (0 at ignored rows).
+            shaped like the 'none' loss (0 at ignored rows); differentiable (∂lse/∂x = p).
 
     A DTensor `input` sharded on the class dimension (torch's loss_parallel convention) runs
     fastce.distributed's vocabulary-parallel loss on its mesh and returns a DTensor.
@@ -182,6 +194,7 @@ def cross_entropy(
                                      softcap=softcap, inplace_backward=inplace_backward, validate=validate,
                                      return_lse=return_lse)
     n_classes, ignore_index = _check_common("cross_entropy", input, target, ignore_index, reduction, label_smoothing)
+    validate = validation_mode(validate, input.device)
     check_class_factor(weight, n_classes, input, "weight", input_dtype=True)
     _check_not_differentiable(weight, "weight")
     _check_z_loss_softcap(z_loss, softcap)
@@ -202,16 +215,18 @@ def focal_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
-    validate: bool = True,
+    validate: Union[bool, str] = True,
 ) -> Tensor:
     """Focal loss −Σ_c α_c q_c (1 − p_c)^γ log p_c (Lin et al., 2017) with torch's target options.
 
-    alpha: None, a float (every class), or a (C,) tensor of per-class factors. "mean" divides by
-    the number of non-ignored rows. gamma = 0 with alpha = None is cross-entropy.
+    alpha: None, a float (every class), or a (C,) tensor of per-class factors of any floating
+    dtype. "mean" divides by the number of non-ignored rows. gamma = 0 with alpha = None is
+    cross-entropy. validate as in fastce.cross_entropy.
     """
     if _is_dtensor(input):
         raise NotImplementedError("fastce.focal_loss has no DTensor (vocabulary-parallel) form; pass a plain tensor")
     n_classes, ignore_index = _check_common("focal_loss", input, target, ignore_index, reduction, label_smoothing)
+    validate = validation_mode(validate, input.device)
     _check_finite("gamma", float(gamma), 0.0)
     if alpha is not None and not isinstance(alpha, Tensor):
         _check_finite("alpha", float(alpha))
@@ -274,7 +289,7 @@ def linear_cross_entropy(
     _check_z_loss_softcap(z_loss, softcap)
     if chunk_size is not None and chunk_size < 1:
         raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    if _runs_reference(input, target, n_classes, ignore_index, validate):
+    if _runs_reference(input, target, n_classes, ignore_index, validation_mode(validate, input.device)):
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,

@@ -21,9 +21,10 @@ from torch import Tensor
 from .kernels.cross_entropy import (
     cross_entropy_bwd_kernel,
     cross_entropy_fwd_kernel,
-    reduction_divisor_kernel,
+    sum_stats_kernel,
+    target_stats_kernel,
 )
-from ._validation import check_target_range
+from ._validation import VALIDATE_DEVICE, VALIDATE_NONE, VALIDATE_SYNC, check_target_range, out_of_range_message
 from .reference import compute_dtype
 
 # Measured on an H200 (bench/results/nvidia-h200/, python -m bench.launch_sweep): the fused
@@ -64,7 +65,12 @@ CLUSTER_MAX_CLASSES = 262144
 SCALE_BLOCK = 4096
 SCALE_WARPS = 8
 
-MEAN_DIVISOR_BLOCK = 4096
+# The mean's divisors and the device-side range check come from one pass over the class indices:
+# programs of a multiple of TARGET_STATS_BLOCK rows, at most TARGET_STATS_PROGRAMS of them (so
+# that 4M targets, a segmentation batch, spread over 1024 programs), whose sums one more program
+# adds up, both in a fixed order.
+TARGET_STATS_BLOCK = 4096
+TARGET_STATS_PROGRAMS = 1024
 
 
 class LossSpec(NamedTuple):
@@ -209,24 +215,56 @@ def _fwd_kernel_and_options(logits: Tensor, config: LaunchConfig):
     return cross_entropy_fwd_kernel, {"num_warps": config.num_warps, "num_ctas": config.num_ctas}
 
 
-def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
-                  out: Optional[Tensor] = None) -> Tensor:
-    """Device tensor [divisor of the loss, divisor of the z-loss] of the "mean" reduction:
-    Σ w_y over non-ignored rows (cross-entropy), their count (focal, z-loss), or the row count
-    (probability targets). No host sync: the kernel reads them from device memory."""
+def target_stats_plan(n_rows: int) -> tuple[int, int]:
+    """(rows per program, programs) of the first level of target_stats."""
+    steps = triton.cdiv(max(n_rows, 1), TARGET_STATS_BLOCK)
+    rows_per_program = TARGET_STATS_BLOCK * triton.cdiv(steps, TARGET_STATS_PROGRAMS)
+    return rows_per_program, triton.cdiv(max(n_rows, 1), rows_per_program)
+
+
+def target_stats(target: Tensor, weight: Optional[Tensor], n_classes: int, ignore_index: int, out: Tensor) -> Tensor:
+    """out[:3] = (Σ w_y over non-ignored rows (w = 1 without weights), their count, 1.0 if every
+    class index is ignore_index or in [0, C) else 0.0), on the device, in a fixed order."""
+    target = target.reshape(-1).contiguous()
+    n_rows = target.numel()
+    rows_per_program, n_programs = target_stats_plan(n_rows)
+    partials = out if n_programs == 1 else out.new_empty(3 * n_programs)
+    target_stats_kernel[(n_programs,)](
+        target, weight, partials, n_rows, n_classes, ignore_index, rows_per_program,
+        BLOCK_SIZE=TARGET_STATS_BLOCK, HAS_WEIGHT=weight is not None, FINISH=n_programs == 1,
+        COMPUTE_DTYPE=_triton_dtype(out.dtype))
+    if n_programs > 1:
+        sum_stats_kernel[(1,)](partials, out, n_programs, BLOCK_SIZE=TARGET_STATS_PROGRAMS)
+    return out
+
+
+def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, validate: str,
+               out: Optional[Tensor] = None) -> Tensor:
+    """Validates the class indices as `validate` says, and returns a device tensor of three:
+    the divisor of the loss and the divisor of the z-loss for the "mean" reduction (Σ w_y over
+    non-ignored rows for cross-entropy, their count for focal loss and the z-loss, the row count
+    for probability targets), and the device-side range check's flag. Nothing is computed that
+    the call does not need (other reductions read no divisor). No host sync except "sync"."""
     n_classes = n_classes_of(logits)
-    n_rows = logits.numel() // max(n_classes, 1)
-    acc_dtype = compute_dtype(logits.dtype)
-    divisors = torch.empty(2, dtype=acc_dtype, device=logits.device) if out is None else out
+    stats = torch.empty(3, dtype=compute_dtype(logits.dtype), device=logits.device) if out is None else out
+    mean = spec.reduction == "mean"
     if target.is_floating_point():
-        return divisors.fill_(float(n_rows))
-    reduction_divisor_kernel[(1,)](
-        target.reshape(-1).contiguous(), weight, divisors, n_rows, n_classes, spec.ignore_index,
-        BLOCK_SIZE=MEAN_DIVISOR_BLOCK, HAS_WEIGHT=weight is not None and not spec.focal,
-        COMPUTE_DTYPE=_triton_dtype(logits.dtype))
-    if spec.focal:
-        divisors[0] = divisors[1]  # a device copy, not a sync
-    return divisors
+        if mean:
+            stats.fill_(float(logits.numel() // max(n_classes, 1)))
+        return stats
+    if validate == VALIDATE_SYNC:
+        check_target_range(target, n_classes, spec.ignore_index)
+    if mean or validate == VALIDATE_DEVICE:
+        target_stats(target, weight if mean and not spec.focal else None, n_classes, spec.ignore_index, stats)
+    if validate == VALIDATE_DEVICE:
+        torch._assert_async(stats[2], out_of_range_message(n_classes, spec.ignore_index))
+    return stats
+
+
+def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec) -> Tensor:
+    """Device tensor [divisor of the loss, divisor of the z-loss] of the "mean" reduction (see
+    statistics; validation is the caller's)."""
+    return statistics(logits, target, weight, spec, VALIDATE_NONE)[:2]
 
 
 def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *,
@@ -325,19 +363,11 @@ def launch_scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
 _FORWARD_GRADIENT = "_fastce_forward_gradient"
 
 
-def _prepare(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, validate: bool,
-             out: Optional[Tensor]) -> Tensor:
-    """Validation and the mean's divisors: what every forward does before the fused kernel."""
-    if validate and not target.is_floating_point():
-        check_target_range(target, n_classes_of(logits), spec.ignore_index)
-    return mean_divisors(logits, target, weight, spec, out=out)
-
-
 def forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *, keep_gradient: bool,
-            validate: bool) -> tuple[Tensor, Tensor, Tensor]:
+            validate: str) -> tuple[Tensor, Tensor, Tensor]:
     """Loss per row, lse per row and the mean's divisors. With keep_gradient, the gradient for an
     upstream gradient of 1 is written too and kept with the divisors for `backward`."""
-    divisors = _prepare(logits, target, weight, spec, validate, None)
+    divisors = statistics(logits, target, weight, spec, validate)
     grad = torch.empty_like(logits) if keep_gradient else None
     loss_rows, lse = launch_forward(logits, target, weight, spec, grad=grad, divisors=divisors)
     if keep_gradient:
@@ -345,11 +375,11 @@ def forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: Loss
     return loss_rows, lse, divisors
 
 
-def forward_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *, validate: bool,
+def forward_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, *, validate: str,
                     out: tuple[Tensor, Tensor, Tensor]) -> None:
     """forward() into `out` = (loss rows, lse, divisors), with the gradient for an upstream
     gradient of 1 written over the logits (inplace_backward=True)."""
-    divisors = _prepare(logits, target, weight, spec, validate, out[2])
+    divisors = statistics(logits, target, weight, spec, validate, out=out[2])
     launch_forward(logits, target, weight, spec, grad=logits, divisors=divisors, out=out[:2])
 
 
@@ -385,7 +415,7 @@ def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, foca
 def cross_entropy_forward_op(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: Optional[float], gamma: float, focal: bool,
-    keep_gradient: bool, validate: bool,
+    keep_gradient: bool, validate: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
     # a CUDA graph captured by torch.compile replays without running this Python: nothing could
@@ -400,7 +430,7 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
     n_rows = logits.numel() // n_classes_of(logits)
     acc = compute_dtype(logits.dtype)
     return (logits.new_empty(n_rows, dtype=acc), logits.new_empty(n_rows, dtype=acc),
-            logits.new_empty(2, dtype=acc))
+            logits.new_empty(3, dtype=acc))
 
 
 @torch.library.custom_op("fastce::cross_entropy_forward_inplace_",
@@ -408,7 +438,7 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
 def cross_entropy_forward_inplace_op(
     logits: Tensor, loss_rows: Tensor, lse: Tensor, divisors: Tensor, target: Tensor, weight: Optional[Tensor],
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-    gamma: float, focal: bool, validate: bool,
+    gamma: float, focal: bool, validate: str,
 ) -> None:
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
     forward_inplace(logits, target, weight, spec, validate=validate, out=(loss_rows, lse, divisors))

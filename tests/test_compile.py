@@ -74,3 +74,22 @@ def test_module_compiles_with_inductor():
     target = torch.randint(0, 50, (8,))
     _compiled_matches_eager(lambda logits, t: criterion(logits, t), x, target, torch.tensor(1.0),
                             backend="inductor")
+
+
+def test_device_side_validation_compiles_without_a_host_sync(monkeypatch):
+    # validate=True with CUDA tensors asserts on the device: fullgraph, no sync, still checking
+    from fastce.profiling import measure
+    monkeypatch.setattr(fastce.functional, "validation_mode", lambda validate, device: "device")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda logits, t: fastce.cross_entropy(logits, t), fullgraph=True, backend="aot_eager")
+    x = torch.randn(7, 10, requires_grad=True)
+    target = torch.randint(0, 10, (7,))
+    compiled(x, target).backward()
+    with measure() as m:
+        loss = compiled(x, target)
+        loss.backward()
+    assert m.syncs == 0, m.report()
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, target))
+    target[3] = 10
+    with pytest.raises(RuntimeError, match="outside"):
+        compiled(x, target)

@@ -73,9 +73,12 @@ def test_training_step_peak_memory_on_non_leaf_logits(inplace_backward, budget):
     torch.testing.assert_close(leaf.grad.double(), x_ref.grad, atol=2e-3 / N_TOKENS, rtol=1e-2)
 
 
-@pytest.mark.parametrize("validate, max_syncs", [(False, 0), (True, 1)])
+@pytest.mark.parametrize("validate, max_syncs", [(False, 0), (True, 1), ("device", 0)],
+                         ids=["no_check", "cpu_default", "cuda_default"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_host_syncs(validate, max_syncs, reduction):
+def test_host_syncs(monkeypatch, validate, max_syncs, reduction):
+    if validate == "device":  # what validate=True does with CUDA tensors: an assertion on the device
+        monkeypatch.setattr(fastce.functional, "validation_mode", lambda validate, device: "device")
     x = _bf16_logits(8, 1000)
     target = torch.randint(0, 1000, (8,))
     target[3] = -100
@@ -120,6 +123,43 @@ def test_compiled_training_step_costs_what_an_eager_one_costs(backend):
         assert compiled.peak_bytes <= 1.05 * eager.peak_bytes, report
         assert compiled.syncs == 0, report
         assert torch.equal(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("validate", [True, False, "device"])
+def test_class_indices_are_read_again_only_when_needed(monkeypatch, reduction, validate):
+    # the mean's divisors and the device-side range check are one pass over the class indices,
+    # which nothing else needs: 'sum' and 'none' skip it unless the check runs on the device
+    if validate == "device":
+        monkeypatch.setattr(fastce.functional, "validation_mode", lambda validate, device: "device")
+    x = _bf16_logits(8, 100, requires_grad=False)
+    target = torch.randint(0, 100, (8,))
+    with measure() as m:
+        fastce.cross_entropy(x, target, reduction=reduction, validate=validate)
+    launches = m.kernels["target_stats_kernel"].launches if "target_stats_kernel" in m.kernels else 0
+    assert launches == (reduction == "mean" or validate == "device"), m.report()
+
+
+def test_mean_divisor_is_summed_in_parallel_in_a_fixed_order(monkeypatch):
+    # segmentation-sized batches spread over many programs (two fixed-order levels, no atomics)
+    assert ops.target_stats_plan(16 * 512 * 512) == (4096, 1024)
+    assert ops.target_stats_plan(100) == (4096, 1)
+    monkeypatch.setattr(ops, "TARGET_STATS_BLOCK", 16)  # the same plan on a size the interpreter runs fast
+    monkeypatch.setattr(ops, "TARGET_STATS_PROGRAMS", 8)
+    n_rows, n_classes = 1000, 7
+    x = (torch.randn(n_rows, n_classes) * 2).to(torch.float64)
+    target = torch.randint(0, n_classes, (n_rows,))
+    target[::5] = -100
+    weight = torch.rand(n_classes, dtype=torch.float64) + 0.1
+    losses = []
+    for _ in range(2):
+        with measure() as m:
+            losses.append(fastce.cross_entropy(x, target, weight, label_smoothing=0.1, validate=False))
+        assert m.kernels["target_stats_kernel"].launches == m.kernels["sum_stats_kernel"].launches == 1
+    assert m.kernels["target_stats_kernel"].unique_read >= n_rows * 8  # every class index, once
+    assert torch.equal(losses[0], losses[1])
+    expected = F.cross_entropy(x, target, weight, label_smoothing=0.1)
+    torch.testing.assert_close(losses[0], expected, rtol=1e-12, atol=0)
 
 
 def _training_step_on_long_rows(n_classes):

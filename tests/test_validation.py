@@ -276,6 +276,49 @@ def test_meta_tensors_with_validation(probs, reduction):
 
 
 # ------------------------------------------------------------------------------------------
+# validate=True on CUDA: a device-side assertion, no host sync; "sync" opts into the IndexError
+# ------------------------------------------------------------------------------------------
+
+def test_validation_modes_per_device():
+    from fastce._validation import validation_mode
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [validation_mode(v, cpu) for v in (True, "sync", False)] == ["sync", "sync", "none"]
+    assert [validation_mode(v, cuda) for v in (True, "sync", False)] == ["device", "sync", "none"]
+    with pytest.raises(ValueError, match="validate"):
+        validation_mode("yes", cpu)
+
+
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+@pytest.mark.parametrize("fn_name", ["cross_entropy", "focal_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_device_side_check(device, monkeypatch, path, fn_name, reduction):
+    """What validate=True does with CUDA tensors, run on this device: valid targets pass with
+    no host sync; an out-of-range one fails the assertion (on a GPU at the next synchronisation,
+    on the CPU at once), and the caller's tensors are left as they were."""
+    from fastce.profiling import measure
+    monkeypatch.setattr(fastce.functional, "validation_mode", lambda validate, device: "device")
+    if path == "reference":
+        monkeypatch.setattr(fastce.functional, "uses_triton", lambda input: False)
+    x, t = _hard(device, (6, C))
+    t[1] = -100
+    with measure() as m:
+        loss = _call(fn_name, x, t, reduction=reduction)
+    assert m.syncs == 0, m.report()
+    assert_close_dtype(loss, getattr(reference, fn_name)(x.double(), t, reduction=reduction), torch.float32, "loss")
+    t[4] = C + 2
+    before = snapshot(x, t)
+    with pytest.raises(RuntimeError, match=f"outside \\[0, {C}\\) and is not ignore_index"):
+        _call(fn_name, x, t, reduction=reduction)
+    assert_unchanged([x, t], before)
+
+
+def test_sync_opts_into_the_index_error(device):
+    x, t = _hard(device)
+    t[2] = 77
+    _expect_clean_error(IndexError, "cross_entropy", x, t, match="77", validate="sync")
+
+
+# ------------------------------------------------------------------------------------------
 # validate=False: out-of-range targets give NaN for that row, never a crash
 # ------------------------------------------------------------------------------------------
 

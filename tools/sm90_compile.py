@@ -78,7 +78,7 @@ def _forward_source(variant: Variant):
     flags = {name: name in variant.flags for name in FLAGS}
     constexprs = dict(ROWS=config.rows, BLOCK_SIZE=config.block_size,
                       SINGLE_PASS=variant.n_classes <= config.block_size, WIDE_OFFSETS=False,
-                      GRAD_OUTPUT=variant.grad_output,
+                      GRAD_OUTPUT=variant.grad_output, HAS_LSE_GRAD=False, KEEP_UNIT_ROWS=False,
                       COMPUTE_DTYPE=tl.float64 if acc == "fp64" else tl.float32, **flags)
     signature = {
         "logits_ptr": f"*{variant.dtype}",
@@ -87,6 +87,7 @@ def _forward_source(variant: Variant):
         "loss_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "grad_ptr": f"*{variant.dtype}",
         "ce_divisor_ptr": f"*{acc}", "z_divisor_ptr": f"*{acc}",
         "grad_output_ptr": f"*{variant.dtype}" if variant.grad_output else f"*{acc}",
+        "lse_grad_ptr": f"*{acc}",
     }
     for name in kernels.cross_entropy_fwd_kernel.fn.arg_names:
         if name in constexprs:
@@ -134,12 +135,12 @@ def compile_all(variants: Iterable[Variant]) -> list[tuple]:
     scale_config = ops.LaunchConfig(config.rows, min(config.block_size, ops.SCALE_BLOCK),
                                     min(config.num_warps, ops.SCALE_WARPS))
     rows.append(("backward scale, V=32k", scale_config, *resource_usage(compiled.asm["cubin"])))
-    divisor_sig = {"target_ptr": "*i64", "weight_ptr": "*fp32", "divisor_ptr": "*fp32", "n_rows": "i32",
-                   "n_classes": "i32", "ignore_index": "i32", "BLOCK_SIZE": "constexpr",
-                   "HAS_WEIGHT": "constexpr", "COMPUTE_DTYPE": "constexpr"}
-    compiled = _compile(kernels.reduction_divisor_kernel, divisor_sig,
-                        dict(BLOCK_SIZE=ops.MEAN_DIVISOR_BLOCK, HAS_WEIGHT=True, COMPUTE_DTYPE=tl.float32), 4)
-    rows.append(("mean divisor", ops.LaunchConfig(1, ops.MEAN_DIVISOR_BLOCK, 4), *resource_usage(compiled.asm["cubin"])))
+    divisor_sig = {"target_ptr": "*i64", "weight_ptr": "*fp32", "stats_ptr": "*fp32", "n_rows": "i32",
+                   "n_classes": "i32", "ignore_index": "i32", "rows_per_program": "i32", "BLOCK_SIZE": "constexpr",
+                   "HAS_WEIGHT": "constexpr", "FINISH": "constexpr", "COMPUTE_DTYPE": "constexpr"}
+    compiled = _compile(kernels.target_stats_kernel, divisor_sig,
+                        dict(BLOCK_SIZE=ops.TARGET_STATS_BLOCK, HAS_WEIGHT=True, FINISH=False, COMPUTE_DTYPE=tl.float32), 4)
+    rows.append(("mean divisor", ops.LaunchConfig(1, ops.TARGET_STATS_BLOCK, 4), *resource_usage(compiled.asm["cubin"])))
     return rows
 
 

@@ -470,18 +470,30 @@ def cross_entropy_bwd_kernel(
 
 
 @triton.jit
-def reduction_divisor_kernel(
-    target_ptr, weight_ptr, divisor_ptr,   # divisor_ptr[0] = Σ_valid w_y, divisor_ptr[1] = #valid rows
-    n_rows, n_classes, ignore_index,
-    BLOCK_SIZE: tl.constexpr,              # targets per step
-    HAS_WEIGHT: tl.constexpr,              # class weights at weight_ptr
-    COMPUTE_DTYPE: tl.constexpr,           # fp32, or fp64 for float64 inputs
+def _in_range_flag(n_bad):
+    # 1 when no class index was out of range, else 0 (what torch._assert_async checks on the device)
+    return tl.where(n_bad == 0, 1.0, 0.0)
+
+
+@triton.jit
+def target_stats_kernel(
+    target_ptr, weight_ptr, stats_ptr,   # stats_ptr[3p:3p+3] = (Σ w_y, #valid rows, #out-of-range rows)
+    n_rows, n_classes, ignore_index,     # of program p's rows; with FINISH, slot 2 is the in-range flag
+    rows_per_program,                    # a multiple of BLOCK_SIZE
+    BLOCK_SIZE: tl.constexpr,            # targets per step
+    HAS_WEIGHT: tl.constexpr,            # class weights at weight_ptr (else w_y = 1: Σ w_y = #valid rows)
+    FINISH: tl.constexpr,                # a single program: write the final statistics
+    COMPUTE_DTYPE: tl.constexpr,         # fp32, or fp64 for float64 inputs
 ):
-    # One program, fixed summation order: the mean is bitwise reproducible (no atomics).
+    # First level of the mean's divisors (and of the device-side range check): program p sums
+    # rows [p·R, (p+1)·R) in a fixed order; sum_stats_kernel adds the programs' sums in a fixed
+    # order. No atomics: the mean is bitwise reproducible, and 4M targets take 1024 programs.
+    first = tl.program_id(0).to(tl.int64) * rows_per_program
     weight_sum = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE_DTYPE)
     count = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE_DTYPE)
-    for start in range(0, n_rows, BLOCK_SIZE):
-        rows = start + tl.arange(0, BLOCK_SIZE)
+    n_bad = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE_DTYPE)
+    for start in range(0, rows_per_program, BLOCK_SIZE):
+        rows = first + start + tl.arange(0, BLOCK_SIZE)
         in_bounds = rows < n_rows
         y = tl.load(target_ptr + rows, mask=in_bounds, other=ignore_index).to(tl.int64)
         valid = in_bounds & (y != ignore_index)
@@ -493,5 +505,22 @@ def reduction_divisor_kernel(
         # an out-of-range class (validate=False) poisons the mean with NaN instead of reading memory
         weight_sum += tl.where(valid & ~in_range, float("nan"), w_y)
         count += tl.where(valid, 1.0, 0.0)
-    tl.store(divisor_ptr, tl.sum(weight_sum, 0))
-    tl.store(divisor_ptr + 1, tl.sum(count, 0))
+        n_bad += tl.where(valid & ~in_range, 1.0, 0.0)
+    out = stats_ptr + tl.program_id(0) * 3
+    tl.store(out, tl.sum(weight_sum, 0))
+    tl.store(out + 1, tl.sum(count, 0))
+    tl.store(out + 2, _in_range_flag(tl.sum(n_bad, 0)) if FINISH else tl.sum(n_bad, 0))
+
+
+@triton.jit
+def sum_stats_kernel(
+    partials_ptr, stats_ptr,     # the first level's (Σ w_y, #valid, #out-of-range) per program -> the totals
+    n_partials,
+    BLOCK_SIZE: tl.constexpr,    # ≥ n_partials
+):
+    # Second level: one program adds the first level's sums in a fixed order.
+    index = tl.arange(0, BLOCK_SIZE)
+    mask = index < n_partials
+    tl.store(stats_ptr, tl.sum(tl.load(partials_ptr + 3 * index, mask=mask, other=0.0), 0))
+    tl.store(stats_ptr + 1, tl.sum(tl.load(partials_ptr + 3 * index + 1, mask=mask, other=0.0), 0))
+    tl.store(stats_ptr + 2, _in_range_flag(tl.sum(tl.load(partials_ptr + 3 * index + 2, mask=mask, other=0.0), 0)))
