@@ -318,6 +318,8 @@ def launch_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], spe
         MEAN=spec.reduction == "mean", COMPUTE_GRAD=grad is not None,
         GRAD_OUTPUT=0 if grad_output is None else (2 if grad_output_per_row else 1),
         HAS_LSE_GRAD=lse_grad is not None, KEEP_UNIT_ROWS=keep_unit_rows,
+        # rows are the contiguous axis of an (N, C, d…) input: a per-row mask would narrow the loads
+        SKIP_IGNORED_ROWS=not (inner_size > 1 and l_inner == 1 and l_class != 1),
         COMPUTE_DTYPE=_triton_dtype(logits.dtype), **launch_options)
     return loss_rows, lse
 

@@ -1,27 +1,38 @@
 """Compile fastce's Triton kernels for an H100 (sm_90) on a machine without a GPU.
 
 Triton compiles ahead of time for any target: this runs the real GPU compiler (Triton → LLVM →
-PTX → ptxas) over the launch configurations fastce uses, so type errors that the interpreter
-tolerates, and register spills of the launch rule, show up without a GPU. It runs nothing.
+PTX → ptxas) over what fastce's launchers launch for a set of workloads, so type errors that the
+interpreter tolerates, register spills of the launch rule, and narrow memory accesses show up
+without a GPU. It runs nothing on a device.
 
-    python tools/sm90_compile.py      # table: variant, tile, warps, registers and stack bytes per thread
+Each variant calls fastce.ops on meta tensors (shapes and strides, no memory); every kernel
+launch is intercepted and compiled with the specialisations Triton applies at run time: pointers
+16-byte aligned (as PyTorch allocates them), integers equal to 1 turned into constants (unit
+strides), integers divisible by 16 marked so. From the PTX it reports, per pointer argument, the
+widths in bytes of the global loads and stores (16 = one 128-bit vector per thread and access).
+
+    python tools/sm90_compile.py      # table: variant, kernel, tile, warps, registers, stack bytes, access widths
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from typing import Iterable, NamedTuple
+from collections import defaultdict
+from typing import Callable, Iterable, NamedTuple
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from fastce import ops
-from fastce.kernels import cross_entropy as kernels
+from fastce.ops import LossSpec
 
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -29,78 +40,147 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 class Variant(NamedTuple):
     name: str
-    n_classes: int
-    dtype: str = "bf16"
-    flags: tuple = ()  # names of the forward kernel's boolean constexprs set to True
-    grad_output: int = 0
-    clusters: str = ops.NO_CLUSTERS  # the launch rule's cluster policy (FASTCE_CLUSTER=1: CLUSTER_LONG_ROWS)
+    launch: Callable[[], None]  # calls fastce.ops on meta tensors
+    cluster_setting: str = ""   # FASTCE_CLUSTER during the call ("": unset, the default policy)
 
 
-def forward_variants() -> list[Variant]:
-    clustered = ops.CLUSTER_LONG_ROWS
-    return [
-        Variant("training step, V=4096", 4096, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("streamed training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("streamed training step, V=256k", 262144, flags=("COMPUTE_GRAD", "MEAN")),
-        Variant("clustered training step, V=32k", 32768, flags=("COMPUTE_GRAD", "MEAN"), clusters=clustered),
-        Variant("clustered training step, V=50257", 50257, flags=("COMPUTE_GRAD", "MEAN"), clusters=clustered),
-        Variant("clustered training step, V=128k", 131072, flags=("COMPUTE_GRAD", "MEAN"), clusters=clustered),
-        Variant("clustered training step, V=256k", 262144, flags=("COMPUTE_GRAD", "MEAN"), clusters=clustered),
-        Variant("no-grad forward, V=4096", 4096),
-        Variant("streamed no-grad forward, V=128k", 131072),
-        Variant("small V=256, rows per program", 256, flags=("COMPUTE_GRAD",)),
-        Variant("all options, V=4096", 4096,
-                flags=("COMPUTE_GRAD", "MEAN", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP")),
-        Variant("streamed all options, V=32k", 32768,
-                flags=("COMPUTE_GRAD", "MEAN", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP")),
-        Variant("probability targets, V=4096", 4096, flags=("COMPUTE_GRAD", "PROB_TARGET", "HAS_WEIGHT")),
-        Variant("focal, V=1000", 1000, flags=("COMPUTE_GRAD", "MEAN", "FOCAL", "HAS_WEIGHT")),
-        Variant("focal streamed, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL")),
-        Variant("focal clustered, V=100k", 100000, flags=("COMPUTE_GRAD", "FOCAL"), clusters=clustered),
-        Variant("'none' backward recompute, V=50257", 50257, flags=("COMPUTE_GRAD",), grad_output=2),
-        Variant("float64, V=1000", 1000, dtype="fp64", flags=("COMPUTE_GRAD", "MEAN", "HAS_SMOOTHING")),
-    ]
+class Compiled(NamedTuple):
+    variant: str
+    kernel: str
+    rows: int                  # the launch's ROWS (1 for kernels without one)
+    block_size: int
+    num_warps: int
+    num_ctas: int
+    registers: int             # per thread
+    stack: int                 # bytes per thread: spills and local arrays
+    fp64_params: int           # float64 scalar parameters of the compiled kernel
+    widths: dict               # pointer argument -> {"ld": set of bytes, "st": set of bytes}
 
 
-FLAGS = ("PROB_TARGET", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP", "FOCAL", "MEAN",
-         "COMPUTE_GRAD")
+def _meta(shape, dtype=torch.bfloat16, layout: str = "contiguous"):
+    if layout == "channels_last":  # (N, C, d…) stored as (N, d…, C)
+        return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device="meta").movedim(-1, 1)
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _training_step(shape, dtype=torch.bfloat16, layout="contiguous", weight=False, probs=False, **spec):
+    """The forward of a 'mean'/'sum' training step: the loss and the gradient for upstream 1."""
+    def launch():
+        logits = _meta(shape, dtype, layout)
+        target = _meta(shape, dtype, layout) if probs else _meta(shape[:1] + shape[2:], torch.int64)
+        class_weight = _meta(shape[1], ops.compute_dtype(dtype)) if weight else None
+        ops.forward(logits, target, class_weight, LossSpec(**spec), keep_gradient=True, validate="none")
+    return launch
+
+
+def _no_grad_forward(shape, dtype=torch.bfloat16, **spec):
+    def launch():
+        ops.forward(_meta(shape, dtype), _meta(shape[:1], torch.int64), None, LossSpec(**spec), keep_gradient=False,
+                    validate="none")
+    return launch
+
+
+def _backward(shape, reduction, lse_grad=False, dtype=torch.bfloat16):
+    """Backward: 'none' computes the gradient for per-row upstream gradients; 'mean' rewrites the
+    forward's gradient (kept) where the upstream gradient is not 1 or the lse has one."""
+    def launch():
+        logits = _meta(shape, dtype)
+        divisors = _meta(3, ops.compute_dtype(dtype))
+        if reduction != "none":
+            setattr(divisors, ops._FORWARD_GRADIENT, torch.empty_like(logits))
+        grad_output = _meta(shape[:1] if reduction == "none" else (), dtype)
+        ops.backward(logits, _meta(shape[:1], torch.int64), None, LossSpec(reduction=reduction), divisors,
+                     grad_output, _meta(shape[:1], torch.float32) if lse_grad else None)
+    return launch
+
+
+def _rescale(shape, dtype=torch.bfloat16):
+    """inplace_backward's rescale of the gradient written over the logits."""
+    return lambda: ops.launch_scale_gradient(_meta(shape, dtype), _meta((), dtype))
+
+
+def _target_statistics(n_rows):
+    """The class-index pass (mean's divisors, device-side check): both levels for a segmentation batch."""
+    def launch():
+        logits = _meta((n_rows, 21))
+        ops.statistics(logits, _meta(n_rows, torch.int64), _meta(21, torch.float32), LossSpec(), "device")
+    return launch
+
+
+STEP = dict(reduction="mean")
+CLUSTERS = "1"  # FASTCE_CLUSTER=1: rows of 8k-256k classes split across a Hopper cluster (opt-in)
+VARIANTS = [
+    Variant("training step, V=4096", _training_step((8192, 4096), **STEP)),
+    Variant("streamed training step, V=32k", _training_step((8192, 32768), **STEP)),
+    Variant("streamed training step, V=50257", _training_step((8192, 50257), **STEP)),
+    Variant("streamed training step, V=256k", _training_step((8192, 262144), **STEP)),
+    Variant("clustered training step, V=32k", _training_step((8192, 32768), **STEP), cluster_setting=CLUSTERS),
+    Variant("clustered training step, V=50257", _training_step((8192, 50257), **STEP), cluster_setting=CLUSTERS),
+    Variant("clustered training step, V=128k", _training_step((8192, 131072), **STEP), cluster_setting=CLUSTERS),
+    Variant("clustered training step, V=256k", _training_step((8192, 262144), **STEP), cluster_setting=CLUSTERS),
+    Variant("no-grad forward, V=4096", _no_grad_forward((8192, 4096))),
+    Variant("streamed no-grad forward, V=128k", _no_grad_forward((8192, 131072))),
+    Variant("small V=256, rows per program", _training_step((8192, 256), reduction="sum")),
+    Variant("K-dim (8, 21, 64, 64), rows per program", _training_step((8, 21, 64, 64), **STEP)),
+    Variant("K-dim channels-last (8, 32, 64, 64)", _training_step((8, 32, 64, 64), layout="channels_last", **STEP)),
+    Variant("all options, V=4096", _training_step((8192, 4096), weight=True, reduction="mean", label_smoothing=0.1,
+                                                  z_loss=1e-4, softcap=30.0)),
+    Variant("streamed all options, V=32k", _training_step((8192, 32768), weight=True, reduction="mean",
+                                                          label_smoothing=0.1, z_loss=1e-4, softcap=30.0)),
+    Variant("probability targets, V=4096", _training_step((8192, 4096), weight=True, probs=True)),
+    Variant("focal, V=1000", _training_step((8192, 1000), weight=True, gamma=2.0, focal=True, **STEP)),
+    Variant("focal streamed, V=100k", _training_step((8192, 100000), gamma=2.0, focal=True)),
+    Variant("focal clustered, V=100k", _training_step((8192, 100000), gamma=2.0, focal=True),
+            cluster_setting=CLUSTERS),
+    Variant("'none' backward, V=32k", _backward((8192, 32768), "none")),
+    Variant("'mean' backward with an lse gradient, V=4096", _backward((8192, 4096), "mean", lse_grad=True)),
+    Variant("float64, V=1000", _training_step((8192, 1000), torch.float64, label_smoothing=0.1, **STEP)),
+    Variant("inplace rescale, V=32k", _rescale((8192, 32768))),
+    Variant("class-index pass, 16x512x512 targets", _target_statistics(16 * 512 * 512)),
+]
+
+
+@contextlib.contextmanager
+def _cluster_setting(value: str):
+    previous = os.environ.pop("FASTCE_CLUSTER", None)
+    if value:
+        os.environ["FASTCE_CLUSTER"] = value
+    try:
+        yield
+    finally:
+        os.environ.pop("FASTCE_CLUSTER", None)
+        if previous is not None:
+            os.environ["FASTCE_CLUSTER"] = previous
+
+
+@contextlib.contextmanager
+def _compile_instead_of_launching(compiled: list):
+    """JITFunction.run compiles for sm_90 with Triton's run-time specialisation of the call's
+    arguments (the same binder Triton launches with) and returns without launching."""
+    backend = make_backend(HOPPER)
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization,
+                                                                options)
+        kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=HOPPER,
+                                options=options.__dict__)
+        arguments = [name for name, kind in signature.items() if kind != "constexpr"]
+        compiled.append((self.fn.__name__, bound_args, kernel, arguments))
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = original
 
 
 def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_ctas: int = 1):
+    """One kernel compiled for sm_90 from an explicit signature (the token-statistics table's way)."""
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_ctas": num_ctas})
-
-
-def _forward_source(variant: Variant):
-    import triton.language as tl
-    config = ops.launch_config(8192, variant.n_classes, variant.clusters)
-    acc = "fp64" if variant.dtype == "fp64" else "fp32"
-    flags = {name: name in variant.flags for name in FLAGS}
-    constexprs = dict(ROWS=config.rows, BLOCK_SIZE=config.block_size,
-                      SINGLE_PASS=variant.n_classes <= config.block_size, WIDE_OFFSETS=False,
-                      GRAD_OUTPUT=variant.grad_output, HAS_LSE_GRAD=False, KEEP_UNIT_ROWS=False,
-                      COMPUTE_DTYPE=tl.float64 if acc == "fp64" else tl.float32, **flags)
-    signature = {
-        "logits_ptr": f"*{variant.dtype}",
-        "target_ptr": f"*{variant.dtype}" if flags["PROB_TARGET"] else "*i64",
-        "weight_ptr": "*fp32" if flags["HAS_WEIGHT"] else "constexpr",
-        "loss_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "grad_ptr": f"*{variant.dtype}",
-        "ce_divisor_ptr": f"*{acc}", "z_divisor_ptr": f"*{acc}",
-        "grad_output_ptr": f"*{variant.dtype}" if variant.grad_output else f"*{acc}",
-        "lse_grad_ptr": f"*{acc}",
-    }
-    for name in kernels.cross_entropy_fwd_kernel.fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_stride_outer") or name.endswith("_stride_inner") or name.endswith("_stride_class"):
-            signature[name] = "i64"
-        elif name in ("n_rows", "n_classes", "inner_size", "ignore_index"):
-            signature[name] = "i32"
-        elif name in ("label_smoothing", "z_loss", "softcap", "gamma"):
-            signature[name] = "fp64"  # the kernel's annotation: fp64 kernels compute with fp64 scalars
-    if not flags["HAS_WEIGHT"]:
-        constexprs["weight_ptr"] = None
-    return signature, constexprs, config
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -114,34 +194,58 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
-def compile_all(variants: Iterable[Variant]) -> list[tuple]:
-    rows = []
+_PARAM = re.compile(r"ld\.param\.\w+\s+(%\w+),\s*\[(\w+)_param_(\d+)\]")
+_INSTRUCTION = re.compile(r"^(?:@!?%\w+\s+)?[\w.:]+\s+(%\w+)\s*,(.*)$")
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s.*?\[\s*(%\w+)")
+
+
+def access_widths(ptx: str, arguments: list[str]) -> dict:
+    """{pointer argument: {"ld": widths, "st": widths}} of the global loads and stores in `ptx`,
+    in bytes per thread and access. An access is attributed to the pointer parameters its
+    address register derives from (following the PTX's data flow)."""
+    sources = defaultdict(set)  # register -> kernel parameters (by index) it is computed from
+    lines = [line.strip() for line in ptx.splitlines()]
+    for line in lines:
+        if (match := _PARAM.search(line)):
+            sources[match.group(1)].add(int(match.group(3)))
+    flow = [(match.group(1), re.findall(r"%\w+", match.group(2))) for line in lines
+            if (match := _INSTRUCTION.match(line)) and not _PARAM.search(line)]
+    changed = True
+    while changed:  # to a fixed point: loops carry registers backwards
+        changed = False
+        for destination, operands in flow:
+            before = len(sources[destination])
+            for register in operands:
+                sources[destination] |= sources.get(register, set())
+            changed |= len(sources[destination]) != before
+    widths = defaultdict(lambda: {"ld": set(), "st": set()})
+    for line in lines:
+        if (match := _ACCESS.search(line)):
+            kind, vector, bits, address = match.groups()
+            for index in sources[address]:
+                if index < len(arguments) and arguments[index].endswith("_ptr"):
+                    widths[arguments[index]][kind].add(int(vector or 1) * int(bits) // 8)
+    return dict(widths)
+
+
+def compile_all(variants: Iterable[Variant]) -> list[Compiled]:
+    results = []
     for variant in variants:
-        signature, constexprs, config = _forward_source(variant)
-        compiled = _compile(kernels.cross_entropy_fwd_kernel.fn, signature, constexprs, config.num_warps,
-                            config.num_ctas)
-        rows.append((variant.name, config, *resource_usage(compiled.asm["cubin"])))
-    # the backward scale kernel and the divisor kernel, once each
-    scale_sig = {"grad_ptr": "*bf16", "grad_output_ptr": "*fp32", "grad_stride_outer": "i64",
-                 "grad_stride_inner": "i64", "grad_stride_class": "i64", "n_rows": "i32", "n_classes": "i32",
-                 "inner_size": "i32", "ROWS": "constexpr", "BLOCK_SIZE": "constexpr", "PER_ROW": "constexpr",
-                 "COMPUTE_DTYPE": "constexpr", "WIDE_OFFSETS": "constexpr"}
-    import triton.language as tl
-    config = ops.launch_config(8192, 32768)
-    compiled = _compile(kernels.cross_entropy_bwd_kernel.fn, scale_sig,
-                        dict(ROWS=config.rows, BLOCK_SIZE=min(config.block_size, ops.SCALE_BLOCK), PER_ROW=True,
-                             COMPUTE_DTYPE=tl.float32, WIDE_OFFSETS=False),
-                        min(config.num_warps, ops.SCALE_WARPS))
-    scale_config = ops.LaunchConfig(config.rows, min(config.block_size, ops.SCALE_BLOCK),
-                                    min(config.num_warps, ops.SCALE_WARPS))
-    rows.append(("backward scale, V=32k", scale_config, *resource_usage(compiled.asm["cubin"])))
-    divisor_sig = {"target_ptr": "*i64", "weight_ptr": "*fp32", "stats_ptr": "*fp32", "n_rows": "i32",
-                   "n_classes": "i32", "ignore_index": "i32", "rows_per_program": "i32", "BLOCK_SIZE": "constexpr",
-                   "HAS_WEIGHT": "constexpr", "FINISH": "constexpr", "COMPUTE_DTYPE": "constexpr"}
-    compiled = _compile(kernels.target_stats_kernel, divisor_sig,
-                        dict(BLOCK_SIZE=ops.TARGET_STATS_BLOCK, HAS_WEIGHT=True, FINISH=False, COMPUTE_DTYPE=tl.float32), 4)
-    rows.append(("mean divisor", ops.LaunchConfig(1, ops.TARGET_STATS_BLOCK, 4), *resource_usage(compiled.asm["cubin"])))
-    return rows
+        launches: list = []
+        with _cluster_setting(variant.cluster_setting), _compile_instead_of_launching(launches):
+            variant.launch()
+        for name, bound_args, kernel, arguments in launches:
+            registers, stack = resource_usage(kernel.asm["cubin"])
+            ptx = kernel.asm["ptx"]
+            results.append(Compiled(variant.name, name, bound_args.get("ROWS", 1), bound_args.get("BLOCK_SIZE", 0),
+                                    kernel.metadata.num_warps, kernel.metadata.num_ctas, registers, stack,
+                                    len(re.findall(r"\.param \.f64 ", ptx)), access_widths(ptx, arguments)))
+    return results
+
+
+def _widths_text(widths: dict) -> str:
+    return " ".join(f"{name.removesuffix('_ptr')}:{kind}{'/'.join(map(str, sorted(sizes)))}"
+                    for name, kinds in sorted(widths.items()) for kind, sizes in kinds.items() if sizes)
 
 
 # ---- per-token statistics (fastce/kernels/token_stats.py) --------------------------------------------
@@ -184,9 +288,15 @@ def compile_token_stats(variants: Iterable[tuple]) -> list[tuple]:
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    print(f"{'kernel variant':40s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} {'regs':>5s} {'stack B':>8s}")
-    rows = compile_all(forward_variants()) + compile_token_stats(token_stats_variants())
-    for name, config, registers, spills in rows:
+    header = (f"{'variant':46s} {'kernel':25s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} {'regs':>5s} "
+              f"{'stack B':>7s}  global access widths, bytes")
+    print(header)
+    for c in compile_all(VARIANTS):
+        print(f"{c.variant:46s} {c.kernel:25s} {c.rows:4d} {c.block_size:7d} {c.num_ctas:4d} {c.num_warps:5d} "
+              f"{c.registers:5d} {c.stack:7d}  {_widths_text(c.widths)}")
+    print(f"\n{'token-statistics kernel variant':40s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} {'regs':>5s} "
+          f"{'stack B':>8s}")
+    for name, config, registers, spills in compile_token_stats(token_stats_variants()):
         print(f"{name:40s} {config.rows:4d} {config.block_size:7d} {config.num_ctas:4d} {config.num_warps:5d} "
               f"{registers:5d} {spills:8d}")
 

@@ -204,13 +204,15 @@ def _mask_rows(grad, valid, bad_target):
 
 
 @triton.jit
-def _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr, target_row_offs,
-               target_stride_class, weight_ptr, y, w_y, n_classes, label_smoothing, softcap,
+def _load_tile(cols, valid, read_rows, logits_ptr, logits_row_offs, logits_stride_class, target_ptr,
+               target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes, label_smoothing, softcap,
                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    # (logits x', target mass a, mask) of the tile's classes; ignored rows are not read at all
-    mask = valid[:, None] & (cols < n_classes)[None, :]
-    x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
+    # (logits x', target mass a, mask of the valid rows' classes) of the tile; the logits of rows
+    # outside read_rows are not read at all
+    in_row = (cols < n_classes)[None, :]
+    mask = valid[:, None] & in_row
+    x = _load_logits(logits_ptr, logits_row_offs, cols, read_rows[:, None] & in_row, logits_stride_class, softcap,
                      HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
     a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols, mask, y, w_y,
                      label_smoothing, n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, WIDE_OFFSETS,
@@ -273,6 +275,7 @@ def cross_entropy_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,    # write the gradient (forward-fused or backward recompute)
     GRAD_OUTPUT: tl.constexpr,     # upstream gradient of the loss: 0 none (=1), 1 scalar, 2 one per row
     HAS_LSE_GRAD: tl.constexpr,    # the lse has an upstream gradient too (lse_grad_ptr)
+    SKIP_IGNORED_ROWS: tl.constexpr,  # leave ignored rows' logits unread (the class axis is contiguous)
     KEEP_UNIT_ROWS: tl.constexpr,  # grad_ptr holds the forward's gradient for upstream 1: programs
                                    # whose rows all have upstream 1 and no lse gradient leave it be
     COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
@@ -321,6 +324,11 @@ def cross_entropy_fwd_kernel(
             else:
                 w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
 
+        # Ignored rows' logits are skipped where the class axis is the contiguous one (a per-row mask
+        # keeps the loads along it wide); where the rows are ((N, C, d…) inputs), a per-row mask
+        # would split the loads into scalars, so every row in bounds is read.
+        read_rows = valid if SKIP_IGNORED_ROWS else row_in_bounds
+
         if MEAN:
             # a zero divisor (every row ignored, or zero weight at every target) gives NaN, as
             # torch's 0/0: also where the smoothing term alone would give ±inf
@@ -343,8 +351,8 @@ def cross_entropy_fwd_kernel(
         # Pass 1: online log-sum-exp and target sums. A single-pass row stays in registers (x, and
         # a for probability targets; a hard target's mass is rebuilt for the gradient).
         if SINGLE_PASS:
-            x, a, mask = _load_tile(cols, valid, logits_ptr, logits_row_offs, logits_stride_class, target_ptr,
-                                    target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
+            x, a, mask = _load_tile(cols, valid, read_rows, logits_ptr, logits_row_offs, logits_stride_class,
+                                    target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
                                     label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
                                     WIDE_OFFSETS, COMPUTE_DTYPE)
             m, s, s_other, mass, weighted_sum, target_logit = _online_update(
@@ -352,10 +360,10 @@ def cross_entropy_fwd_kernel(
                 PROB_TARGET or HAS_SMOOTHING, not PROB_TARGET)
         else:
             for start in range(0, n_classes, BLOCK_SIZE):
-                x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
-                                        target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
-                                        n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
-                                        HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
+                                        logits_stride_class, target_ptr, target_row_offs, target_stride_class,
+                                        weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
+                                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
                 m, s, s_other, mass, weighted_sum, target_logit = _online_update(
                     x, a, mask, (start + cols)[None, :] == y[:, None], m, s, s_other, mass, weighted_sum,
                     target_logit, PROB_TARGET or HAS_SMOOTHING, not PROB_TARGET)
@@ -388,10 +396,10 @@ def cross_entropy_fwd_kernel(
             else:
                 loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
                 for start in range(0, n_classes, BLOCK_SIZE):
-                    x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
-                                            target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
-                                            n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
-                                            HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                    x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
+                                            logits_stride_class, target_ptr, target_row_offs, target_stride_class,
+                                            weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
+                                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
                     loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
                     loss += tl.sum(loss_terms, 1)
                     focal_sum += tl.sum(a_h, 1)
@@ -424,10 +432,10 @@ def cross_entropy_fwd_kernel(
                 # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so
                 # the re-read is served from cache rather than HBM.
                 for start in range(0, n_classes, BLOCK_SIZE):
-                    x, a, mask = _load_tile(start + cols, valid, logits_ptr, logits_row_offs, logits_stride_class,
-                                            target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y,
-                                            n_classes, label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT,
-                                            HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                    x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
+                                            logits_stride_class, target_ptr, target_row_offs, target_stride_class,
+                                            weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
+                                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
                     _store_gradient(x, a, start + cols, y, ref, log_s, target_miss, mass, focal_sum, focal_other,
                                     ce_scale, z_scale, upstream, lse_upstream, valid, bad_target, row_in_bounds,
                                     grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma,
