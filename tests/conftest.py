@@ -23,3 +23,13 @@ def device():
 def _fresh_seed(request):
     # Fresh random inputs per test, reproducible per test id.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(params=["kernels", "reference"])
+def path(request, monkeypatch):
+    """Run a test on the Triton kernels (the interpreter here) and on the pure-PyTorch path (what
+    a CPU without the interpreter runs)."""
+    if request.param == "reference":
+        import fastce
+        monkeypatch.setattr(fastce.functional, "uses_triton", lambda input: False)
+    return request.param

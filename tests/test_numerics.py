@@ -15,13 +15,7 @@ from _support import (DTYPES, assert_close_dtype, ce_fns, check_loss_and_grad, f
 
 NEG_INF = float("-inf")
 
-
-@pytest.fixture(autouse=True, params=["kernels", "reference"])
-def path(request, monkeypatch):
-    """Every case here runs on the kernels and on the pure-PyTorch path (CPU without the interpreter)."""
-    if request.param == "reference":
-        monkeypatch.setattr(fastce.functional, "uses_triton", lambda input: False)
-    return request.param
+pytestmark = pytest.mark.usefixtures("path")  # every case on the kernels and on the pure-PyTorch path
 
 
 # ------------------------------------------------------------------------------------------
