@@ -28,15 +28,16 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
-                 size_average=None, reduce=None) -> None:
+                 validate: Union[bool, str] = True, size_average=None, reduce=None) -> None:
         # DESIGN §1's argument order; torch's deprecated size_average/reduce stay accepted by keyword
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
+        self.validate = validate  # as fastce.cross_entropy's
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                               self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
+                               self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, validate=self.validate)
 
     def extra_repr(self) -> str:
         return ", ".join([f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}",
@@ -47,8 +48,9 @@ class FocalLoss(nn.Module):
     """Focal loss module; a tensor alpha is a buffer (saved in the state_dict, moved with .to())."""
 
     def __init__(self, gamma: float = 2.0, alpha: Union[None, float, Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, validate: Union[bool, str] = True) -> None:
         super().__init__()
+        self.validate = validate  # as fastce.focal_loss's
         self.gamma = gamma
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -60,7 +62,7 @@ class FocalLoss(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.focal_loss(input, target, self.gamma, self.alpha, self.ignore_index, self.reduction,
-                            self.label_smoothing)
+                            self.label_smoothing, validate=self.validate)
 
     def extra_repr(self) -> str:
         alpha = "tensor" if isinstance(self.alpha, torch.Tensor) else self.alpha

@@ -48,9 +48,9 @@ def _check(path, ours_fn, torch_fn, x, target, what):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op_name", ["nn.functional.cross_entropy", "nn.functional.nll_loss"])
-def test_opinfo_samples(path, op_name, dtype):
+def test_opinfo_samples(device, path, op_name, dtype):
     (op,) = [o for o in op_db if o.name == op_name]
-    samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
+    samples = list(op.sample_inputs(device, dtype, requires_grad=True))
     assert samples
     for sample in samples:
         (target,) = sample.args
@@ -67,9 +67,9 @@ def test_opinfo_samples(path, op_name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_module_info_samples(path, dtype):
+def test_module_info_samples(device, path, dtype):
     (info,) = [m for m in module_db if m.module_cls is torch.nn.CrossEntropyLoss]
-    inputs = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)
+    inputs = info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=True, training=True)
     assert inputs
     for module_input in inputs:
         ctor, forward = module_input.constructor_input, module_input.forward_input

@@ -1,5 +1,7 @@
 """Bad input (DESIGN §2): a clear Python exception raised before any kernel runs, with the
 caller's tensors left bit-identical; validate=False never reads out of bounds."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,10 @@ FUNCTIONS = ["cross_entropy", "focal_loss", "CrossEntropyLoss", "FocalLoss"]
 def _expect_clean_error(exc_types, fn_name, x, t, match=None, **kw):
     """The call raises one of exc_types, launches no kernel, leaves every tensor as it was,
     and the exception is a plain Python one with a readable message."""
+    if exc_types is IndexError and x.is_cuda:
+        # on CUDA the default check is a device-side assertion, which would end the process's CUDA
+        # context; the IndexError is what validate="sync" gives there
+        kw.setdefault("validate", "sync")
     x = x.detach().clone().requires_grad_(x.is_floating_point())
     tensors = [x, t] + [v for v in kw.values() if isinstance(v, torch.Tensor)]
     before = snapshot(*tensors)
@@ -249,8 +255,9 @@ def test_refuses_what_torch_refuses_with_torch_words(device, case):
     x = make_logits(shape, torch.float32, device)
     t = make_target(x).to(device)
     kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    with pytest.raises(Exception) as theirs:
-        torch.nn.functional.cross_entropy(x, t, **kw)
+    with pytest.raises(Exception) as theirs:  # on the CPU: torch's CUDA kernels assert on the device instead
+        torch.nn.functional.cross_entropy(x.cpu(), t.cpu(), **{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                               for k, v in kw.items()})
     ours = _expect_clean_error(type(theirs.value), "cross_entropy", x, t, **kw)
     expected = str(theirs.value).replace("cross_entropy_loss(): ", "cross_entropy(): ").replace(" (position 5)", "")
     assert str(ours).startswith(expected), (str(ours), str(theirs.value))
@@ -293,8 +300,8 @@ def test_validation_modes_per_device():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_device_side_check(device, monkeypatch, path, fn_name, reduction):
     """What validate=True does with CUDA tensors, run on this device: valid targets pass with
-    no host sync; an out-of-range one fails the assertion (on a GPU at the next synchronisation,
-    on the CPU at once), and the caller's tensors are left as they were."""
+    no host sync; an out-of-range one fails the assertion (on the CPU at once, and the caller's
+    tensors are left as they were; on a GPU see test_cuda_device_side_assert)."""
     from fastce.profiling import measure
     monkeypatch.setattr(fastce.functional, "validation_mode", lambda validate, device: "device")
     if path == "reference":
@@ -305,11 +312,46 @@ def test_device_side_check(device, monkeypatch, path, fn_name, reduction):
         loss = _call(fn_name, x, t, reduction=reduction)
     assert m.syncs == 0, m.report()
     assert_close_dtype(loss, getattr(reference, fn_name)(x.double(), t, reduction=reduction), torch.float32, "loss")
+    if x.is_cuda:
+        return  # a failed device-side assertion would end this process's CUDA context
     t[4] = C + 2
     before = snapshot(x, t)
     with pytest.raises(RuntimeError, match=f"outside \\[0, {C}\\) and is not ignore_index"):
         _call(fn_name, x, t, reduction=reduction)
     assert_unchanged([x, t], before)
+
+
+CUDA_DEVICE_SIDE_ASSERT = """
+import torch, fastce
+x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+target = torch.randint(0, 1000, (64,), device="cuda")
+graph, static_loss = torch.cuda.CUDAGraph(), None
+for _ in range(2):  # warm up, then capture: the default check never syncs, so capture works
+    loss = fastce.cross_entropy(x, target)
+with torch.cuda.graph(graph):
+    static_loss = fastce.cross_entropy(x, target)
+graph.replay()
+torch.testing.assert_close(static_loss, torch.nn.functional.cross_entropy(x, target))
+target[5] = 1000
+loss = fastce.cross_entropy(x, target)  # returns: the failure is on the device
+print("returned", flush=True)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device-side assert needs a GPU (the CPU runs "
+                    "the same check in test_device_side_check, where it raises at once)")
+def test_cuda_device_side_assert():
+    """On CUDA, validate=True needs no host sync (a CUDA graph captures it) and an out-of-range
+    index fails as torch's own CUDA kernels do: the call returns, and the next synchronisation
+    raises "device-side assert triggered"."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", CUDA_DEVICE_SIDE_ASSERT], capture_output=True, text=True,
+                            env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "returned" in result.stdout, result.stderr[-2000:]
+    assert result.returncode != 0 and "device-side assert" in result.stderr, result.stderr[-2000:]
 
 
 def test_sync_opts_into_the_index_error(device):
