@@ -260,10 +260,10 @@ def reference_grads(ref_fn: Callable, inputs: Sequence, grad_output: Optional[Te
 
 def check_loss_and_grad(fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
                         dtype: torch.dtype, mode: str = "random", what: str = "", *,
-                        wrt: Sequence[int] = (0,)):
+                        wrt: Sequence[int] = (0,), grad_roundings: int = 1):
     """fast_fn(*inputs) vs ref_fn(*float64 copies): the loss's value and dtype (= input
     dtype), and the gradient (value and dtype) of each input in ``wrt`` under the same
-    grad_output.  Returns (loss, grads)."""
+    grad_output, rounded ``grad_roundings`` times to its dtype.  Returns (loss, grads)."""
     out, go, gs = grads(fast_fn, inputs, mode=mode, wrt=wrt)
     ref_out, ref_gs = reference_grads(ref_fn, inputs, go, wrt=wrt)
     assert out.dtype == dtype, f"{what}: loss dtype {out.dtype}, input dtype {dtype}"
@@ -272,7 +272,7 @@ def check_loss_and_grad(fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
         assert g is not None, f"{what}: no gradient for input {i}"
         assert g.dtype == inputs[i].dtype, f"{what}: grad dtype {g.dtype} != input dtype {inputs[i].dtype}"
         assert g.shape == inputs[i].shape, f"{what}: grad shape {tuple(g.shape)}"
-        assert_close_dtype(g, rg, inputs[i].dtype, f"{what} grad[{i}]")
+        assert_close_dtype(g, rg, inputs[i].dtype, f"{what} grad[{i}]", roundings=grad_roundings)
     return out, gs
 
 

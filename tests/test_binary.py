@@ -270,7 +270,8 @@ def test_offsets_beyond_int32(case):
     t = torch.rand(shape).to(torch.bfloat16)
     for reduction in ("none", "sum"):
         fast, ref = paired("focal", reduction=reduction)
-        check_loss_and_grad(fast, ref, [x, t], torch.bfloat16, "random", case, wrt=(0, 1))
+        # the forward's bf16 gradient (for upstream 1) is rescaled by the upstream gradient: two roundings
+        check_loss_and_grad(fast, ref, [x, t], torch.bfloat16, "random", case, wrt=(0, 1), grad_roundings=2)
 
 
 # ------------------------------------------------------------------------------------------

@@ -178,7 +178,8 @@ def _compile_instead_of_launching(compiled: list):
 
 
 def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_ctas: int = 1):
-    """One kernel compiled for sm_90 from an explicit signature (the token-statistics table's way)."""
+    """One kernel compiled for sm_90 from an explicit signature (the token-statistics table's and
+    tools/sm90_compile_binary.py's way)."""
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_ctas": num_ctas})
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import _class_offsets
+from .storage import to_storage
 
 BCE = tl.constexpr(0)
 SOFT_MARGIN = tl.constexpr(1)
@@ -183,7 +184,7 @@ def binary_loss_fwd_kernel(
 
     if STORE_LOSS:
         tl.store(loss_ptr + _offsets(i0, i1, i2, cols, loss_strides, WIDE_OFFSETS),
-                 loss.to(loss_ptr.dtype.element_ty), mask=mask)
+                 to_storage(loss, loss_ptr.dtype.element_ty), mask=mask)
     if REDUCE:
         # one partial sum per program, summed by the launcher in a fixed order: no atomics, so the
         # loss is bitwise reproducible
@@ -204,10 +205,10 @@ def binary_loss_fwd_kernel(
                                     mask=mask, other=0.0).to(COMPUTE_DTYPE)
         if GRAD_INPUT:
             tl.store(grad_input_ptr + _offsets(i0, i1, i2, cols, grad_input_strides, WIDE_OFFSETS),
-                     (grad_x * scale).to(grad_input_ptr.dtype.element_ty), mask=mask)
+                     to_storage(grad_x * scale, grad_input_ptr.dtype.element_ty), mask=mask)
         if GRAD_TARGET:
             tl.store(grad_target_ptr + _offsets(i0, i1, i2, cols, grad_target_strides, WIDE_OFFSETS),
-                     (grad_t * scale).to(grad_target_ptr.dtype.element_ty), mask=mask)
+                     to_storage(grad_t * scale, grad_target_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -226,4 +227,4 @@ def binary_scale_grad_kernel(
         offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n_elements
         grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        tl.store(grad_ptr + offs, (grad * g).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + offs, to_storage(grad * g, grad_ptr.dtype.element_ty), mask=mask)

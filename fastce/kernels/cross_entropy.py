@@ -20,6 +20,8 @@ focal sums, and one that re-reads the row to write the gradient.
 import triton
 import triton.language as tl
 
+from .storage import to_storage
+
 
 @triton.jit
 def _expm1(v):
@@ -47,18 +49,6 @@ def _tanh(u):
     t = -_expm1(-2.0 * tl.abs(u))
     magnitude = t / (2.0 - t)
     return tl.where(u < 0.0, -magnitude, magnitude)
-
-
-@triton.jit
-def _to_storage(x, DTYPE: tl.constexpr):
-    # fp32 → bf16 rounded to nearest-even by hand: Triton's interpreter truncates instead (it
-    # ignores the rounding mode), which would leave the CPU suite a whole ulp of slack; on a GPU
-    # the bits equal the hardware's conversion. (The quiet bit keeps a NaN a NaN.)
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = tl.where(x != x, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
-        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(DTYPE)
 
 
 @triton.jit
@@ -235,7 +225,7 @@ def _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, foc
                      HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD)
     grad = _mask_rows(grad, valid, bad_target)
     tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
-             _to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
+             to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
 
 
 @triton.heuristics({
@@ -474,7 +464,7 @@ def cross_entropy_bwd_kernel(
             mask = needs_scaling[:, None] & (block_cols < n_classes)[None, :]
             ptrs = grad_ptr + row_offs[:, None] + _class_offsets(block_cols, grad_stride_class, WIDE_OFFSETS)
             grad = tl.load(ptrs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            tl.store(ptrs, _to_storage(grad * g[:, None], grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(ptrs, to_storage(grad * g[:, None], grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
