@@ -108,10 +108,10 @@ def check_target(input: Tensor, target: Tensor, ignore_index: int, ignore_index_
             f"Expected target size {list(expected)}, got {list(target.shape)} (input shape {list(input.shape)})")
 
 
-def check_class_factor(factor: Optional[Tensor], n_classes: int, input: Tensor, name: str,
-                       input_dtype: bool = False) -> None:
-    """A (C,) floating tensor on the input's device; with input_dtype, of the input's dtype too
-    (torch's rule for cross_entropy's class weights)."""
+def check_class_factor(factor: Optional[Tensor], n_classes: int, input: Tensor, name: str) -> None:
+    """A (C,) floating tensor on the input's device, of any floating dtype (used in the compute
+    dtype: torch requires class weights in the input's dtype, fastce takes e.g. fp32 weights for
+    bf16 logits at their full precision)."""
     if factor is None:
         return
     if not isinstance(factor, Tensor):
@@ -124,9 +124,6 @@ def check_class_factor(factor: Optional[Tensor], n_classes: int, input: Tensor, 
         raise TargetDtypeError(f"{name} must be a floating point tensor, got {factor.dtype}")
     if factor.device != input.device:
         raise InvalidArgumentError(f"{name} is on {factor.device} but input is on {input.device}")
-    if input_dtype and factor.dtype != input.dtype:
-        raise TargetDtypeError(f"expected scalar type {scalar_type_name(input.dtype)} but found "
-                               f"{scalar_type_name(factor.dtype)} ({name} must have the input's dtype)")
 
 
 def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:

@@ -170,7 +170,8 @@ def cross_entropy(
 ):
     """Drop-in for torch.nn.functional.cross_entropy, plus z-loss and logit soft-capping.
 
-    As torch, `weight` must have the input's dtype, and `ignore_index` be an integer.
+    As torch, `ignore_index` must be an integer. `weight` may have any floating dtype (torch
+    requires the input's): it is used at fp32 precision (fp64 for float64 inputs).
 
     Args beyond torch's:
         z_loss: adds z_loss·lse² per non-ignored row (averaged over non-ignored rows for "mean").
@@ -195,7 +196,7 @@ def cross_entropy(
                                      return_lse=return_lse)
     n_classes, ignore_index = _check_common("cross_entropy", input, target, ignore_index, reduction, label_smoothing)
     validate = validation_mode(validate, input.device)
-    check_class_factor(weight, n_classes, input, "weight", input_dtype=True)
+    check_class_factor(weight, n_classes, input, "weight")
     _check_not_differentiable(weight, "weight")
     _check_z_loss_softcap(z_loss, softcap)
     if _runs_reference(input, target, n_classes, ignore_index, validate):

@@ -306,6 +306,16 @@ def test_zero_weight_at_every_target_is_nan_as_torch(device, label_smoothing, sh
     assert torch.isnan(ref_out) and torch.equal(torch.isnan(rg), torch.isnan(tg))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_weight_of_another_dtype_is_used_at_full_precision(device, reduction):
+    """torch refuses class weights of another dtype than the input's; fastce takes them (documented)
+    and uses them at fp32 precision: fp32 weights of 1/3 for bf16 logits are not rounded to bf16."""
+    x, t = make_inputs((16, 40), torch.bfloat16, device, ignore_frac=0.2)
+    weight = torch.full((40,), 1 / 3, device=device)
+    fast, ref = ce_fns(weight, reduction=reduction, label_smoothing=0.1)
+    check_loss_and_grad(fast, ref, [x, t], torch.bfloat16, "random", "fp32 weight, bf16 logits")
+
+
 PROMOTIONS = [(torch.float32, torch.float64), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
               (torch.bfloat16, torch.float16), (torch.float64, torch.float32)]
 

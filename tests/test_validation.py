@@ -229,8 +229,6 @@ TORCH_REFUSES = {
     # name: (input shape, make the target from the input, keyword arguments)
     "long_target_shaped_like_input": ((4, C), lambda x: torch.zeros(x.shape, dtype=torch.long), {}),
     "int32_target": ((4, C), lambda x: torch.zeros(4, dtype=torch.int32), {}),
-    "weight_of_another_dtype": ((4, C), lambda x: torch.zeros(4, dtype=torch.long),
-                                dict(weight=torch.ones(C, dtype=torch.float64))),
     "weight_of_another_length": ((4, C), lambda x: torch.zeros(4, dtype=torch.long), dict(weight=torch.ones(3))),
     "out_of_range": ((4, C), lambda x: torch.tensor([0, 1, C, 2]), {}),
     "uint8_index_equal_to_ignore_index_mod_256": ((4, C), lambda x: torch.tensor([0, 1, 156, 2], dtype=torch.uint8),
