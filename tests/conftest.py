@@ -14,6 +14,44 @@ import torch  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _patch_the_language_once_per_launch():
+    """Speed: Triton's interpreter patches triton.language again at every call of a @triton.jit
+    helper inside a kernel (inspecting hundreds of members each time), although the launch has
+    usually patched the same module objects already; skip a repeat for modules patched in this
+    launch. Nothing is interpreted differently. (A Triton without these internals keeps its own
+    behaviour.)"""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        patch_lang, run_grid, scope = interpreter._patch_lang, interpreter.GridExecutor.__call__, interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    launch = {"running": 0, "patched": set()}  # ids of the language modules patched in the running launch
+
+    def patch_once(fn):
+        langs = {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
+        if launch["running"] and langs <= launch["patched"]:
+            return scope()  # nothing to undo
+        if launch["running"]:
+            launch["patched"] |= langs
+        return patch_lang(fn)
+
+    def run_grid_once(self, *args, **kwargs):
+        launch["running"] += 1
+        try:
+            return run_grid(self, *args, **kwargs)
+        finally:
+            launch["running"] -= 1
+            launch["patched"] = set()
+
+    interpreter._patch_lang = patch_once
+    interpreter.GridExecutor.__call__ = run_grid_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_per_launch()
+
+
 @pytest.fixture
 def device():
     return DEVICE
