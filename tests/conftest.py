@@ -23,7 +23,8 @@ def _patch_the_language_once_per_launch():
     try:
         import triton.language as tl
         from triton.runtime import interpreter
-        patch_lang, run_grid, scope = interpreter._patch_lang, interpreter.GridExecutor.__call__, interpreter._LangPatchScope
+        patch_lang, scope = interpreter._patch_lang, interpreter._LangPatchScope
+        run_grid = interpreter.GridExecutor.__call__
     except (ImportError, AttributeError):
         return
     launch = {"running": 0, "patched": set()}  # ids of the language modules patched in the running launch

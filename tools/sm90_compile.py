@@ -295,8 +295,8 @@ def main() -> None:
     for c in compile_all(VARIANTS):
         print(f"{c.variant:46s} {c.kernel:25s} {c.rows:4d} {c.block_size:7d} {c.num_ctas:4d} {c.num_warps:5d} "
               f"{c.registers:5d} {c.stack:7d}  {_widths_text(c.widths)}")
-    print(f"\n{'token-statistics kernel variant':40s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} {'regs':>5s} "
-          f"{'stack B':>8s}")
+    print(f"\n{'token-statistics kernel variant':40s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} "
+          f"{'regs':>5s} {'stack B':>8s}")
     for name, config, registers, spills in compile_token_stats(token_stats_variants()):
         print(f"{name:40s} {config.rows:4d} {config.block_size:7d} {config.num_ctas:4d} {config.num_warps:5d} "
               f"{registers:5d} {spills:8d}")

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import _class_offsets
+from .storage import to_storage
 
 # rows of the (3, N) statistics tensor
 STAT_REF = tl.constexpr(0)
@@ -43,18 +44,6 @@ def _scaled_logits(logits_ptr, row_offs, cols, mask, stride_class, inv_temperatu
     x = tl.load(logits_ptr + row_offs[:, None] + _class_offsets(cols, stride_class, WIDE_OFFSETS),
                 mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
     return x * inv_temperature
-
-
-@triton.jit
-def _rounded(x, dtype: tl.constexpr):
-    # fp32 → bf16 by round-to-nearest-even, worked on the bits so that the result is exact in bf16:
-    # what a GPU's cast does, where Triton's interpreter truncates (up to one ulp low: the CPU tests
-    # would see a bias no GPU has). NaN passes unchanged.
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x).to(dtype)
-    return x.to(dtype)
 
 
 @triton.heuristics({
@@ -191,4 +180,4 @@ def token_stats_bwd_kernel(
         grad = tl.where(valid[:, None], grad * inv_temperature, 0.0)
         grad = tl.where(bad_target[:, None], float("nan"), grad)
         tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
-                 _rounded(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
+                 to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])

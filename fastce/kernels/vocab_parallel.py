@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import _class_offsets, _load_logits, _mask_rows, _row_offsets
+from .storage import to_storage
 
 
 @triton.jit
@@ -347,4 +348,4 @@ def vocab_parallel_grad_kernel(
             grad = grad * (1.0 - capped * capped)
         grad = _mask_rows(grad, valid, bad)
         tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
-                 grad.to(grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & in_slice[None, :])
+                 to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & in_slice[None, :])
