@@ -12,7 +12,10 @@ measures them without a GPU:
 * **torch operators** are counted by a ``TorchDispatchMode``: an operator reads its tensor
   inputs and writes its outputs. Views and allocations move nothing; write-only operators
   (``copy_``, ``fill_``, ``zero_``, ``out=`` arguments) do not read what they overwrite, nor
-  ``zeros_like``-style factories the tensor they copy the shape of.
+  ``zeros_like``-style factories the tensor they copy the shape of; picking operators
+  (``nll_loss``, ``gather``) read one element per index, ``nll_loss``'s backward only the shape
+  of its input; a ``copy_`` of a view onto the same view (the end of ``a[s] += b``) moves
+  nothing, as ATen skips it.
   The interpreter's own host copies around a kernel launch are not counted. A custom op
   written in Python (``torch.library.custom_op``) is charged what its body runs, not its
   arguments and results on top. ``torch.compile``'d code is counted as it runs (the counter
@@ -42,8 +45,8 @@ A ``Measurement`` has, in bytes unless noted: ``triton_read``, ``triton_write``,
 would launch), per-name details in ``kernels`` and ``ops``, and ``as_dict()``.
 
 Limits: Triton kernels compiled for a GPU (no interpreter) are invisible; only their
-torch-side work is counted. The torch model counts whole tensors (an indexed write is
-charged the whole destination). Triton is imported lazily: this module imports without it.
+torch-side work is counted. Other than the picking operators above, the torch model counts
+whole tensors (an indexed write is charged the whole destination). Triton is imported lazily: this module imports without it.
 """
 from __future__ import annotations
 
@@ -327,6 +330,11 @@ _WRITE_ONLY_SELF_OPS = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform
 # Factories that look only at a tensor's shape, dtype and device, never at its data.
 _SHAPE_ONLY_OPS = frozenset({"zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
                              "randint_like", "new_zeros", "new_ones", "new_full"})
+# Operators that read from `self` only the elements an index picks (one per entry of the named
+# argument): nll_loss reads the target class's log-probability of each row, not the whole row.
+_PICKING_OPS = {"nll_loss_forward": "target", "nll_loss2d_forward": "target", "gather": "index"}
+# Operators that look only at the shape of `self` (the gradient of a pick is written whole).
+_SHAPE_OF_SELF_OPS = frozenset({"nll_loss_backward", "nll_loss2d_backward"})
 # Operators whose output size or value the host must read back from the device.
 _SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique",
                        "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
@@ -340,6 +348,18 @@ def _tensors(tree) -> List[torch.Tensor]:
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _copies_onto_itself(name: str, args) -> bool:
+    """copy_ of a view onto the same view (what `a[s] += b` ends with): ATen returns at once."""
+    if name != "copy_" or len(args) < 2:
+        return False
+    destination, source = args[0], args[1]
+    return (destination.layout == source.layout == torch.strided and destination.dtype == source.dtype
+            and destination.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+            and destination.storage_offset() == source.storage_offset()
+            and destination.shape == source.shape and destination.stride() == source.stride()
+            and destination.is_conj() == source.is_conj() and destination.is_neg() == source.is_neg())
 
 
 def _forces_sync(name: str, overload: str, args, kwargs, output) -> bool:
@@ -391,18 +411,20 @@ class _TorchOpCounter(TorchDispatchMode):
             op.syncs += 1
         is_view = any(r.alias_info is not None and not r.alias_info.is_write
                       for r in func._schema.returns)
-        if name not in _FREE_OPS and not is_view:
+        if name not in _FREE_OPS and not is_view and not _copies_onto_itself(name, args):
             read, written = self._accesses(func, name, args, kwargs, output)
-            op.read += _nbytes(read)
+            op.read += read
             op.write += _nbytes(written)
         self._track_new_storages(args, kwargs, output)
         return output
 
     @staticmethod
     def _accesses(func, name, args, kwargs, output):
-        """(tensors read, tensors written): a mutating operator writes its mutated arguments,
-        and reads them too unless it only overwrites them; others write their outputs."""
-        read, mutated = [], []
+        """(bytes read, tensors written): a mutating operator writes its mutated arguments, and
+        reads them too unless it only overwrites them; others write their outputs. An operator
+        reads what it touches: the picked elements of a picking operator's `self`, nothing of a
+        tensor it takes only the shape of."""
+        read, mutated = 0, []
         values = dict(zip((a.name for a in func._schema.arguments), args), **kwargs)
         for argument in func._schema.arguments:
             tensors = _tensors(values.get(argument.name))
@@ -410,8 +432,13 @@ class _TorchOpCounter(TorchDispatchMode):
             if is_mutated:
                 mutated += tensors
             write_only = is_mutated and (argument.is_out or name in _WRITE_ONLY_SELF_OPS)
-            if not write_only and name not in _SHAPE_ONLY_OPS:
-                read += tensors
+            if write_only or name in _SHAPE_ONLY_OPS or (argument.name == "self" and name in _SHAPE_OF_SELF_OPS):
+                continue
+            if argument.name == "self" and name in _PICKING_OPS:
+                picks = values[_PICKING_OPS[name]].numel()
+                read += sum(min(picks, t.numel()) * t.element_size() for t in tensors)
+            else:
+                read += _nbytes(tensors)
         return read, mutated or _tensors(output)
 
     def _track_new_storages(self, args, kwargs, output) -> None:

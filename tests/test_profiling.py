@@ -137,6 +137,33 @@ def test_write_only_operators_do_not_read_their_destination():
     assert m.ops["add"].read == 2 * 50 * FLOAT and m.ops["add"].write == 50 * FLOAT
 
 
+def test_picking_operators_read_only_what_they_pick():
+    n, c = 16, 1000
+    log_probs, target = torch.randn(n, c).log_softmax(1), torch.randint(0, c, (n,))
+    with measure() as m:
+        torch.ops.aten.nll_loss_forward(log_probs, target, None, 1, -100)
+        torch.gather(log_probs, 1, target[:, None])
+    assert m.ops["nll_loss_forward"].read == n * FLOAT + n * 8  # one log-probability a row, the target
+    assert m.ops["gather"].read == n * FLOAT + n * 8
+
+
+def test_torch_cross_entropy_moves_six_times_the_logits():
+    # log_softmax (read, write), nll_loss (n picks), its backward (writes the whole gradient, reads
+    # only the shape of the logits), log_softmax's backward (reads two, writes one): 6x
+    logits = torch.randn(16, 1000, requires_grad=True)
+    target = torch.randint(0, 1000, (16,))
+    with measure() as m:
+        torch.nn.functional.cross_entropy(logits, target).backward()
+    assert 6.0 <= m.ratio(logits.numel() * FLOAT) <= 6.05, m.report()
+
+
+def test_copy_of_a_view_onto_itself_moves_nothing():
+    a, b = torch.randn(100), torch.randn(20)
+    with measure() as m:
+        a[10:30] += b  # an in-place add on the view, then copy_(view, view), which ATen skips
+    assert m.total_bytes == 3 * 20 * FLOAT, m.report()
+
+
 def test_factories_like_a_tensor_do_not_read_it():
     x = torch.randn(30)
     with measure() as m:
@@ -250,14 +277,15 @@ def test_agrees_with_the_shared_traffic_tool():
         sys.path.remove(str(SHARED_TOOLS))
 
     def workload():
-        # eager cross-entropy forward + backward with a given grad_output, Triton kernels
-        # (masked, re-reading, atomic) and a sync; no operator where the two models differ
-        # (write-only operators and zeros_like-style factories, which traffic.py charges a read)
+        # eager cross-entropy (on a one-hot target) forward + backward with a given grad_output,
+        # Triton kernels (masked, re-reading, atomic) and a sync; no operator where the two models
+        # differ (write-only operators and zeros_like-style factories, which traffic.py charges a
+        # read; picking operators such as nll_loss, which it charges the whole tensor)
         logits = torch.randn(8, 45, requires_grad=True)
-        target, grad_output = torch.randint(0, 45, (8,)), torch.randn(8)
+        one_hot, grad_output = torch.eye(45)[torch.randint(0, 45, (8,))], torch.randn(8)
         dst, total = torch.empty(45), torch.zeros(1)
         yield
-        loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        loss = -(torch.log_softmax(logits, 1) * one_hot).sum(1)
         torch.autograd.grad(loss, logits, grad_output)
         launch(copy_even_kernel, logits[0].detach(), dst)
         launch(double_read_kernel, logits[1].detach(), dst)
