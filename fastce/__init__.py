@@ -16,7 +16,7 @@ from .modules import CrossEntropyLoss, FocalLoss, LinearCrossEntropyLoss
 from .functional import binary_cross_entropy_with_logits, sigmoid_focal_loss, soft_margin_loss
 from .modules import BCEWithLogitsLoss, SigmoidFocalLoss, SoftMarginLoss
 # per-token log-probabilities and entropy (RL), DESIGN §7.2
-from .functional import linear_token_logprobs, token_logprobs
+from .functional import linear_token_logprobs, policy_gradient_loss, token_logprobs
 
 __version__ = "0.1.0"
 
@@ -33,4 +33,4 @@ __all__ = ["cross_entropy", "focal_loss", "linear_cross_entropy", "CrossEntropyL
            "LinearCrossEntropyLoss", "CrossEntropyFunction", "reference", "uses_triton", "__version__"]
 __all__ += ["binary_cross_entropy_with_logits", "soft_margin_loss", "sigmoid_focal_loss", "BCEWithLogitsLoss",
             "SoftMarginLoss", "SigmoidFocalLoss"]
-__all__ += ["token_logprobs", "linear_token_logprobs"]
+__all__ += ["token_logprobs", "linear_token_logprobs", "policy_gradient_loss"]

@@ -285,3 +285,22 @@ def check_token_target(target: Tensor, row_shape: torch.Size, device: torch.devi
         raise InvalidArgumentError(
             f"expected target of shape {list(row_shape)} (the logits' shape without the class dimension, which "
             f"is last), got {list(target.shape)}")
+
+
+def check_advantages(advantages: Tensor, row_shape: torch.Size, device: torch.device) -> None:
+    """Per-token advantages of a policy-gradient loss: a floating tensor on the logits' device that
+    broadcasts to the target's shape (e.g. (B, 1) for one advantage per sequence of (B, T) tokens)."""
+    if not isinstance(advantages, Tensor):
+        raise TypeError(f"advantages must be a Tensor, got {type(advantages).__name__}")
+    if not advantages.is_floating_point():
+        raise TargetDtypeError(f"expected floating point advantages, but got {advantages.dtype}")
+    if advantages.device != device:
+        raise InvalidArgumentError(f"advantages are on {advantages.device} but the logits are on {device}")
+    try:
+        broadcast = torch.broadcast_shapes(advantages.shape, row_shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != row_shape:
+        raise InvalidArgumentError(
+            f"advantages of shape {list(advantages.shape)} do not broadcast to the target's shape {list(row_shape)} "
+            "(one per token, or e.g. (B, 1) for one per sequence)")

@@ -290,3 +290,21 @@ def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor,
     logits = torch.nn.functional.linear(hidden, linear_weight, linear_bias)
     return token_logprobs(logits, target, temperature=temperature, ignore_index=ignore_index,
                           return_entropy=return_entropy)
+
+
+def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, entropy_coef: float = 0.0,
+                         temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
+                         return_stats: bool = False):
+    """The on-policy policy-gradient loss −(A·logprob + c·H) per token, from token_logprobs: 0 at
+    ignored tokens; "mean" over the non-ignored tokens (NaN when there are none), "sum", or "none"
+    (shaped like target). With return_stats, also (logprob, entropy), detached."""
+    logprob, entropy = token_logprobs(logits, target, temperature=temperature, ignore_index=ignore_index,
+                                      return_entropy=True)
+    valid = target != ignore_index
+    per_token = -(advantages.to(logprob.dtype) * logprob + entropy_coef * entropy)
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    if reduction == "mean":
+        loss = per_token.sum() / valid.sum()
+    else:
+        loss = per_token.sum() if reduction == "sum" else per_token
+    return (loss, logprob.detach(), entropy.detach()) if return_stats else loss

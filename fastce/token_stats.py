@@ -36,6 +36,7 @@ import triton
 from torch import Tensor
 
 from . import ops
+from .autograd import reduce_rows
 from .kernels.token_stats import N_STATS, token_stats_bwd_kernel, token_stats_fwd_kernel
 from .reference import compute_dtype
 
@@ -65,10 +66,21 @@ def launch_config(n_rows: int, n_classes: int) -> ops.LaunchConfig:
     return config._replace(num_warps=min(32, max(4, warps)))
 
 
+class PolicyLoss(NamedTuple):
+    """What the forward kernel needs to write the policy-gradient loss per row (and its gradient)."""
+    advantages: Tensor          # (N), the compute dtype: one advantage per row
+    entropy_coef: float
+    divisor: Optional[Tensor]   # "mean": a device scalar, the number of non-ignored rows; else None
+    loss_rows: Tensor           # (N) out: the loss per row (already divided by the divisor)
+    grad: Optional[Tensor]      # (N, V) out: its gradient for an upstream gradient of 1, or None
+
+
 def launch_forward(logits: Tensor, target: Tensor, spec: TokenStatsSpec, *, store_stats: bool,
-                   out: Optional[tuple] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                   out: Optional[tuple] = None, policy: Optional[PolicyLoss] = None
+                   ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """(log-probability, entropy or None, (3, N) statistics or None) of (N, V) logits and (N) class
-    indices, into `out`'s three tensors if given (None where not computed)."""
+    indices, into `out`'s three tensors if given (None where not computed); with `policy`, also its
+    loss rows (and gradient) into the tensors it holds."""
     n_rows, n_classes = logits.shape
     acc_dtype = compute_dtype(logits.dtype)
     if out is None:
@@ -79,13 +91,26 @@ def launch_forward(logits: Tensor, target: Tensor, spec: TokenStatsSpec, *, stor
     if n_rows == 0:
         return logprob, entropy, stats
     config = launch_config(n_rows, n_classes)
+    grad = None if policy is None else policy.grad
     token_stats_fwd_kernel[(triton.cdiv(n_rows, config.rows),)](
-        logits, target, logprob, entropy if entropy is not None else logprob, stats if stats is not None else logprob,
+        logits, target, logprob, _or_placeholder(entropy, logprob), _or_placeholder(stats, logprob),
+        logprob if policy is None else policy.advantages,
+        logprob if policy is None else _or_placeholder(policy.divisor, logprob),
+        logprob if policy is None else policy.loss_rows, _or_placeholder(grad, logprob),
         logits.stride(0), logits.stride(1), stats.stride(0) if stats is not None else 0,
+        grad.stride(0) if grad is not None else 0, grad.stride(1) if grad is not None else 0,
         n_rows, n_classes, spec.ignore_index, 1.0 / spec.temperature,
+        0.0 if policy is None else policy.entropy_coef,
         ROWS=config.rows, BLOCK_SIZE=config.block_size, HAS_ENTROPY=entropy is not None,
-        STORE_STATS=stats is not None, COMPUTE_DTYPE=ops._triton_dtype(logits.dtype), num_warps=config.num_warps)
+        STORE_STATS=stats is not None, POLICY_LOSS=policy is not None,
+        MEAN=policy is not None and policy.divisor is not None, STORE_GRAD=grad is not None,
+        COMPUTE_DTYPE=ops._triton_dtype(logits.dtype), num_warps=config.num_warps)
     return logprob, entropy, stats
+
+
+def _or_placeholder(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
+    # a pointer the kernel never dereferences (its flag is off)
+    return placeholder if t is None else t
 
 
 def launch_backward(logits: Tensor, target: Tensor, stats: Tensor, entropy: Tensor, grad_logprob: Optional[Tensor],
@@ -173,6 +198,152 @@ def _backward_op(logits, target, stats, entropy, grad_logprob, grad_entropy, spe
         return torch.ops.fastce.token_logprobs_backward(logits, target, stats, entropy, grad_logprob, grad_entropy,
                                                         spec.temperature, spec.ignore_index)
     return logits_gradient(logits, target, stats, entropy, grad_logprob, grad_entropy, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# policy_gradient_loss: the loss −(A·logprob + c·H) of known per-token weights, its gradient written
+# in the forward
+#
+# With the advantages known at forward time (on-policy: the importance ratio is 1), ∂loss/∂logprob
+# and ∂loss/∂H are known before any backward, so the forward kernel writes the logits' gradient in
+# the same pass that reads them, as cross-entropy's does: a training step reads the logits once and
+# writes their gradient once (2×). The backward rescales that gradient in place by the loss's scalar
+# upstream gradient, on the device, skipping it where it is 1 (the usual loss.backward()): a
+# low-precision gradient is then rounded twice. The gradient travels to the backward as in
+# fastce/ops.py's design note (an attribute of a saved output, outside torch.compile's graph); where
+# it does not arrive (a second backward through a retained graph, saved-tensor hooks that copy, CUDA
+# graphs), the backward computes it from the logits and the kept statistics in one pass. 'none'
+# returns the per-token loss, whose upstream gradients exist only in the backward: the forward keeps
+# the statistics and the backward computes the gradient (3×, as token_logprobs).
+
+
+class PolicyGradientSpec(NamedTuple):
+    """The scalar options of one policy_gradient_loss call (hashable)."""
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+    return_stats: bool = False
+
+    @property
+    def token_stats(self) -> TokenStatsSpec:
+        """The statistics it computes: the entropy where the loss or the caller uses it."""
+        return TokenStatsSpec(self.temperature, self.ignore_index, self.entropy_coef != 0 or self.return_stats)
+
+
+def policy_gradient_forward(logits: Tensor, target: Tensor, advantages: Tensor, spec: PolicyGradientSpec, *,
+                            needs_grad: bool, keep_gradient: bool):
+    """(loss rows, logprob, entropy or empty, statistics or empty, divisors or empty) of (N, V) logits,
+    (N) class indices and (N) advantages in the compute dtype. The loss rows are already divided by
+    the mean's divisor (divisors[1], the number of non-ignored rows), so every reduction is a sum.
+    With needs_grad the statistics are kept for a backward; with keep_gradient ('mean' and 'sum') the
+    gradient for an upstream gradient of 1 is written too and kept with them."""
+    acc_dtype = compute_dtype(logits.dtype)
+    mean = spec.reduction == "mean"
+    divisors = logits.new_empty(3 if mean else 0, dtype=acc_dtype)
+    if mean:  # on the device: no host sync
+        ops.target_stats(target, None, logits.shape[1], spec.ignore_index, divisors)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if keep_gradient else None
+    policy = PolicyLoss(advantages, spec.entropy_coef, divisors[1:2] if mean else None,
+                        logits.new_empty(logits.shape[0], dtype=acc_dtype), grad)
+    logprob, entropy, stats = launch_forward(logits, target, spec.token_stats, store_stats=needs_grad, policy=policy)
+    stats = _or_empty(stats, logits)
+    if keep_gradient:
+        setattr(stats, ops._FORWARD_GRADIENT, grad)
+    return policy.loss_rows, logprob, _or_empty(entropy, logits), stats, divisors
+
+
+def policy_gradient_backward(logits: Tensor, target: Tensor, advantages: Tensor, stats: Tensor, entropy: Tensor,
+                             divisors: Tensor, grad_loss: Tensor, spec: PolicyGradientSpec) -> Tensor:
+    """∂loss/∂logits for the loss's upstream gradient (a scalar; one per row for 'none'): the forward's
+    gradient rescaled in place when it kept one, else one pass over the logits."""
+    grad = getattr(stats, ops._FORWARD_GRADIENT, None)
+    if grad is not None:
+        delattr(stats, ops._FORWARD_GRADIENT)  # handed out once: it becomes the caller's
+        ops.launch_scale_gradient(grad, grad_loss)
+        return grad
+    # the chain rule through loss_i = −w (A_i·logprob_i + c·H_i), w = 1/divisor for 'mean':
+    # ∂/∂logprob_i = −g_i·w·A_i, ∂/∂H_i = −g_i·w·c
+    upstream = grad_loss.reshape(-1).to(advantages.dtype)
+    if spec.reduction == "mean":
+        upstream = upstream / divisors[1]
+    grad_entropy = (-spec.entropy_coef * upstream).expand(advantages.shape) if spec.entropy_coef != 0 else None
+    return logits_gradient(logits, target, stats, entropy, -upstream * advantages, grad_entropy, spec.token_stats)
+
+
+@torch.library.custom_op("fastce::policy_gradient_forward", mutates_args=())
+def policy_gradient_forward_op(logits: Tensor, target: Tensor, advantages: Tensor, entropy_coef: float,
+                               temperature: float, ignore_index: int, reduction: str, return_stats: bool,
+                               needs_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    spec = PolicyGradientSpec(entropy_coef, temperature, ignore_index, reduction, return_stats)
+    # a CUDA graph captured by torch.compile replays without running this Python: nothing could hand
+    # the kept gradient to the backward, which then computes it itself
+    capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
+    return policy_gradient_forward(logits, target, advantages, spec, needs_grad=needs_grad,
+                                   keep_gradient=needs_grad and reduction != "none" and not capturing)
+
+
+@policy_gradient_forward_op.register_fake
+def _(logits, target, advantages, entropy_coef, temperature, ignore_index, reduction, return_stats, needs_grad):
+    n_rows = logits.shape[0]
+    spec = PolicyGradientSpec(entropy_coef, temperature, ignore_index, reduction, return_stats)
+    logprob, entropy, stats = _fake_outputs(logits, n_rows, spec.token_stats.return_entropy, needs_grad)
+    return (logits.new_empty(n_rows, dtype=logprob.dtype), logprob, entropy, stats,
+            logits.new_empty(3 if reduction == "mean" else 0, dtype=logprob.dtype))
+
+
+@torch.library.custom_op("fastce::policy_gradient_backward", mutates_args=())
+def policy_gradient_backward_op(logits: Tensor, target: Tensor, advantages: Tensor, stats: Tensor, entropy: Tensor,
+                                divisors: Tensor, grad_loss: Tensor, entropy_coef: float, temperature: float,
+                                ignore_index: int, reduction: str) -> Tensor:
+    return policy_gradient_backward(logits, target, advantages, stats, entropy, divisors, grad_loss,
+                                    PolicyGradientSpec(entropy_coef, temperature, ignore_index, reduction))
+
+
+@policy_gradient_backward_op.register_fake
+def _(logits, target, advantages, stats, entropy, divisors, grad_loss, entropy_coef, temperature, ignore_index,
+      reduction):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _policy_forward_op(logits, target, advantages, spec: PolicyGradientSpec, *, needs_grad: bool):
+    if torch.compiler.is_compiling():
+        return torch.ops.fastce.policy_gradient_forward(logits, target, advantages, *spec, needs_grad)
+    return policy_gradient_forward(logits, target, advantages, spec, needs_grad=needs_grad,
+                                   keep_gradient=needs_grad and spec.reduction != "none")
+
+
+def _policy_backward_op(logits, target, advantages, stats, entropy, divisors, grad_loss, spec: PolicyGradientSpec):
+    if torch.compiler.is_compiling():
+        return torch.ops.fastce.policy_gradient_backward(logits, target, advantages, stats, entropy, divisors,
+                                                         grad_loss, *spec[:4])
+    return policy_gradient_backward(logits, target, advantages, stats, entropy, divisors, grad_loss, spec)
+
+
+class PolicyGradientFunction(torch.autograd.Function):
+    """apply(spec, target (N), advantages (N), logits (N, V), row_shape) -> (loss, logprob (N),
+    entropy (N) or empty), differentiable in the logits through the loss only (the statistics are
+    for logging)."""
+
+    @staticmethod
+    def forward(ctx, spec: PolicyGradientSpec, target: Tensor, advantages: Tensor, logits: Tensor,
+                row_shape: torch.Size):
+        ctx.set_materialize_grads(False)
+        ctx.spec = spec
+        loss_rows, logprob, entropy, stats, divisors = _policy_forward_op(logits, target, advantages, spec,
+                                                                          needs_grad=True)
+        ctx.save_for_backward(logits, target, advantages, stats, entropy, divisors)
+        ctx.mark_non_differentiable(logprob, entropy)
+        return reduce_rows(loss_rows, spec.reduction, row_shape, loss_rows.dtype), logprob, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_logprob, grad_entropy):
+        if grad_loss is None:
+            return None, None, None, None, None
+        logits, target, advantages, stats, entropy, divisors = ctx.saved_tensors
+        grad = _policy_backward_op(logits, target, advantages, stats, entropy, divisors, grad_loss, ctx.spec)
+        return None, None, None, grad, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +586,24 @@ def run_linear(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tens
         logprob, entropy, _ = _linear_forward_op(rows, linear_weight, linear_bias, flat_target, spec,
                                                  chunk_rows=chunk_rows, store_stats=False)
     return _shaped(logprob, entropy, target.shape, spec)
+
+
+def run_policy_gradient(logits: Tensor, target: Tensor, advantages: Tensor, spec: PolicyGradientSpec):
+    """(loss, logprob, entropy or None) for validated (…, V) logits, class indices (…) and advantages
+    broadcastable to them; the statistics shaped like `target`, never differentiable."""
+    n_classes = logits.shape[-1]
+    rows = logits.reshape(-1, n_classes)  # a view where the leading dims merge, else one copy
+    flat_target = target.reshape(-1).contiguous()  # the kernels read class indices densely
+    acc_dtype = compute_dtype(logits.dtype)
+    per_row_advantages = advantages.detach().to(acc_dtype).expand(target.shape).reshape(-1).contiguous()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss, logprob, entropy = PolicyGradientFunction.apply(spec, flat_target, per_row_advantages, rows,
+                                                              target.shape)
+    else:  # one read of the logits, no statistics or gradient kept
+        loss_rows, logprob, entropy, _, _ = _policy_forward_op(rows, flat_target, per_row_advantages, spec,
+                                                               needs_grad=False)
+        loss = reduce_rows(loss_rows, spec.reduction, target.shape, acc_dtype)
+    return (loss, *_shaped(logprob, entropy, target.shape, spec.token_stats))
 
 
 def _shaped(logprob: Tensor, entropy: Tensor, shape: torch.Size, spec: TokenStatsSpec):

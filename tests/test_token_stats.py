@@ -202,6 +202,193 @@ def test_forward_without_gradient_keeps_no_statistics(mode):
     assert m.total_bytes <= 1.01 * _nbytes(x)
 
 
+# ---- policy_gradient_loss: the loss of known per-token weights, its gradient written in the forward ----
+
+def _advantages(row_shape):
+    # one per sequence where there are sequences ((B, 1) broadcast over T), else one per token
+    return torch.randn(row_shape[:1] + (1,) * (len(row_shape) - 1) if len(row_shape) > 1 else row_shape)
+
+
+def _policy_loss_and_grad(fn, x, target, advantages, grad_output=None, **kwargs):
+    """fn(x, target, advantages, return_stats=True, **kwargs) on a fresh leaf copy, backward with
+    grad_output (None: 1); returns (loss, logprob, entropy, grad)."""
+    leaf = x.detach().clone().requires_grad_()
+    loss, logprob, entropy = fn(leaf, target, advantages, return_stats=True, **kwargs)
+    loss.backward(None if grad_output is None else grad_output.to(loss.dtype))
+    return loss.detach(), logprob, entropy, leaf.grad
+
+
+def _check_policy_loss(x, target, advantages, *, grad_output=None, roundings=1, **kwargs):
+    """fastce.policy_gradient_loss against the same expression of reference.token_logprobs on float64
+    copies: the loss and the statistics in the compute dtype, the gradient rounded `roundings` times."""
+    loss, logprob, entropy, grad = _policy_loss_and_grad(fastce.policy_gradient_loss, x, target, advantages,
+                                                         grad_output, **kwargs)
+    want = _policy_loss_and_grad(reference.policy_gradient_loss, x.double(), target, advantages.double(),
+                                 grad_output, **kwargs)
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for name, actual, expected in zip(("loss", "logprob", "entropy"), (loss, logprob, entropy), want):
+        assert actual.dtype == out_dtype and not actual.requires_grad, name
+        assert_close_dtype(actual, expected, out_dtype, name)
+    assert logprob.shape == entropy.shape == target.shape
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    assert_close_dtype(grad, want[3], x.dtype, "grad", roundings=roundings)
+    ignored = target == -100
+    assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
+    return loss, grad, want[3]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", list(LOGITS_SHAPES.values()), ids=list(LOGITS_SHAPES))
+def test_policy_gradient_loss_matches_float64_reference(shape, reduction):
+    target = _targets(shape[:-1], shape[-1])
+    x, advantages = _logits(shape), _advantages(target.shape)
+    snaps = snapshot(x, target, advantages)
+    loss, _, _ = _check_policy_loss(x, target, advantages, grad_output=torch.randn(target.shape if reduction == "none"
+                                                                                   else ()),
+                                    entropy_coef=0.05, temperature=0.7, reduction=reduction)
+    assert loss.shape == (target.shape if reduction == "none" else ())
+    assert_unchanged((x, target, advantages), snaps, "policy_gradient_loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [LOGITS_SHAPES["batch_time"], LOGITS_SHAPES["above_one_block"]],
+                         ids=["batch_time", "above_one_block"])
+def test_policy_gradient_loss_in_every_dtype_rounds_the_gradient_once(shape, dtype):
+    # loss.backward(): the gradient the forward wrote, rounded once to the input's dtype
+    target = _targets(shape[:-1], shape[-1])
+    x = _logits(shape, dtype)
+    _, grad, exact = _check_policy_loss(x, target, _advantages(target.shape), entropy_coef=-0.02, temperature=1.3)
+    if dtype != torch.float64:
+        _assert_rounded_once(grad, exact)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_policy_gradient_loss_gradcheck(reduction):
+    # float64 finite differences; 'mean' and 'sum' take the forward's gradient at the first backward
+    # and recompute it from the logits at the next ones (gradcheck backpropagates through one graph
+    # several times)
+    x = _logits((4, 9), torch.float64).requires_grad_()
+    target = torch.tensor([3, -100, 8, 0])
+    advantages = torch.randn(4, dtype=torch.float64)
+
+    def loss(logits):
+        return fastce.policy_gradient_loss(logits, target, advantages, entropy_coef=0.3, temperature=0.8,
+                                           reduction=reduction)
+
+    assert torch.autograd.gradcheck(loss, (x,))
+
+
+@pytest.mark.parametrize("reduction, want", [("mean", float("nan")), ("sum", 0.0), ("none", None)])
+@pytest.mark.parametrize("n_rows", [0, 3])
+def test_policy_gradient_loss_with_every_token_ignored_or_none(n_rows, reduction, want):
+    # a mean over no token is 0/0 (NaN), as cross-entropy's, with an all-zero gradient
+    x = _logits((n_rows, 17)).requires_grad_()
+    target = torch.full((n_rows,), -100)
+    loss = fastce.policy_gradient_loss(x, target, torch.randn(n_rows), entropy_coef=0.1, reduction=reduction)
+    if want is None:
+        assert torch.equal(loss, torch.zeros(n_rows))
+    else:
+        torch.testing.assert_close(loss, torch.tensor(want), equal_nan=True)
+    loss.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("n_classes", [4096, 16411], ids=["one_tile", "streamed"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_policy_gradient_loss_cost(reduction, n_classes):
+    # bf16: for 'mean' and 'sum' the forward reads the logits once and writes their gradient once
+    # (2×; a streamed row is read twice by one program, 3× requested and 2× distinct, as for
+    # cross-entropy), the backward's rescale reads one scalar; 'none' is token_logprobs' 3×
+    x = _logits((16, n_classes), torch.bfloat16, scale=2.0).requires_grad_()
+    target = _targets((16,), n_classes)
+    with measure() as m:
+        loss = fastce.policy_gradient_loss(x, target, torch.randn(16), entropy_coef=0.01, reduction=reduction)
+        loss.backward(torch.randn(16) if reduction == "none" else None)
+    logits_bytes = _nbytes(x)
+    streamed = n_classes > 4096
+    floor = 3 if reduction == "none" else 2
+    assert m.unique_bytes <= (floor + 0.02) * logits_bytes, m.report()
+    assert m.total_bytes <= (floor + streamed + 0.02) * logits_bytes, m.report()
+    assert m.syncs == 0, m.report()
+    assert ("token_stats_bwd_kernel" in m.kernels) == (reduction == "none"), m.report()
+    assert m.peak_bytes <= 1.01 * logits_bytes, m.report()  # the gradient and per-row vectors
+
+
+def test_policy_gradient_loss_upstream_gradients_and_a_retained_graph():
+    # an upstream gradient ≠ 1 rescales the forward's gradient on the device (a bf16 gradient then
+    # rounded twice); a second backward through the retained graph computes it from the logits
+    x = _logits((6, 300), torch.bfloat16)
+    target = _targets((6,), 300)
+    advantages = torch.randn(6)
+    for scale in (0.3, -2.0):
+        _check_policy_loss(x, target, advantages, grad_output=torch.tensor(scale), roundings=2, entropy_coef=0.1)
+    leaf = x.clone().requires_grad_()
+    loss = fastce.policy_gradient_loss(leaf, target, advantages, entropy_coef=0.1)
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    with measure() as m:
+        loss.backward(torch.tensor(0.5))
+    assert m.kernels["token_stats_bwd_kernel"].launches == 1
+    assert_close_dtype(leaf.grad.double(), 1.5 * first.double(), torch.bfloat16, "second backward", roundings=2)
+
+
+def test_policy_gradient_loss_without_gradient_reads_the_logits_once():
+    x = _logits((16, 4096), torch.bfloat16)
+    target = _targets((16,), 4096)
+    advantages = torch.randn(16)
+    with measure() as m:
+        loss = fastce.policy_gradient_loss(x, target, advantages, entropy_coef=0.01)
+    assert loss.grad_fn is None and m.syncs == 0
+    assert m.total_bytes <= 1.01 * _nbytes(x), m.report()
+    torch.testing.assert_close(loss, reference.policy_gradient_loss(x.double(), target, advantages.double(),
+                                                                    entropy_coef=0.01).float())
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_policy_gradient_loss_compiled_step_costs_what_an_eager_one_costs(backend):
+    torch._dynamo.reset()
+    x = _logits((8, 1000), torch.bfloat16)
+    target = _targets((8,), 1000)
+    advantages = torch.randn(8)
+
+    def step(logits, scale, reduction):
+        loss = fastce.policy_gradient_loss(logits, target, advantages, entropy_coef=0.01, temperature=0.9,
+                                           reduction=reduction)
+        return (loss * scale).sum()
+
+    compiled_step = torch.compile(step, fullgraph=True, backend=backend)
+    for reduction, upstream in (("mean", 1.0), ("mean", 0.25), ("none", 1.0)):
+        results = []
+        for fn in (step, step, compiled_step, compiled_step):  # the first of each is not measured
+            leaf = x.clone().requires_grad_()
+            with measure() as m:
+                fn(leaf, torch.tensor(upstream), reduction).backward()
+            results.append((m, leaf.grad))
+        (eager, eager_grad), (compiled, compiled_grad) = results[1], results[3]
+        report = f"compiled:\n{compiled.report()}\neager:\n{eager.report()}"
+        assert compiled.total_bytes <= 1.01 * eager.total_bytes, report
+        assert compiled.peak_bytes <= 1.01 * eager.peak_bytes, report
+        assert compiled.syncs == 0, report
+        assert torch.equal(compiled_grad, eager_grad), reduction
+
+
+@pytest.mark.parametrize("make_bad, error, match", [
+    (lambda x, t, a: (x, t, a.requires_grad_()), RuntimeError, "advantages.detach"),
+    (lambda x, t, a: (x, t, a[:-1]), ValueError, "broadcast"),
+    (lambda x, t, a: (x, t, a.long()), TypeError, "floating"),
+    (lambda x, t, a: (x, t, a.tolist()), TypeError, "Tensor"),
+])
+def test_policy_gradient_loss_bad_advantages(make_bad, error, match):
+    x, target, advantages = _logits((5, 11)), torch.randint(0, 11, (5,)), torch.randn(5)
+    with measure() as m, pytest.raises(error, match=match):
+        fastce.policy_gradient_loss(*make_bad(x, target, advantages))
+    assert m.triton_launches == 0
+    for kwargs, match in ((dict(reduction="avg"), "reduction"), (dict(entropy_coef=float("inf")), "entropy_coef"),
+                          (dict(temperature=0.0), "temperature")):
+        with pytest.raises(ValueError, match=match):
+            fastce.policy_gradient_loss(x, target, advantages, **kwargs)
+
+
 # ---- linear form --------------------------------------------------------------------------------
 
 N_ROWS, HIDDEN, N_CLASSES, CHUNK = 29, 12, 203, 8  # forward: 3 chunks of 8 rows, one of 5; backward:
@@ -441,6 +628,6 @@ def test_kernels_compile_for_hopper_without_spills():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines()]
-    assert len(rows) == 6, result.stdout
+    assert len(rows) == 9, result.stdout
     for name, registers, stack in rows:
         assert 0 < int(registers) <= 255 and int(stack) == 0, f"{name}: {registers} registers, {stack} B of stack"

@@ -261,7 +261,14 @@ def token_stats_variants() -> list[tuple]:
         ("token backward, V=128k", bwd, 131072, "bf16", ("HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY")),
         ("token backward, V=256", bwd, 256, "fp32", ("HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY")),
         ("token backward, V=4096", bwd, 4096, "bf16", ("HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY")),
+        # policy_gradient_loss: the gradient written in the forward, from registers for a one-tile row
+        ("policy-gradient forward, V=4096", fwd, 4096, "bf16", POLICY_FLAGS),
+        ("policy-gradient forward, V=128k", fwd, 131072, "bf16", POLICY_FLAGS),
+        ("policy-gradient forward, V=256", fwd, 256, "fp32", POLICY_FLAGS),
     ]
+
+
+POLICY_FLAGS = ("HAS_ENTROPY", "STORE_STATS", "POLICY_LOSS", "MEAN", "STORE_GRAD")
 
 
 def compile_token_stats(variants: Iterable[tuple]) -> list[tuple]:
@@ -278,7 +285,10 @@ def compile_token_stats(variants: Iterable[tuple]) -> list[tuple]:
         constexprs = {arg: arg in flags for arg in kernel.arg_names if arg.isupper()}
         constexprs.update(ROWS=config.rows, BLOCK_SIZE=config.block_size, WIDE_OFFSETS=False,
                           COMPUTE_DTYPE=tl.float64 if acc == "fp64" else tl.float32)
-        scalars = {arg: "fp32" if arg == "inv_temperature" else "i64" if "stride" in arg or arg == "class_offset"
+        if "SINGLE_PASS" in constexprs:  # the launch-time heuristic's value
+            constexprs["SINGLE_PASS"] = n_classes <= config.block_size
+        scalars = {arg: "fp64" if arg in ("inv_temperature", "entropy_coef")
+                   else "i64" if "stride" in arg or arg == "class_offset"
                    else "i32" for arg in kernel.arg_names if arg not in pointers and arg not in constexprs}
         signature = {arg: pointers.get(arg) or scalars.get(arg) or "constexpr" for arg in kernel.arg_names}
         compiled = _compile(kernel, signature, constexprs, config.num_warps)
