@@ -419,11 +419,12 @@ def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor,
                           return_entropy: bool = False, chunk_size: Optional[int] = None):
     """token_logprobs(hidden @ linear_weight.T + linear_bias, target, …) for hidden (…, H),
     linear_weight (V, H), linear_bias (V), with gradients for all three, without ever holding the
-    (…, V) logits: a buffer of chunk_size × V logits serves the forward (chunk_size rows at a time)
-    and the backward (as many logits at a time, by vocabulary slices); see fastce/token_stats.py.
+    (…, V) logits: the forward computes them chunk_size rows at a time, the backward by vocabulary
+    slices; see fastce/token_stats.py.
 
-    chunk_size: rows per forward chunk (default: fastce.token_stats.default_chunk_rows, N/32 rows
-    or more on wide heads). No host sync.
+    chunk_size: rows per forward chunk, the backward's slices then holding as many logits (default:
+    fastce.token_stats.default_chunks, which sizes each pass's buffer so that the peak memory beyond
+    inputs and gradients stays within 4.5% of the logits' bytes where it can). No host sync.
     """
     check_linear(hidden, linear_weight, linear_bias, target, ignore_index)
     check_token_target(target, hidden.shape[:-1], hidden.device)

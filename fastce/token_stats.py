@@ -12,20 +12,20 @@ two outputs are known only after the forward, and the gradient needs every p_j, 
 less than read + read + write (3×) for a training step with arbitrary per-token weights (a loss
 whose gradient is known in the forward, as cross-entropy's, can write it there: 2×).
 
-The linear form (linear_token_logprobs): logits = hidden @ W.T + b, in two walks over one buffer of
-E = R·V elements:
-- forward, by chunks of R rows: one GEMM writes the chunk's logits, the forward kernel reads them
-  (the row statistics need whole rows);
-- backward, by vocabulary slices of E/N classes: one GEMM recomputes the slice's logits for every
-  row, the backward kernel (which needs only the forward's row statistics, not whole rows) writes
-  their gradient over them, and three more GEMMs give the slice's ∂W rows complete (fp32
-  accumulation inside one GEMM, no (V, H) accumulator), its ∂b entries, and its term of ∂hidden,
-  summed over slices in fp32 (into ∂hidden itself for fp32 inputs; else an (N, H) fp32 accumulator
-  and an (N, H) product scratch).
+The linear form (linear_token_logprobs): logits = hidden @ W.T + b, in two walks, each over one
+buffer of logits:
+- forward, by chunks of R rows: one GEMM writes the chunk's R·V logits, the forward kernel reads
+  them (the row statistics need whole rows);
+- backward, by vocabulary slices of w classes: one GEMM recomputes the slice's N·w logits, the
+  backward kernel (which needs only the forward's row statistics, not whole rows) writes their
+  gradient over them, and three more GEMMs give the slice's ∂W rows complete (fp32 accumulation
+  inside one GEMM, no (V, H) accumulator), its ∂b entries, and its term of ∂hidden, summed over
+  slices in fp32 (into ∂hidden itself for fp32 inputs; else an (N, H) fp32 accumulator and an
+  (N, H) product scratch).
 GEMM work: 8·N·H·V flops (4/3 of a training step's minimum 6·N·H·V: the backward recomputes the
-logits because its upstream gradients exist only then). Memory beyond inputs and gradients:
-E·b bytes of buffer (b bytes per element), + 6·N·H bytes when b < 4 (accumulator and scratch),
-+ 20·N bytes of per-row outputs and statistics. The chunk rule is at default_chunk_rows.
+logits because its upstream gradients exist only then). Memory beyond inputs and gradients: the
+larger of the two passes' buffers and per-row tensors, + (4 + b)·N·H bytes in the backward when the
+input's b bytes per element are fewer than 4; R and w come from that byte model (default_chunks).
 """
 from __future__ import annotations
 
@@ -349,31 +349,61 @@ class PolicyGradientFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # linear_token_logprobs: chunked, from hidden states
 
-# Chunk rule: R rows per forward chunk; the backward's vocabulary slices hold the same E = R·V
-# elements (E/N classes each).
-# - Memory: at most 1/LOGITS_FRACTION of the rows, so the buffer is at most 1/32 (3.1%) of the full
-#   logits, within the 5% budget with the per-row outputs; MAX_BUFFER_BYTES caps it.
-# - GEMM shape: on a wide head a chunk takes up to GEMM_ROWS rows, as long as the buffer stays
-#   within the bytes of a bf16 copy of W (2·V·H, i.e. R ≤ 2H/b rows): each forward chunk reads all
-#   of W (V·H·b bytes) for 2·R·H·V flops, and an H100 (~165 flops per byte of HBM) computes them in
-#   less time than it reads W from R ≈ 165 rows (bf16) on. Narrow heads (2H/b below N/32), whose
-#   GEMMs are memory-bound whatever R, keep the memory rule.
-LOGITS_FRACTION = 32
+# Chunk rule, from a byte model of the peak memory beyond inputs and gradients (N rows, H features,
+# V classes, b bytes per input element, a = 4 bytes per fp32 value, 8 for fp64):
+#   forward, chunks of R rows:       R·V·b        the chunk's logits
+#                                  + 5·a·N        log-probability, entropy and 3 statistics per row
+#   backward, slices of w classes:   N·w·b        the slice's logits, then their gradient
+#                                  + 7·a·N        the same, and the two upstream gradients autograd hands in
+#                                  + (4 + b)·N·H  for b < 4: ∂hidden's fp32 accumulator and its product scratch
+# (fastce.profiling counts these to the byte at the bar shape). The passes never overlap, so each
+# buffer gets what PEAK_BUDGET of the logits' N·V·b bytes leaves beside its pass's other terms: the
+# contract's 5% less a tenth for allocations the model leaves out (the caller's own upstream
+# computation). At N = 1024, H = 64, V = 8192 that is 44 rows and slices of 162 classes in bf16, 45
+# rows and 361 classes in fp32 (4.5% either way). Floors, where the budget leaves too little:
+# - GEMM shape: a forward chunk reads all of W (V·H·b bytes) for 2·R·H·V flops, and an H100 (~165
+#   flops per byte of HBM) computes them in less time than it reads W from R ≈ 165 rows (bf16) on.
+#   On wide heads, where GEMM_ROWS rows of logits take no more bytes than a bf16 copy of W
+#   (2H/b ≥ GEMM_ROWS), a chunk takes at least GEMM_ROWS rows, over the budget at small N (e.g.
+#   25% of the logits at N = 1024, H = 4096, V = 128256 in bf16). Narrower heads' GEMMs are
+#   memory-bound whatever R: the budget decides.
+# - A slice of at least min(V, H) classes: each slice's GEMMs read all of hidden, and adding its
+#   ∂hidden term moves (4 + b)·N·H more, which a narrower slice's own traffic (~6·N·w·b) no longer
+#   covers. This binds where the bf16 accumulator alone nearly fills the budget (V below ~70·H, e.g.
+#   a language-model head at H = 4096: slices of 4096 classes, the accumulator 9.6% of the logits).
+# MAX_BUFFER_BYTES caps either buffer. An explicit chunk_size sets R, and slices of R·V/N classes.
+PEAK_BUDGET = 0.045
 GEMM_ROWS = 256
 MAX_BUFFER_BYTES = 1 << 30
 
 
-def default_chunk_rows(n_rows: int, n_classes: int, in_features: int, element_size: int) -> int:
-    """Rows per forward chunk (and E = rows·V elements per backward slice) by the rule above."""
-    by_memory = n_rows // LOGITS_FRACTION
-    by_gemm = min(GEMM_ROWS, 2 * in_features // element_size)
-    by_ceiling = MAX_BUFFER_BYTES // (n_classes * element_size)
-    return max(1, min(n_rows, max(by_memory, by_gemm), by_ceiling))
+class LinearChunks(NamedTuple):
+    rows: int     # rows per forward chunk
+    classes: int  # classes per backward slice
 
 
-def slice_classes(chunk_rows: int, n_rows: int, n_classes: int) -> int:
-    """Classes per backward slice: the forward chunk's R·V elements, spread over all N rows."""
-    return max(1, min(n_classes, chunk_rows * n_classes // max(n_rows, 1)))
+def _budget_bytes(n_rows: int, n_classes: int, element_size: int, per_row_values: int) -> int:
+    """PEAK_BUDGET of the logits' bytes, less `per_row_values` values of the compute dtype per row."""
+    value_size = max(4, element_size)
+    return int(PEAK_BUDGET * n_rows * n_classes * element_size) - per_row_values * value_size * n_rows
+
+
+def default_chunks(n_rows: int, n_classes: int, in_features: int, element_size: int) -> LinearChunks:
+    """Rows per forward chunk and classes per backward slice, by the rule above."""
+    row_bytes = n_classes * element_size
+    rows_by_budget = _budget_bytes(n_rows, n_classes, element_size, 5) // row_bytes
+    rows_by_gemm = GEMM_ROWS if 2 * in_features >= GEMM_ROWS * element_size else 1
+    rows = min(n_rows, max(rows_by_budget, rows_by_gemm), MAX_BUFFER_BYTES // row_bytes)
+    column_bytes = max(n_rows, 1) * element_size
+    accumulator = (4 + element_size) * n_rows * in_features if element_size < 4 else 0
+    classes_by_budget = (_budget_bytes(n_rows, n_classes, element_size, 7) - accumulator) // column_bytes
+    classes = min(n_classes, max(classes_by_budget, in_features), MAX_BUFFER_BYTES // column_bytes)
+    return LinearChunks(max(1, rows), max(1, classes))
+
+
+def chunks_of(chunk_rows: int, n_rows: int, n_classes: int) -> LinearChunks:
+    """An explicit chunk size: slices of the forward chunk's R·V elements, spread over all N rows."""
+    return LinearChunks(chunk_rows, max(1, min(n_classes, chunk_rows * n_classes // max(n_rows, 1))))
 
 
 def _logits_into(out: Tensor, hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> Tensor:
@@ -427,11 +457,12 @@ class _HiddenGradient:
 
 def linear_backward(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                     stats: Tensor, entropy: Tensor, grad_logprob: Optional[Tensor], grad_entropy: Optional[Tensor],
-                    spec: TokenStatsSpec, *, chunk_rows: int, grads_needed: tuple[bool, bool, bool]):
-    """(∂hidden, ∂W, ∂b), None where not needed, by vocabulary slices (see the module docstring)."""
+                    spec: TokenStatsSpec, *, slice_classes: int, grads_needed: tuple[bool, bool, bool]):
+    """(∂hidden, ∂W, ∂b), None where not needed, by vocabulary slices of slice_classes classes (see
+    the module docstring)."""
     need_hidden, need_weight, need_bias = grads_needed
     n_rows, n_classes = hidden.shape[0], linear_weight.shape[0]
-    width = slice_classes(chunk_rows, n_rows, n_classes)
+    width = max(1, min(slice_classes, n_classes))
     buffer = hidden.new_empty(n_rows * width)
     grad_hidden = _HiddenGradient(hidden) if need_hidden else None
     grad_weight = torch.empty_like(linear_weight) if need_weight else None
@@ -476,17 +507,17 @@ def _(hidden, linear_weight, linear_bias, target, temperature, ignore_index, ret
 def linear_token_logprobs_backward_op(
     hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor, stats: Tensor,
     entropy: Tensor, grad_logprob: Optional[Tensor], grad_entropy: Optional[Tensor], temperature: float,
-    ignore_index: int, chunk_rows: int, hidden_grad: bool, weight_grad: bool, bias_grad: bool,
+    ignore_index: int, slice_classes: int, hidden_grad: bool, weight_grad: bool, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     grads = linear_backward(hidden, linear_weight, linear_bias, target, stats, entropy, grad_logprob, grad_entropy,
-                            TokenStatsSpec(temperature, ignore_index), chunk_rows=chunk_rows,
+                            TokenStatsSpec(temperature, ignore_index), slice_classes=slice_classes,
                             grads_needed=(hidden_grad, weight_grad, bias_grad))
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
 
 
 @linear_token_logprobs_backward_op.register_fake
 def _(hidden, linear_weight, linear_bias, target, stats, entropy, grad_logprob, grad_entropy, temperature,
-      ignore_index, chunk_rows, hidden_grad, weight_grad, bias_grad):
+      ignore_index, slice_classes, hidden_grad, weight_grad, bias_grad):
     shapes = (hidden.shape, linear_weight.shape, linear_weight.shape[:1])
     return tuple(hidden.new_empty(shape if needed else (0,))
                  for shape, needed in zip(shapes, (hidden_grad, weight_grad, bias_grad)))
@@ -503,14 +534,14 @@ def _linear_forward_op(hidden, linear_weight, linear_bias, target, spec: TokenSt
 
 
 def _linear_backward_op(hidden, linear_weight, linear_bias, target, stats, entropy, grad_logprob, grad_entropy,
-                        spec: TokenStatsSpec, *, chunk_rows: int, grads_needed: tuple[bool, bool, bool]):
+                        spec: TokenStatsSpec, *, slice_classes: int, grads_needed: tuple[bool, bool, bool]):
     if torch.compiler.is_compiling():
         grads = torch.ops.fastce.linear_token_logprobs_backward(
             hidden, linear_weight, linear_bias, target, stats, entropy, grad_logprob, grad_entropy,
-            spec.temperature, spec.ignore_index, chunk_rows, *grads_needed)
+            spec.temperature, spec.ignore_index, slice_classes, *grads_needed)
         return tuple(g if needed else None for g, needed in zip(grads, grads_needed))
     return linear_backward(hidden, linear_weight, linear_bias, target, stats, entropy, grad_logprob, grad_entropy,
-                           spec, chunk_rows=chunk_rows, grads_needed=grads_needed)
+                           spec, slice_classes=slice_classes, grads_needed=grads_needed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,22 +549,23 @@ def _linear_backward_op(hidden, linear_weight, linear_bias, target, stats, entro
 
 
 class TokenStatsFunction(torch.autograd.Function):
-    """apply(spec, chunk_rows, target (N), *inputs) -> (log-probability (N), entropy (N) or empty), with
-    gradients for the inputs: logits (N, V) when chunk_rows is None, else hidden (N, H),
-    linear_weight (V, H) and linear_bias (V) or None (the linear form, chunk_rows rows a chunk).
+    """apply(spec, chunks, target (N), *inputs) -> (log-probability (N), entropy (N) or empty), with
+    gradients for the inputs: logits (N, V) when chunks is None, else hidden (N, H), linear_weight
+    (V, H) and linear_bias (V) or None (the linear form, chunked as `chunks`, a LinearChunks, says).
 
     The forward keeps the row statistics (12 bytes a row); the backward makes one pass over the
     logits (recomputed by slices in the linear form) with the upstream gradients of both outputs."""
 
     @staticmethod
-    def forward(ctx, spec: TokenStatsSpec, chunk_rows: Optional[int], target: Tensor, *inputs: Optional[Tensor]):
+    def forward(ctx, spec: TokenStatsSpec, chunks: Optional[LinearChunks], target: Tensor,
+                *inputs: Optional[Tensor]):
         ctx.set_materialize_grads(False)
-        ctx.spec, ctx.chunk_rows = spec, chunk_rows
+        ctx.spec, ctx.chunks = spec, chunks
         ctx.grads_needed = tuple(ctx.needs_input_grad[3:])
-        if chunk_rows is None:
+        if chunks is None:
             logprob, entropy, stats = _forward_op(*inputs, target, spec, store_stats=True)
         else:
-            logprob, entropy, stats = _linear_forward_op(*inputs, target, spec, chunk_rows=chunk_rows,
+            logprob, entropy, stats = _linear_forward_op(*inputs, target, spec, chunk_rows=chunks.rows,
                                                          store_stats=True)
         ctx.save_for_backward(target, stats, entropy, *inputs)
         if not spec.return_entropy:
@@ -544,16 +576,16 @@ class TokenStatsFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprob, grad_entropy):
         target, stats, entropy, *inputs = ctx.saved_tensors
-        no_grads = (None, None, None)  # spec, chunk_rows, target
+        no_grads = (None, None, None)  # spec, chunks, target
         if not ctx.spec.return_entropy:
             grad_entropy = None
         if grad_logprob is None and grad_entropy is None:
             return (*no_grads, *(None for _ in inputs))
-        if ctx.chunk_rows is None:
+        if ctx.chunks is None:
             logits, = inputs
             return *no_grads, _backward_op(logits, target, stats, entropy, grad_logprob, grad_entropy, ctx.spec)
         return *no_grads, *_linear_backward_op(*inputs, target, stats, entropy, grad_logprob, grad_entropy, ctx.spec,
-                                               chunk_rows=ctx.chunk_rows, grads_needed=ctx.grads_needed)
+                                               slice_classes=ctx.chunks.classes, grads_needed=ctx.grads_needed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,14 +609,14 @@ def run_linear(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tens
     """(log-probability, entropy or None) shaped like `target`, for validated hidden (…, H)."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_target = target.reshape(-1).contiguous()  # the kernels read class indices densely
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(rows.shape[0], linear_weight.shape[0], rows.shape[1], rows.element_size())
+    n_rows, n_classes = rows.shape[0], linear_weight.shape[0]
+    chunks = (default_chunks(n_rows, n_classes, rows.shape[1], rows.element_size()) if chunk_rows is None
+              else chunks_of(chunk_rows, n_rows, n_classes))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, linear_weight, linear_bias)):
-        logprob, entropy = TokenStatsFunction.apply(spec, chunk_rows, flat_target, rows, linear_weight,
-                                                    linear_bias)
+        logprob, entropy = TokenStatsFunction.apply(spec, chunks, flat_target, rows, linear_weight, linear_bias)
     else:  # no statistics kept, no gradient work
         logprob, entropy, _ = _linear_forward_op(rows, linear_weight, linear_bias, flat_target, spec,
-                                                 chunk_rows=chunk_rows, store_stats=False)
+                                                 chunk_rows=chunks.rows, store_stats=False)
     return _shaped(logprob, entropy, target.shape, spec)
 
 
