@@ -15,8 +15,9 @@ BINARY_OPS = ("binary_cross_entropy_with_logits", "soft_margin_loss", "sigmoid_f
 OPS = OPS + BINARY_OPS
 LINEAR_OPS = ("linear_cross_entropy", "linear_token_logprobs")  # from hidden states (N, H) and a weight (V, H)
 # Per-token statistics for RL: a policy-gradient loss on each token's log-probability (and entropy),
-# with one advantage per sequence of SEQUENCE_TOKENS tokens (GRPO's), as bench/providers.py defines it.
-TOKEN_OPS = ("token_logprobs", "linear_token_logprobs")
+# with one advantage per sequence of SEQUENCE_TOKENS tokens (GRPO's), as bench/providers.py defines it;
+# policy_gradient_loss is the same loss as token_logprobs', which fastce computes in one fused call.
+TOKEN_OPS = ("token_logprobs", "linear_token_logprobs", "policy_gradient_loss")
 SEQUENCE_TOKENS = 256
 OPS = OPS + TOKEN_OPS
 PASSES = ("forward", "backward", "forward+backward")

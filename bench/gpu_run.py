@@ -570,8 +570,8 @@ def run_timings(sizes: Sizes, deadline: float) -> List[Dict[str, object]]:
 # ---- the session: checks and test suite in parallel, then timings, then the summary -------------
 
 def run_token_stats(out: Path, deadline: float, dry_run: bool) -> str:
-    """bench.gpu_token_stats (token_logprobs, linear_token_logprobs: checks against float64, compile,
-    timings against trainers' expressions and Liger's GRPO) in the time left; its output."""
+    """bench.gpu_token_stats (token_logprobs, linear_token_logprobs, policy_gradient_loss: checks against
+    float64, compile, timings against trainers' expressions and Liger's GRPO) in the time left; its output."""
     seconds = deadline - time.time()
     if seconds < 10:
         return "not run: budget"

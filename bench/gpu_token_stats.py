@@ -1,7 +1,7 @@
-"""fastce.token_logprobs / linear_token_logprobs on a CUDA GPU: correctness against float64 (and
-against torch in the input's dtype), torch.compile, and timings against a copy of the logits, the
-torch expressions RL trainers use and Liger's fused linear GRPO (when importable). A few minutes on
-an H100/H200.
+"""fastce.token_logprobs / linear_token_logprobs / policy_gradient_loss on a CUDA GPU: correctness
+against float64 (and against torch in the input's dtype), torch.compile, and timings against a copy
+of the logits, the torch expressions RL trainers use and Liger's fused linear GRPO (when
+importable). A few minutes on an H100/H200.
 
     python -m bench.gpu_token_stats              # on a GPU; python -m bench.gpu_run runs it as one stage
     python -m bench.gpu_token_stats --dry-run    # the same code at tiny sizes on the CPU
@@ -64,6 +64,25 @@ def check(fast, exact_fn, leaves, target, **kwargs):
     return " ".join(errors) + f", ignored tokens all zero: {zero}"
 
 
+def policy_check(x, target, temperature):
+    """Errors of policy_gradient_loss ('mean': the gradient written in the forward) against float64,
+    beside the same computation in torch on the input's dtype."""
+    advantages = torch.randn(len(target), device=DEVICE)
+
+    def loss_and_grad(fn, logits, adv):
+        leaf = logits.detach().clone().requires_grad_()
+        loss = fn(leaf, target, adv, entropy_coef=0.01, temperature=temperature)
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    got = loss_and_grad(fastce.policy_gradient_loss, x, advantages)
+    exact = loss_and_grad(reference.policy_gradient_loss, x.double(), advantages.double())
+    same_dtype = loss_and_grad(reference.policy_gradient_loss, x, advantages)
+    zero = bool((got[1][target == -100] == 0).all())
+    return (f"loss {relative(got[0], exact[0]):.1e} grad {relative(got[1], exact[1]):.1e} "
+            f"(torch {relative(same_dtype[1], exact[1]):.1e}), ignored tokens all zero: {zero}")
+
+
 def timed_ms(fn, grad_to_none=()):
     if DRY_RUN:  # wall-clock of one call: the script runs, the number means nothing
         start = time.perf_counter()
@@ -95,6 +114,7 @@ def correctness():
         target[::7] = -100
         print(f"token_logprobs N={n} V={v} {dtype} T={temperature}:",
               check(fastce.token_logprobs, reference.token_logprobs, [x], target, temperature=temperature))
+        print(f"policy_gradient_loss N={n} V={v} {dtype} T={temperature}:", policy_check(x, target, temperature))
     for n, h, v, dtype, chunk in LINEAR_CHECKS:
         leaves = [torch.randn(n, h, device=DEVICE).to(dtype), (torch.randn(v, h, device=DEVICE) * h ** -0.5 * 2).to(dtype),
                   torch.randn(v, device=DEVICE).to(dtype)]
@@ -121,7 +141,8 @@ def compiled_matches_eager():
         logprob, entropy = fastce.token_logprobs(x, target, temperature=0.9, return_entropy=True)
         linear_logprob, linear_entropy = fastce.linear_token_logprobs(hidden, weight, target, return_entropy=True,
                                                                       chunk_size=16)
-        return (logprob * 0.3 - entropy).sum() + (linear_logprob - 0.1 * linear_entropy).sum()
+        policy_loss = fastce.policy_gradient_loss(x, target, logprob.detach(), entropy_coef=0.1)
+        return (logprob * 0.3 - entropy).sum() + (linear_logprob - 0.1 * linear_entropy).sum() + policy_loss
 
     results = []
     backend = "aot_eager" if DRY_RUN else "inductor"
@@ -154,15 +175,21 @@ def logits_timings():
             (-(advantage * logprob) - 0.01 * entropy).mean().backward()
         return run
 
-    steps = {"fastce": step(lambda t: fastce.token_logprobs(t, target, return_entropy=True)),
-             "torch log_softmax(fp32).gather + entropy": step(lambda t: _log_softmax_gather(t, target)),
-             "trainers (TRL-style, in bf16)": step(lambda t: (_selective_log_softmax(t, target, SEQUENCE),
-                                                              _chunked_entropy(t)))}
-    for name, run in steps.items():
+    def fused_step():
+        fastce.policy_gradient_loss(leaf, target, advantage, entropy_coef=0.01).backward()
+
+    # (name, the step, the logits' bytes fastce's form moves)
+    steps = [("fastce token_logprobs", step(lambda t: fastce.token_logprobs(t, target, return_entropy=True)), "3x"),
+             ("fastce policy_gradient_loss", fused_step, "2x"),
+             ("torch log_softmax(fp32).gather + entropy", step(lambda t: _log_softmax_gather(t, target)), ""),
+             ("trainers (TRL-style, in bf16)", step(lambda t: (_selective_log_softmax(t, target, SEQUENCE),
+                                                               _chunked_entropy(t))), "")]
+    for name, run, moves in steps:
         with peak_above_start() as peak:
             ms = timed_ms(run, grad_to_none=[leaf])
-        print(f"{name} forward+backward: {ms:.3f} ms ({ms / copy_ms:.2f}x the copy's time; fastce moves 3x the "
-              f"logits' bytes, the copy 2x), peak above the inputs {peak[0] / 1e9:.2f} GB")
+        moved = f"; it moves {moves} the logits' bytes, the copy 2x" if moves else ""
+        print(f"{name} forward+backward: {ms:.3f} ms ({ms / copy_ms:.2f}x the copy's time{moved}), "
+              f"peak above the inputs {peak[0] / 1e9:.2f} GB")
 
 
 def linear_timings():

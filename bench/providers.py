@@ -134,6 +134,7 @@ def _torch_compile_ops():
                  "soft_margin_loss": _on_logits(F.soft_margin_loss),
                  "sigmoid_focal_loss": _reference_ops()["sigmoid_focal_loss"],
                  "token_logprobs": _token_stats_on_logits(_log_softmax_gather),
+                 "policy_gradient_loss": _token_stats_on_logits(_log_softmax_gather),
                  "linear_token_logprobs": _token_logprob_on_hidden(
                      lambda hidden, weight, target: _log_softmax_gather(hidden @ weight.t(), target)[0])}
     return {op: compiled(factory) for op, factory in factories.items()}
@@ -154,7 +155,8 @@ def _torch_native_ops():
 # ---- token statistics for RL (cases.TOKEN_OPS) ---------------------------------------------------
 # token_logprobs: from logits, the per-token loss −(A·log p_y + ENTROPY_BONUS·H) (policy gradient with
 # an entropy bonus). linear_token_logprobs: from hidden states, −A·log p_y alone, the loss Liger's
-# fused linear GRPO computes too (it returns no entropy). 'mean' averages over tokens.
+# fused linear GRPO computes too (it returns no entropy). policy_gradient_loss: token_logprobs' loss,
+# which fastce (and its reference) compute in one call. 'mean' averages over tokens.
 
 ENTROPY_BONUS = 0.01
 
@@ -179,10 +181,16 @@ def _token_logprob_on_hidden(logprob):
 
 
 def _token_ops(module):
-    """fastce's or fastce.reference's token_logprobs / linear_token_logprobs as the two operations."""
+    """fastce's or fastce.reference's token_logprobs / linear_token_logprobs / policy_gradient_loss as
+    the three operations."""
+    def policy_gradient_loss(case):
+        return lambda x: module.policy_gradient_loss(x["logits"], x["target"], x["advantage"],
+                                                     entropy_coef=ENTROPY_BONUS, reduction=case.reduction)
+
     return {"token_logprobs": _token_stats_on_logits(
                 functools.partial(module.token_logprobs, return_entropy=True)),
-            "linear_token_logprobs": _token_logprob_on_hidden(module.linear_token_logprobs)}
+            "linear_token_logprobs": _token_logprob_on_hidden(module.linear_token_logprobs),
+            "policy_gradient_loss": policy_gradient_loss}
 
 
 def _log_softmax_gather(logits, target):
@@ -221,7 +229,8 @@ def _trainer_token_ops():
         return _selective_log_softmax(hidden @ weight.t(), target, sequence_tokens(len(target)))
 
     return {"token_logprobs": _token_stats_on_logits(on_logits),
-            "linear_token_logprobs": _token_logprob_on_hidden(on_hidden)}
+            "linear_token_logprobs": _token_logprob_on_hidden(on_hidden),
+            "policy_gradient_loss": _token_stats_on_logits(on_logits)}
 
 
 # ---- peers -------------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ def test_cut_cross_entropy_matches_the_reference(cut_cross_entropy, reduction):
 # ---- token operations: the trainers' expressions and Liger's fused linear GRPO --------------------
 
 @pytest.mark.parametrize("op, provider", [("token_logprobs", "torch"),
+                                          ("policy_gradient_loss", "torch"),
+                                          ("policy_gradient_loss", "fastce"),
                                           ("linear_token_logprobs", "torch"),
                                           ("linear_token_logprobs", "liger")])
 def test_token_operation_peers_compute_the_same_loss(op, provider):

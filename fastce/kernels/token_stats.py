@@ -175,7 +175,8 @@ def token_stats_fwd_kernel(
         # The row's loss, with advantage A, entropy coefficient c and w = 1/(non-ignored rows) for
         # "mean", 1 otherwise:  ℓ = −w (A·log p_y + c·H). Its weights on the two statistics,
         #   a = ∂ℓ/∂logprob = −w A,  b = ∂ℓ/∂H = −w c,
-        # are known here, so the gradient (_store_gradient: ∂ℓ/∂x_j = (1/T)[a (δ_jy − p_j) − b p_j (log p_j + H)])
+        # are known here, so the gradient (_store_gradient's derivation)
+        #   ∂ℓ/∂x_j = (1/T) [a (δ_jy − p_j) − b p_j (log p_j + H)] = (w/T) [A (p_j − δ_jy) + c p_j (log p_j + H)]
         # is written in this pass, for an upstream gradient of 1 (the backward rescales it by a scalar).
         advantage = tl.load(advantages_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
         w = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
