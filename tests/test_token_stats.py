@@ -165,6 +165,7 @@ def test_strided_logits_and_targets_are_read_in_place():
     target = torch.randint(0, 40, (26,))[::2]
     snaps = snapshot(x, target)
     _check_logits_form(x, target, _loss_weights((13,), "both"))
+    _check_policy_loss(x, target, torch.randn(13), grad_output=torch.rand(()), entropy_coef=0.2)
     assert_unchanged((x, target), snaps, "token_logprobs")
 
 
@@ -620,16 +621,32 @@ def test_bad_options_raise_clear_errors(kwargs):
         fastce.linear_token_logprobs(hidden, weight, torch.rand(N_ROWS, N_CLASSES))  # probabilities
 
 
-def test_readme_grpo_example_runs_and_trains_the_head():
+def _run_readme_example(containing):
+    """Runs the README's token-statistics example whose code contains `containing`; its namespace."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Token statistics for RL", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = readme.split("## Token statistics for RL", 1)[1].split("\n## ", 1)[0]
+    code = next(block for block in re.findall(r"```python\n(.*?)```", section, re.S) if containing in block)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_readme_grpo_example_runs_and_trains_the_head():
+    namespace = _run_readme_example("lm_head = ")
     loss, lm_head, hidden = namespace["loss"], namespace["lm_head"], namespace["hidden"]
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert lm_head.weight.grad is not None and torch.isfinite(lm_head.weight.grad).all()
     assert hidden.grad is not None and torch.equal(hidden.grad[:, -3:], torch.zeros_like(hidden.grad[:, -3:]))
+
+
+def test_readme_policy_gradient_example_gives_the_reference_loss():
+    namespace = _run_readme_example("fastce.policy_gradient_loss(")
+    logits, tokens, advantages = namespace["logits"], namespace["tokens"], namespace["advantages"]
+    exact = reference.policy_gradient_loss(logits.detach().double(), tokens, advantages.double(), entropy_coef=1e-3,
+                                           temperature=0.9)
+    torch.testing.assert_close(namespace["loss"].double(), exact)
+    assert not namespace["logprobs"].requires_grad and namespace["entropy"].shape == tokens.shape
+    assert torch.equal(logits.grad[:, -3:], torch.zeros_like(logits.grad[:, -3:])) and logits.grad.abs().sum() > 0
 
 
 def test_kernels_compile_for_hopper_without_spills():
