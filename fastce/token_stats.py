@@ -10,7 +10,8 @@ writes 4 bytes per row per output, plus 12 bytes of row statistics when a backwa
 The backward reads the logits once more and writes their gradient: the upstream gradients of the
 two outputs are known only after the forward, and the gradient needs every p_j, so no design moves
 less than read + read + write (3×) for a training step with arbitrary per-token weights (a loss
-whose gradient is known in the forward, as cross-entropy's, can write it there: 2×).
+whose gradient is known in the forward, as cross-entropy's and policy_gradient_loss's, can write it
+there: 2×).
 
 The linear form (linear_token_logprobs): logits = hidden @ W.T + b, in two walks, each over one
 buffer of logits:
@@ -369,7 +370,7 @@ class PolicyGradientFunction(torch.autograd.Function):
 #   memory-bound whatever R: the budget decides.
 # - A slice of at least min(V, H) classes: each slice's GEMMs read all of hidden, and adding its
 #   ∂hidden term moves (4 + b)·N·H more, which a narrower slice's own traffic (~6·N·w·b) no longer
-#   covers. This binds where the bf16 accumulator alone nearly fills the budget (V below ~70·H, e.g.
+#   covers. This binds where the bf16 accumulator alone nearly fills the budget (V below ~67·H, e.g.
 #   a language-model head at H = 4096: slices of 4096 classes, the accumulator 9.6% of the logits).
 # MAX_BUFFER_BYTES caps either buffer. An explicit chunk_size sets R, and slices of R·V/N classes.
 PEAK_BUDGET = 0.045
