@@ -50,6 +50,8 @@ whole tensors (an indexed write is charged the whole destination). Triton is imp
 """
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
 import gc
 import os
@@ -62,7 +64,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["measure", "Measurement", "KernelTraffic", "OpTraffic", "interpreter_active"]
+__all__ = ["measure", "Measurement", "KernelTraffic", "OpTraffic", "interpreter_active", "count_allocations",
+           "AllocationCount"]
 
 
 @dataclass
@@ -201,6 +204,100 @@ def measure() -> Iterator[Measurement]:
             stack.enter_context(_hook_interpreter(launch))
         stack.enter_context(_TorchOpCounter(result, launch))
         yield result
+
+
+# ---- Allocator level: torch's profiler ------------------------------------------------------
+
+_GEMM_OPS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2), "aten::bmm": (0, 1),
+             "aten::baddbmm": (1, 2)}  # positions of the two multiplied operands
+
+
+@dataclass
+class AllocationCount:
+    """What ``count_allocations()`` yields, filled in when its block ends."""
+    peak_bytes: int = 0   # most bytes of CPU storages allocated inside the block and alive at once
+    gemm_flops: int = 0   # 2·M·N·K of every matrix product (per batch entry for bmm)
+    gemm_calls: int = 0
+    syncs: int = 0        # host-sync operators (measure()'s list)
+
+
+@contextlib.contextmanager
+def count_allocations() -> Iterator[AllocationCount]:
+    """Peak memory, GEMM flops and host syncs of everything run inside the block, from torch's
+    profiler: allocations as the CPU allocator sees them, so also those made inside custom ops
+    and by compiled (Inductor) code, which ``measure()``'s dispatch mode cannot see, and which
+    do not stop torch.compile. CPU tensors only; no byte counts (use ``measure()``).
+
+    A GEMM counts only what it leaves allocated (its output): CPU BLAS libraries allocate and
+    free packing workspaces inside a call (a bf16 product packs an fp32 copy of an operand),
+    which GPU libraries keep preallocated. Under the interpreter, garbage is collected after each
+    launch: the interpreter leaves its arguments in a reference cycle (a GPU launch holds nothing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    result = AllocationCount()
+    with contextlib.ExitStack() as stack:
+        if interpreter_active():
+            stack.enter_context(_collect_after_launches())
+        prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                                           record_shapes=True))
+        yield result
+    events = list(prof.profiler.kineto_results.events())
+    # (start, end) of the GEMM calls; their workspaces may be allocated by BLAS worker threads
+    gemm_spans = sorted((e.start_ns(), e.end_ns()) for e in events if e.name() in _GEMM_OPS)
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    changes, net_of_gemm = [], collections.Counter()  # a GEMM's allocations count at its end, netted
+    allocated = collections.Counter()  # sizes of the blocks allocated inside the block, still alive
+    for time, nbytes in memory:
+        if nbytes < 0:
+            if not allocated[-nbytes]:
+                continue  # a block allocated before the block (the profiler gives no addresses)
+            allocated[-nbytes] -= 1
+        else:
+            allocated[nbytes] += 1
+        span = bisect.bisect_right(gemm_spans, (time, float("inf"))) - 1
+        if span >= 0 and time <= gemm_spans[span][1]:
+            net_of_gemm[gemm_spans[span][1]] += nbytes
+        else:
+            changes.append((time, nbytes))
+    live = 0
+    for _, nbytes in sorted(changes + list(net_of_gemm.items())):
+        live += nbytes
+        result.peak_bytes = max(result.peak_bytes, live)
+    for event in prof.events():
+        if event.name in _GEMM_OPS:
+            left, right = (event.input_shapes[i] for i in _GEMM_OPS[event.name])
+            result.gemm_flops += 2 * int(np.prod(left)) * right[-1]
+            result.gemm_calls += 1
+        elif event.name.startswith("aten::") and event.name[len("aten::"):] in _SYNC_OPS:
+            result.syncs += 1
+
+
+@contextlib.contextmanager
+def _collect_after_launches() -> Iterator[None]:
+    try:
+        from triton.runtime.interpreter import GridExecutor
+    except ImportError:
+        yield
+        return
+    launch = GridExecutor.__call__
+    # garbage from before the block is collected now, not inside it; the objects alive now are
+    # frozen, so that each collection after a launch only walks what was created since
+    gc.collect()
+    gc.freeze()
+
+    def launch_then_collect(self, *args, **kwargs):
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            gc.collect()
+
+    GridExecutor.__call__ = launch_then_collect
+    try:
+        yield
+    finally:
+        GridExecutor.__call__ = launch
+        gc.unfreeze()
 
 
 # ---- Triton side: hooks on the interpreter --------------------------------------------------
