@@ -1,110 +1,267 @@
 """Fused linear + cross-entropy: cross_entropy(input @ W.T + b) without the (N, V) logits.
 
-Design: chunk the N rows. Per chunk of R rows, one cuBLAS matmul writes the chunk's logits
-(R × V) into a buffer reused by every chunk; the fused cross-entropy kernel (ops.launch_forward)
-reads them and writes their gradient over them in place (it reads each element before it
-overwrites it); two more matmuls turn that gradient into the chunk's rows of ∂input and its
-contribution to ∂W (and a row sum to ∂b). The mean's divisors are computed once on the whole
-target, on the device, so every chunk's gradient is already final.
+Two walks over the logits, each producing every gradient complete by cuBLAS GEMMs around fastce's
+fused kernels (no gradient ever summed across pieces in bf16):
 
-Why chunking rather than logit tiles computed inside a Triton kernel (tl.dot, Cut Cross-Entropy
-style). Measured with fastce.profiling at N=1024, H=64, V=8192 fp32 (tests/test_linear_cross_entropy.py
-holds the numbers as budgets):
-- Memory: the chunk buffer is the only logits-sized storage, and at this shape the rule below
-  keeps it at 1/32 of the full logits: the whole call peaks at 3.2% of the logits' bytes beyond
-  the gradients (PyTorch 2.13's chunked path, counted the same way: 7.0%). A tiled kernel would save that 3%
-  but still needs the fp32 ∂W accumulator that both designs share.
-- Work: chunking runs the three GEMMs a training step needs (logits, ∂input, ∂W: 2·N·H·V flops
-  each) on cuBLAS, once each. A tiled kernel must recompute the logits in backward (a fourth
-  GEMM, since the gradient needs the row's log-sum-exp, known only after the whole row) and runs
-  its GEMMs on tl.dot, which reaches less of the tensor cores than cuBLAS; its bytes saved (the
-  chunk's write + two reads per logit, ~5 bytes of traffic per 2·3·H flops of GEMM) are small next
-  to that once H is in the hundreds, i.e. for every language-model head.
-- Features: the fused kernel already has every option (class weights, smoothing, probability
-  targets, z-loss, soft-capping, each reduction, per-row upstream gradients) with its tested
-  gradients; a second kernel would write them all again.
-(No GPU was lent to this task, so the comparison rests on the measured bytes and the flop count,
-not on timings.)
+* Token walk (forward, always). Per chunk of R rows, one GEMM writes the chunk's logits (R × V)
+  into a buffer reused by every chunk; the fused cross-entropy kernel (ops.launch_forward) reads
+  them, writes the per-row loss and log-sum-exp, and writes their gradient over them in place;
+  one more GEMM turns that gradient into the chunk's rows of ∂input, complete (the GEMM sums over
+  the whole vocabulary in fp32 inside). The mean's divisors are computed once on the whole
+  target, on the device, so every chunk's gradient is already final.
+* ∂W and ∂b need a sum over all N rows, which the token walk only sees a chunk at a time. The
+  plan's walk decides how they are made:
+  - VOCAB (the language-model case): the backward walks the vocabulary in slices of S classes.
+    Per slice one GEMM recomputes the slice's logits for all N rows (N × S), a kernel
+    (kernels/linear_cross_entropy.py) turns them into their gradient from the forward's per-row
+    log-sum-exp, with the upstream gradient folded in, and one GEMM writes that slice of ∂W,
+    complete, straight into ∂W (fp32 accumulation inside the GEMM, one rounding); ∂b is the
+    slice's column sum in fp32. No V × H accumulator exists; the price is one logits recompute.
+  - TOKENS (where the token walk's own accumulator is cheap, and for K-dimensional heads): the
+    forward's chunks also add ∂W += gradᵀ·input and ∂b += Σ rows into accumulators summed in fp32
+    across chunks (fp32/fp64 inputs accumulate in ∂W itself; bf16/fp16 ones in a V × H fp32
+    buffer, each chunk's product passing through a bf16 scratch slice of W's rows).
 
-Gradient strategy, as for the plain loss (fastce/autograd.py): for 'mean' and 'sum' all the
-gradients are produced in the forward, and backward only rescales them when the upstream gradient
-is not 1 (on the device, no sync). For 'none' the per-row upstream gradient must be applied before
-the rows are summed into ∂W, so backward recomputes the chunks with it. Under torch.compile the
-forward computes the loss only and backward recomputes (a compiled graph may not mutate a saved
-buffer), one extra logits GEMM.
+Walk rule (choose_walk). The token walk's only memory beyond its chunk is its ∂W accumulator:
+none for fp32/fp64 inputs, 4·V·H bytes for bf16/fp16, i.e. 2H/N of the bf16 logits (100% for a
+Llama-3-8B head at 8k tokens). So: TOKENS when the accumulator takes at most 1/ACCUMULATOR_FRACTION
+of the logits' bytes (bf16: N ≥ 64·H tokens; fp32: always), or when the head is K-dimensional
+(the vocabulary walk slices a contiguous class dimension); VOCAB otherwise. The token walk costs
+three GEMMs of 2·N·H·V flops; the vocabulary walk four (the recompute): 8·N·H·V = 4/3 of the
+6·N·H·V minimum.
+
+Size rule: each walk's buffer takes 1/WORKING_MEMORY_FRACTION (6.25%) of the full logits' bytes
+(R = N/16 rows, S = V/16 classes; the two buffers never coexist); in the token walk with an
+accumulator (≤ 1/32), its chunk and its scratch take 1/64 each. Floors of MIN_CHUNK_ROWS rows
+and MIN_SLICE_CLASSES classes (one tensor-core tile; below it a GEMM is a GEMV), a ceiling of
+MAX_CHUNK_BYTES per buffer (past 16 GiB of logits there are more pieces, not larger ones).
+
+Memory (working_memory_bytes, what tests/test_linear_cross_entropy.py counts). Beyond the inputs
+and the gradients, with b the input's element size and a = 4 (8 for fp64):
+    VOCAB:  max(R·V·b, N·S·b) + 2·N·a    (+ N·a of target mass for probability targets, N·b for a bias)
+    TOKENS: R·V·b + [bf16/fp16: 4·V·H + scratch ≤ R·V·b] + 2·N·a    (+ V·b, and 4·V for bf16/fp16, for a bias)
+(2·N·a: the per-row loss and log-sum-exp; a bias's column sums are GEMMs with a row of ones). At the Llama-3-8B head (N = 8192, H = 4096,
+V = 128256, bf16, VOCAB): R = 512, S = 8016, max(131.3, 131.3) MB + 65.5 kB = 6.25% of the
+2.10 GB logits; at N = 2048, H = 256, V = 8192 the same 6.25% (2 MiB of 32 MiB).
+
+Bytes per piece (b-byte elements), beside the GEMMs' operands (W or input read, logits written,
+gradient read back):
+    token chunk:  the fused kernel reads and writes the R × V chunk: 2·R·V·b
+                  (TOKENS, bf16: + 12·V·H for the fp32 accumulator's read-modify-write and the scratch)
+    vocab slice:  the slice kernel reads and writes N × S: 2·N·S·b, and ∂b's column sum reads it
+                  (N·S·b); per-row vectors (lse, targets): ≤ 24·N
+So the bytes outside the GEMMs are 2·b bytes per logit against the GEMMs' 2·H flops per logit per
+GEMM: at H = 1024 bf16 a chunk's kernel moves 1/1024 byte per GEMM flop (~11% of the GEMM
+operands' bytes at R = 512), at H = 4096 a quarter of that. (The old token-only design added a
+16·V·H-byte fp32 read-modify-write of ∂W per chunk: 4× the weight's own GEMM traffic in bf16.)
+
+Gradient strategy (as fastce/autograd.py): what the forward computes is for an upstream
+gradient of 1 and backward scales it (on the device, in place, nothing moved when it is 1; under
+torch.compile as `unit * grad`, which Inductor writes over the saved buffer: AOTAutograd donates
+it). ∂input is always made by the forward (for 'none' the rows scale by their own upstream
+gradient, as each row of ∂input belongs to one loss row), except for K-dimensional 'none' where
+an input row feeds several loss rows: there, as for the token walk's ∂W under 'none', backward
+recomputes the chunks with the upstream gradient folded in. The vocabulary walk folds it in too.
+A second backward through a retained graph recomputes what the first one handed out.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
+import triton
 from torch import Tensor
 
 from . import ops
-from ._validation import check_target_range, logits_placeholder
+from ._validation import check_target_range
 from .autograd import reduce_rows
+from .kernels.linear_cross_entropy import (
+    linear_accumulate_kernel,
+    linear_target_mass_kernel,
+    linear_vocab_slice_grad_kernel,
+)
 from .ops import LossSpec
 
-# Chunk rule.
-# - Memory: a chunk holds at most 1/LOGITS_FRACTION of the rows, so its logits buffer is at most
-#   1/32 (3.1%) of what the full logits would take: the 5% budget leaves room for the per-row fp32
-#   loss/lse buffers and the bias gradient. MAX_CHUNK_BYTES caps the buffer (past 32 GiB of full
-#   logits there are more chunks, not larger ones), so memory stops growing with N·V there.
-# - Speed: every chunk reads W twice (the logits and ∂input GEMMs) and adds its ∂W into the fp32
-#   accumulator (a bf16 product, then a read-modify-write in fp32), about 16 bytes per element of W,
-#   against its 6·R·H·V flops of GEMM. At an H100's ~165 flops per byte of HBM bandwidth that weight
-#   traffic costs 440/R of the GEMM time: 170% at the 256 rows N/32 gives for N = 8192 tokens, 21% at
-#   2048. So a chunk may hold up to WEIGHT_AMORTISING_ROWS rows as long as its logits buffer stays
-#   within 2·V·H bytes (2H/b rows of b-byte logits): the size of a bf16 W, half the fp32 ∂W
-#   accumulator that a backward over several chunks allocates anyway. Language-model heads (H in
-#   the thousands) get 2048-row chunks; small heads keep N/32.
-# - At least MIN_CHUNK_ROWS rows (one tensor-core tile of M): fewer make every GEMM a GEMV.
-LOGITS_FRACTION = 32
-WEIGHT_AMORTISING_ROWS = 2048
+TOKENS, VOCAB = "tokens", "vocab"
+WALKS = (TOKENS, VOCAB)
+
+WORKING_MEMORY_FRACTION = 16
+ACCUMULATOR_FRACTION = 32
 MIN_CHUNK_ROWS = 16
+MIN_SLICE_CLASSES = 16
 MAX_CHUNK_BYTES = 1 << 30
+
+# The slice kernel is elementwise: tiles of SLICE_TILE elements, up to SLICE_BLOCK classes wide
+# (more rows when slices are narrower), 16 values per thread at SLICE_WARPS warps.
+SLICE_TILE = 4096
+SLICE_BLOCK = 1024
+SLICE_WARPS = 8
+MASS_BLOCK = 4096
+ACCUMULATE_BLOCK = 4096
 
 _GradsNeeded = tuple[bool, bool, bool]  # ∂input, ∂linear_weight, ∂linear_bias
 _NO_GRADS: _GradsNeeded = (False, False, False)
 
 
-def default_chunk_rows(n_rows: int, n_classes: int, in_features: int, element_size: int) -> int:
-    """Rows per chunk by the rule above."""
-    by_memory = n_rows // LOGITS_FRACTION
-    by_weight_traffic = min(WEIGHT_AMORTISING_ROWS, 2 * in_features // element_size)
-    by_ceiling = MAX_CHUNK_BYTES // (n_classes * element_size)
-    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, min(max(by_memory, by_weight_traffic), by_ceiling))))
+class Plan(NamedTuple):
+    walk: str           # how ∂W and ∂b are made: TOKENS or VOCAB (module docstring)
+    chunk_rows: int     # rows per chunk of the token walk
+    slice_classes: int  # classes per slice of the vocabulary walk
+    positions: int = 1  # K-dimensional heads: d1·…·dk positions per input row
 
 
-class _HeadGradients:
-    """∂W = Σ_chunks grad_cᵀ·input_c and ∂b = Σ_chunks Σ_rows grad_c, summed across chunks in fp32
-    (fp64 for fp64 inputs): bf16 sums across chunks make training diverge. A single chunk is one
-    GEMM straight into ∂W (its accumulation over rows is fp32 inside the GEMM, rounded once)."""
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype not in (torch.float32, torch.float64)
 
-    def __init__(self, linear_weight: Tensor, need_weight: bool, need_bias: bool, n_chunks: int, chunk_rows: int):
-        self.dtype = linear_weight.dtype
+
+def accumulator_bytes(n_classes: int, in_features: int, dtype: torch.dtype) -> int:
+    """The token walk's ∂W accumulator beyond ∂W itself: fp32 V × H for bf16/fp16 inputs, none
+    for fp32/fp64 ones (they accumulate in ∂W)."""
+    return 4 * n_classes * in_features if _low_precision(dtype) else 0
+
+
+def choose_walk(n_rows: int, n_classes: int, in_features: int, dtype: torch.dtype, positions: int = 1) -> str:
+    """The walk rule (module docstring); n_classes counts every class of the head (V·d1·…·dk)."""
+    if positions > 1:
+        return TOKENS
+    logits_bytes = n_rows * n_classes * dtype.itemsize
+    return TOKENS if accumulator_bytes(n_classes, in_features, dtype) * ACCUMULATOR_FRACTION <= logits_bytes else VOCAB
+
+
+def default_chunk_rows(n_rows: int, n_classes: int, element_size: int, share: int = WORKING_MEMORY_FRACTION) -> int:
+    """Rows per chunk: 1/share of the rows, at least MIN_CHUNK_ROWS, at most MAX_CHUNK_BYTES of logits."""
+    ceiling = max(1, MAX_CHUNK_BYTES // max(1, n_classes * element_size))
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, min(n_rows // share, ceiling))))
+
+
+def default_slice_classes(n_rows: int, n_classes: int, element_size: int) -> int:
+    """Classes per slice: 1/WORKING_MEMORY_FRACTION of the vocabulary, at least MIN_SLICE_CLASSES,
+    at most MAX_CHUNK_BYTES of logits."""
+    ceiling = max(1, MAX_CHUNK_BYTES // max(1, n_rows * element_size))
+    return max(1, min(n_classes, max(MIN_SLICE_CLASSES, min(n_classes // WORKING_MEMORY_FRACTION, ceiling))))
+
+
+def make_plan(n_rows: int, n_classes: int, in_features: int, dtype: torch.dtype, positions: int = 1, *,
+              walk: Optional[str] = None, chunk_rows: Optional[int] = None,
+              slice_classes: Optional[int] = None) -> Plan:
+    """The rules above, each overridable (walk, rows per chunk, classes per slice)."""
+    total_classes = n_classes * positions
+    walk = choose_walk(n_rows, total_classes, in_features, dtype, positions) if walk is None else walk
+    if walk == VOCAB and positions > 1:
+        raise ValueError("the vocabulary walk slices a contiguous class dimension: K-dimensional heads "
+                         "use walk='tokens'")
+    share = WORKING_MEMORY_FRACTION
+    if walk == TOKENS and accumulator_bytes(total_classes, in_features, dtype):
+        share *= 4  # the accumulator takes up to 1/32; chunk and scratch 1/64 each
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(n_rows, total_classes, dtype.itemsize, share)
+    if slice_classes is None:
+        slice_classes = default_slice_classes(n_rows, n_classes, dtype.itemsize)
+    return Plan(walk, max(1, min(chunk_rows, max(n_rows, 1))), max(1, min(slice_classes, n_classes)), positions)
+
+
+def working_memory_bytes(n_rows: int, n_classes: int, in_features: int, dtype: torch.dtype, plan: Plan, *,
+                         bias: bool = False, prob_target: bool = False) -> int:
+    """Peak bytes beyond inputs and gradients of a training step by `plan` (module docstring);
+    n_rows counts input rows, n_classes the class dimension (without K-dim positions)."""
+    element, acc = dtype.itemsize, ops.compute_dtype(dtype).itemsize
+    total_classes = n_classes * plan.positions
+    per_row = 2 * n_rows * plan.positions * acc
+    chunk = plan.chunk_rows * total_classes * element
+    if plan.walk == VOCAB:
+        walk = n_rows * plan.slice_classes * element + (n_rows * acc if prob_target else 0)
+        return max(chunk, walk + (n_rows * element if bias else 0)) + per_row
+    accumulator = accumulator_bytes(total_classes, in_features, dtype)
+    if accumulator:
+        accumulator += _scratch_rows(plan.chunk_rows, total_classes, in_features) * in_features * element
+    if bias:  # a chunk's column sums, and their fp32 accumulator for bf16/fp16
+        accumulator += total_classes * element + (4 * total_classes if _low_precision(dtype) else 0)
+    return chunk + accumulator + per_row
+
+
+def _scratch_rows(chunk_rows: int, n_classes: int, in_features: int) -> int:
+    # rows of W whose ∂W product a scratch no larger than the chunk's logits buffer holds
+    return max(1, min(n_classes, chunk_rows * n_classes // max(in_features, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The walks
+
+
+class _Head(NamedTuple):
+    """The call's tensors, flattened: input (N, H), weight (V·D, H), bias (V·D) or None, target
+    (N·D) class indices or (N, V) / (N, V, D) probabilities, class weights (V) or None."""
+    input: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    target: Tensor
+    class_weight: Optional[Tensor]
+
+    @property
+    def n_rows(self) -> int:
+        return self.input.shape[0]
+
+
+def _chunk_logits_view(buffer: Tensor, plan: Plan) -> Tensor:
+    # (R, V·D) → (R, V, D) for K-dimensional heads: the kernel reads the class dim with stride D
+    return buffer if plan.positions == 1 else buffer.unflatten(1, (-1, plan.positions))
+
+
+def _target_rows(target: Tensor, rows: slice, positions: int) -> Tensor:
+    if target.is_floating_point():
+        return target[rows]
+    return target[rows.start * positions:rows.stop * positions]
+
+
+def _accumulate(total: Tensor, part: Tensor) -> None:
+    """total += part, in total's (fp32) precision, without a converted copy of part."""
+    n_elements = part.numel()
+    linear_accumulate_kernel[(triton.cdiv(n_elements, ACCUMULATE_BLOCK),)](
+        total, part, n_elements, BLOCK_SIZE=ACCUMULATE_BLOCK)
+
+
+def _ones_row(like: Tensor, n_rows: int) -> Tensor:
+    return like.new_ones(1, n_rows)
+
+
+def _column_sums(grad: Tensor, ones: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Σ_rows grad as a GEMM with a row of ones: fp32 accumulation inside, one rounding, and no
+    fp32 copy of grad (which a CPU sum(dtype=float32) makes)."""
+    sums = torch.mm(ones[:, : grad.shape[0]], grad, out=None if out is None else out.unsqueeze(0))
+    return sums.squeeze(0)
+
+
+class _TokenGradients:
+    """∂W = Σ_chunks gradᵀ·input and ∂b = Σ_chunks Σ_rows grad, summed in fp32 across chunks (fp64
+    for fp64 inputs). A single chunk is one GEMM straight into ∂W (rounded once)."""
+
+    def __init__(self, head: _Head, need_weight: bool, need_bias: bool, plan: Plan):
+        weight = head.weight
+        self.dtype = weight.dtype
         self.acc_dtype = ops.compute_dtype(self.dtype)
-        self.single_chunk = n_chunks == 1
-        self.weight = self.bias = self.weight_scratch = None
-        n_classes, in_features = linear_weight.shape
-        if need_weight and not self.single_chunk:
-            self.weight = linear_weight.new_zeros(linear_weight.shape, dtype=self.acc_dtype)
-            if self.acc_dtype != self.dtype:
-                # GEMMs write the input dtype: each chunk's product lands in this scratch, then is
-                # added in fp32, a vocabulary slice at a time so the scratch is no larger than the
-                # chunk's logits buffer.
-                slice_classes = max(1, min(n_classes, chunk_rows * n_classes // in_features))
-                self.weight_scratch = linear_weight.new_empty(slice_classes, in_features)
-        if need_bias and not self.single_chunk:
-            self.bias = linear_weight.new_zeros(n_classes, dtype=self.acc_dtype)
+        self.single_chunk = head.n_rows <= plan.chunk_rows
         self.need_weight, self.need_bias = need_weight, need_bias
+        self.weight = self.bias = self.weight_scratch = None
+        self.ones = _ones_row(head.input, plan.chunk_rows) if need_bias else None
+        if self.single_chunk:
+            return
+        if need_weight:
+            self.weight = weight.new_zeros(weight.shape, dtype=self.acc_dtype)
+            if self.acc_dtype != self.dtype:
+                # GEMMs write the input dtype: each chunk's product lands in this scratch, a few
+                # rows of W at a time, then is added in fp32
+                self.weight_scratch = weight.new_empty(
+                    _scratch_rows(plan.chunk_rows, weight.shape[0], weight.shape[1]), weight.shape[1])
+        if need_bias:
+            self.bias = weight.new_zeros(weight.shape[0], dtype=self.acc_dtype)
 
     def add(self, grad_chunk: Tensor, input_chunk: Tensor) -> None:
         if self.single_chunk:
             if self.need_weight:
                 self.weight = torch.mm(grad_chunk.t(), input_chunk)
             if self.need_bias:
-                self.bias = grad_chunk.sum(0, dtype=self.acc_dtype)
+                self.bias = _column_sums(grad_chunk, self.ones)
             return
         if self.need_weight:
             if self.weight_scratch is None:
@@ -114,196 +271,313 @@ class _HeadGradients:
                 for start in range(0, grad_chunk.shape[1], step):
                     part = self.weight_scratch[: min(step, grad_chunk.shape[1] - start)]
                     torch.mm(grad_chunk[:, start:start + step].t(), input_chunk, out=part)
-                    self.weight[start:start + step] += part
+                    _accumulate(self.weight[start:start + step], part)
         if self.need_bias:
-            self.bias += grad_chunk.sum(0, dtype=self.acc_dtype)
+            _accumulate(self.bias, _column_sums(grad_chunk, self.ones))
 
     def results(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
         return tuple(None if g is None else g.to(self.dtype) for g in (self.weight, self.bias))
 
 
-def chunked_pass(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                 weight: Optional[Tensor], spec: LossSpec, divisors: Tensor, *, chunk_rows: int,
-                 grads_needed: _GradsNeeded = _NO_GRADS, grad_output: Optional[Tensor] = None):
-    """Per-row loss and lse (fp32) of 2-D `input` (N, H), and the requested gradients for the
-    upstream gradient `grad_output` (None: 1; a scalar, or one value per row for 'none')."""
-    n_rows, n_classes = input.shape[0], linear_weight.shape[0]
-    chunk_rows = max(1, min(chunk_rows, n_rows))
-    need_input, need_weight, need_bias = grads_needed
-    compute_grad = any(grads_needed)
+def token_walk(head: _Head, spec: LossSpec, divisors: Tensor, plan: Plan, *, grads: _GradsNeeded = _NO_GRADS,
+               grad_output: Optional[Tensor] = None, out: Optional[tuple[Tensor, Tensor]] = None):
+    """Per-row (per-position) loss and lse, fp32, into `out` if given; and the requested gradients
+    for the upstream gradient `grad_output` (None: 1; a scalar, or one value per loss row)."""
+    n_rows, positions = head.n_rows, plan.positions
+    need_input, need_weight, need_bias = grads
     per_row_upstream = grad_output is not None and spec.reduction == "none"
-    logits_buffer = input.new_empty(chunk_rows if n_rows else 0, n_classes)
-    grad_input = torch.empty_like(input) if need_input else None
-    head_grads = _HeadGradients(linear_weight, need_weight, need_bias, -(-n_rows // chunk_rows), chunk_rows)
-    loss_parts, lse_parts = [], []
-    for start in range(0, max(n_rows, 1), chunk_rows):  # an empty batch is one empty chunk
-        rows = slice(start, min(start + chunk_rows, n_rows))
-        input_chunk = input[rows]
-        logits = logits_buffer[: input_chunk.shape[0]]
-        if linear_bias is None:
-            torch.mm(input_chunk, linear_weight.t(), out=logits)
+    acc = ops.compute_dtype(head.input.dtype)
+    if out is None:
+        out = tuple(head.input.new_empty(n_rows * positions, dtype=acc) for _ in range(2))
+    loss_rows, lse = out
+    buffer = head.input.new_empty(min(plan.chunk_rows, n_rows), head.weight.shape[0])
+    grad_input = torch.empty_like(head.input) if need_input else None
+    head_grads = _TokenGradients(head, need_weight, need_bias, plan)
+    for start in range(0, max(n_rows, 1), plan.chunk_rows):  # an empty batch is one empty chunk
+        rows = slice(start, min(start + plan.chunk_rows, n_rows))
+        loss_rows_of = slice(rows.start * positions, rows.stop * positions)
+        input_chunk = head.input[rows]
+        logits = buffer[: input_chunk.shape[0]]
+        if head.bias is None:
+            torch.mm(input_chunk, head.weight.t(), out=logits)
         else:
-            torch.addmm(linear_bias, input_chunk, linear_weight.t(), out=logits)
+            torch.addmm(head.bias, input_chunk, head.weight.t(), out=logits)
         # the kernel writes ∂loss/∂logits over the logits it has read (same buffer)
-        loss_rows, lse = ops.launch_forward(
-            logits, target[rows], weight, spec, grad=logits if compute_grad else None, divisors=divisors,
-            grad_output=grad_output[rows] if per_row_upstream else grad_output,
-            grad_output_per_row=per_row_upstream)
-        loss_parts.append(loss_rows)
-        lse_parts.append(lse)
+        ops.launch_forward(
+            _chunk_logits_view(logits, plan), _target_rows(head.target, rows, positions), head.class_weight, spec,
+            grad=_chunk_logits_view(logits, plan) if any(grads) else None, divisors=divisors,
+            grad_output=grad_output[loss_rows_of] if per_row_upstream else grad_output,
+            grad_output_per_row=per_row_upstream, out=(loss_rows[loss_rows_of], lse[loss_rows_of]))
         if need_input:
-            torch.mm(logits, linear_weight, out=grad_input[rows])  # ∂input = ∂logits · W
+            torch.mm(logits, head.weight, out=grad_input[rows])  # ∂input = ∂logits · W
         head_grads.add(logits, input_chunk)  # ∂W = ∂logitsᵀ · input, ∂b = Σ_rows ∂logits
-    return torch.cat(loss_parts), torch.cat(lse_parts), (grad_input, *head_grads.results())
+    return loss_rows, lse, (grad_input, *head_grads.results())
 
 
-def forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-            weight: Optional[Tensor], spec: LossSpec, *, chunk_rows: int, grads_needed: _GradsNeeded,
-            validate: bool):
-    """Per-row loss and lse, the mean's divisors, and the requested gradients for an upstream
-    gradient of 1. Validation of class indices (one host sync) happens here, before any kernel."""
-    n_classes = linear_weight.shape[0]
-    if validate and not target.is_floating_point():
-        check_target_range(target, n_classes, spec.ignore_index)
-    divisors = ops.mean_divisors(logits_placeholder(input, input.shape[0], n_classes), target, weight, spec)
-    loss_rows, lse, grads = chunked_pass(input, linear_weight, linear_bias, target, weight, spec, divisors,
-                                         chunk_rows=chunk_rows, grads_needed=grads_needed)
-    return loss_rows, lse, divisors, grads
+def _probability_target_mass(head: _Head, spec: LossSpec) -> Tensor:
+    """A_i = Σ_c w_c q_ic of (N, V) probability targets, on the device."""
+    target = head.target
+    n_rows, n_classes = target.shape
+    mass = target.new_empty(n_rows, dtype=ops.compute_dtype(head.input.dtype))
+    rows = max(1, min(SLICE_TILE // MASS_BLOCK, triton.next_power_of_2(max(n_rows, 1))))
+    linear_target_mass_kernel[(triton.cdiv(n_rows, rows),)](
+        target, head.class_weight, mass, target.stride(0), target.stride(1), n_rows, n_classes,
+        spec.label_smoothing, ROWS=rows, BLOCK_SIZE=min(MASS_BLOCK, triton.next_power_of_2(n_classes)),
+        HAS_WEIGHT=head.class_weight is not None, COMPUTE_DTYPE=ops._triton_dtype(head.input.dtype))
+    return mass
 
 
-def recompute_gradients(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                        weight: Optional[Tensor], spec: LossSpec, divisors: Tensor, grad_output: Tensor, *,
-                        chunk_rows: int, grads_needed: _GradsNeeded):
-    """(∂input, ∂W, ∂b) for `grad_output`, recomputing the chunks' logits."""
-    _, _, grads = chunked_pass(input, linear_weight, linear_bias, target, weight, spec, divisors,
-                               chunk_rows=chunk_rows, grads_needed=grads_needed,
-                               grad_output=grad_output.reshape(-1).contiguous())
+def vocab_walk(head: _Head, spec: LossSpec, divisors: Tensor, lse: Tensor, plan: Plan, grad_output: Tensor, *,
+               need_weight: bool, need_bias: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """∂W and ∂b slice by slice of the vocabulary, for the upstream gradient `grad_output` (a scalar,
+    or one value per row for 'none'), from the forward's per-row lse."""
+    n_rows, in_features = head.input.shape
+    n_classes = head.weight.shape[0]
+    prob_target = head.target.is_floating_point()
+    per_row_upstream = spec.reduction == "none"
+    grad_output = grad_output.reshape(-1).contiguous()
+    grad_weight = torch.empty_like(head.weight) if need_weight else None
+    grad_bias = torch.empty_like(head.bias) if need_bias else None
+    if n_rows == 0:
+        for grad in (grad_weight, grad_bias):
+            if grad is not None:
+                grad.zero_()
+        return grad_weight, grad_bias
+    mass = _probability_target_mass(head, spec) if prob_target else lse
+    weight_sum = divisors  # a placeholder pointer unless hard targets are smoothed with class weights
+    if not prob_target and head.class_weight is not None and spec.label_smoothing > 0:
+        weight_sum = head.class_weight.sum(0, keepdim=True)
+    storage = head.input.new_empty(n_rows * plan.slice_classes)
+    ones = _ones_row(head.input, n_rows) if need_bias else None
+    target_strides = (head.target.stride(0), head.target.stride(1)) if prob_target else (1, 0)
+    for start in range(0, n_classes, plan.slice_classes):
+        classes = slice(start, min(start + plan.slice_classes, n_classes))
+        width = classes.stop - classes.start
+        logits = storage[: n_rows * width].view(n_rows, width)  # contiguous, so GEMMs write it in place
+        if head.bias is None:
+            torch.mm(head.input, head.weight[classes].t(), out=logits)
+        else:
+            torch.addmm(head.bias[classes], head.input, head.weight[classes].t(), out=logits)
+        block = min(SLICE_BLOCK, triton.next_power_of_2(width))
+        rows_per_program = max(1, min(SLICE_TILE // block, triton.next_power_of_2(n_rows)))
+        grid = (triton.cdiv(n_rows, rows_per_program), triton.cdiv(width, block))
+        linear_vocab_slice_grad_kernel[grid](
+            logits, head.target, head.class_weight, lse, mass, weight_sum, divisors, divisors[1:], grad_output,
+            logits.stride(0), *target_strides, n_rows, width, start, n_classes,
+            spec.ignore_index, spec.label_smoothing, spec.z_loss, spec.softcap if spec.softcap is not None else 1.0,
+            ROWS=rows_per_program, BLOCK_SIZE=block, PROB_TARGET=prob_target,
+            HAS_WEIGHT=head.class_weight is not None, HAS_SMOOTHING=spec.label_smoothing > 0,
+            HAS_Z_LOSS=spec.z_loss != 0, HAS_SOFTCAP=spec.softcap is not None, MEAN=spec.reduction == "mean",
+            GRAD_OUTPUT=2 if per_row_upstream else 1, COMPUTE_DTYPE=ops._triton_dtype(head.input.dtype),
+            num_warps=SLICE_WARPS)
+        if need_weight:
+            torch.mm(logits.t(), head.input, out=grad_weight[classes])  # the slice of ∂W, complete
+        if need_bias:
+            _column_sums(logits, ones, out=grad_bias[classes])  # the slice of ∂b, complete
+    return grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward bodies (shared by eager mode and the custom ops)
+
+
+def grads_made_in_forward(plan: Plan, reduction: str, grads: _GradsNeeded) -> _GradsNeeded:
+    """Which of the needed gradients the forward computes (for an upstream gradient of 1)."""
+    need_input, need_weight, need_bias = grads
+    if reduction == "none" and plan.positions > 1:
+        return _NO_GRADS  # an input row feeds several loss rows: backward recomputes with their gradients
+    if plan.walk == VOCAB:
+        return (need_input, False, False)
+    if reduction == "none":
+        return (need_input, False, False)  # ∂W sums rows: it needs each row's upstream gradient
     return grads
+
+
+def forward(head: _Head, spec: LossSpec, plan: Plan, *, grads: _GradsNeeded, validate: bool):
+    """Per-row loss and lse, the mean's divisors, and the gradients `grads` for an upstream gradient
+    of 1. Validation of class indices (one host sync) happens here, before any kernel."""
+    n_classes = head.weight.shape[0] // plan.positions
+    if validate and not head.target.is_floating_point():
+        check_target_range(head.target, n_classes, spec.ignore_index)
+    placeholder = head.input.new_empty(()).expand(head.n_rows, n_classes, plan.positions)
+    divisors = ops.mean_divisors(placeholder, head.target, head.class_weight, spec)
+    loss_rows, lse, made = token_walk(head, spec, divisors, plan, grads=grads)
+    return loss_rows, lse, divisors, made
+
+
+def backward(head: _Head, spec: LossSpec, plan: Plan, divisors: Tensor, lse: Tensor, grad_output: Tensor, *,
+             grads: _GradsNeeded):
+    """(∂input, ∂W, ∂b) among `grads` for `grad_output`, computed afresh: ∂input by the token walk,
+    ∂W and ∂b by the plan's walk."""
+    need_input, need_weight, need_bias = grads
+    per_row = spec.reduction == "none"
+    grad_output = grad_output.reshape(-1) if per_row else grad_output.reshape(())
+    results = [None, None, None]
+    token_grads = (need_input, need_weight and plan.walk == TOKENS, need_bias and plan.walk == TOKENS)
+    if any(token_grads):
+        _, _, made = token_walk(head, spec, divisors, plan, grads=token_grads, grad_output=grad_output,
+                                out=tuple(torch.empty_like(lse) for _ in range(2)))
+        results = list(made)
+    if plan.walk == VOCAB and (need_weight or need_bias):
+        results[1:] = vocab_walk(head, spec, divisors, lse, plan, grad_output, need_weight=need_weight,
+                                 need_bias=need_bias)
+    return tuple(results)
 
 
 # ---------------------------------------------------------------------------------------------
 # torch.library custom ops: what torch.compile sees (eager calls the functions above directly).
+# Arguments: the head's tensors, LossSpec's fields, then Plan's fields.
+
+
+def _empty_if_none(grads, like: Tensor) -> tuple[Tensor, ...]:
+    return tuple(like.new_empty(0) if g is None else g for g in grads)
 
 
 @torch.library.custom_op("fastce::linear_cross_entropy_forward", mutates_args=())
 def linear_cross_entropy_forward_op(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-    gamma: float, focal: bool, chunk_rows: int, validate: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    gamma: float, focal: bool, walk: str, chunk_rows: int, slice_classes: int, positions: int,
+    input_grad: bool, weight_grad: bool, bias_grad: bool, validate: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = LossSpec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
-    loss_rows, lse, divisors, _ = forward(input, linear_weight, linear_bias, target, weight, spec,
-                                          chunk_rows=chunk_rows, grads_needed=_NO_GRADS, validate=validate)
-    return loss_rows, lse, divisors
+    loss_rows, lse, divisors, made = forward(
+        _Head(input, linear_weight, linear_bias, target, weight), spec,
+        Plan(walk, chunk_rows, slice_classes, positions), grads=(input_grad, weight_grad, bias_grad),
+        validate=validate)
+    return (loss_rows, lse, divisors, *_empty_if_none(made, input))
+
+
+def _fake_grads(input, linear_weight, linear_bias, grads) -> tuple[Tensor, ...]:
+    shapes = (input.shape, linear_weight.shape, linear_weight.shape[:1])
+    return tuple(input.new_empty(shape if needed else (0,)) for shape, needed in zip(shapes, grads))
 
 
 @linear_cross_entropy_forward_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, gamma, focal, chunk_rows, validate):
+      softcap, gamma, focal, walk, chunk_rows, slice_classes, positions, input_grad, weight_grad, bias_grad,
+      validate):
     acc = ops.compute_dtype(input.dtype)
-    return input.new_empty(input.shape[0], dtype=acc), input.new_empty(input.shape[0], dtype=acc), \
-        input.new_empty(2, dtype=acc)
+    n_loss_rows = input.shape[0] * positions
+    return (input.new_empty(n_loss_rows, dtype=acc), input.new_empty(n_loss_rows, dtype=acc),
+            input.new_empty(2, dtype=acc), *_fake_grads(input, linear_weight, linear_bias,
+                                                        (input_grad, weight_grad, bias_grad)))
 
 
 @torch.library.custom_op("fastce::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward_op(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
-    divisors: Tensor, grad_output: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
-    z_loss: float, softcap: Optional[float], gamma: float, focal: bool, chunk_rows: int,
-    input_grad: bool, weight_grad: bool, bias_grad: bool,
+    divisors: Tensor, lse: Tensor, grad_output: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
+    z_loss: float, softcap: Optional[float], gamma: float, focal: bool, walk: str, chunk_rows: int,
+    slice_classes: int, positions: int, input_grad: bool, weight_grad: bool, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     spec = LossSpec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
-    grads = recompute_gradients(input, linear_weight, linear_bias, target, weight, spec, divisors, grad_output,
-                                chunk_rows=chunk_rows, grads_needed=(input_grad, weight_grad, bias_grad))
-    return tuple(input.new_empty(0) if g is None else g for g in grads)
+    grads = backward(_Head(input, linear_weight, linear_bias, target, weight), spec,
+                     Plan(walk, chunk_rows, slice_classes, positions), divisors, lse, grad_output,
+                     grads=(input_grad, weight_grad, bias_grad))
+    return _empty_if_none(grads, input)
 
 
 @linear_cross_entropy_backward_op.register_fake
-def _(input, linear_weight, linear_bias, target, weight, divisors, grad_output, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, gamma, focal, chunk_rows, input_grad, weight_grad, bias_grad):
-    shapes = (input.shape, linear_weight.shape, linear_weight.shape[:1])
-    return tuple(input.new_empty(shape if needed else (0,))
-                 for shape, needed in zip(shapes, (input_grad, weight_grad, bias_grad)))
+def _(input, linear_weight, linear_bias, target, weight, divisors, lse, grad_output, ignore_index, reduction,
+      label_smoothing, z_loss, softcap, gamma, focal, walk, chunk_rows, slice_classes, positions, input_grad,
+      weight_grad, bias_grad):
+    return _fake_grads(input, linear_weight, linear_bias, (input_grad, weight_grad, bias_grad))
 
 
-def _forward_op(input, linear_weight, linear_bias, target, weight, spec: LossSpec, *, chunk_rows: int,
-                grads_needed: _GradsNeeded, validate: bool):
+def _forward_op(head: _Head, spec: LossSpec, plan: Plan, *, grads: _GradsNeeded, validate: bool):
     if torch.compiler.is_compiling():
-        loss_rows, lse, divisors = torch.ops.fastce.linear_cross_entropy_forward(
-            input, linear_weight, linear_bias, target, weight, *spec, chunk_rows, validate)
-        return loss_rows, lse, divisors, (None, None, None)
-    return forward(input, linear_weight, linear_bias, target, weight, spec, chunk_rows=chunk_rows,
-                   grads_needed=grads_needed, validate=validate)
+        loss_rows, lse, divisors, *made = torch.ops.fastce.linear_cross_entropy_forward(
+            *head, *spec, *plan, *grads, validate)
+        return loss_rows, lse, divisors, tuple(g if needed else None for g, needed in zip(made, grads))
+    return forward(head, spec, plan, grads=grads, validate=validate)
 
 
-def _recompute_op(input, linear_weight, linear_bias, target, weight, spec: LossSpec, divisors, grad_output, *,
-                  chunk_rows: int, grads_needed: _GradsNeeded):
+def _backward_op(head: _Head, spec: LossSpec, plan: Plan, divisors: Tensor, lse: Tensor, grad_output: Tensor, *,
+                 grads: _GradsNeeded):
     if torch.compiler.is_compiling():
-        grads = torch.ops.fastce.linear_cross_entropy_backward(
-            input, linear_weight, linear_bias, target, weight, divisors, grad_output, *spec, chunk_rows,
-            *grads_needed)
-        return tuple(g if needed else None for g, needed in zip(grads, grads_needed))
-    return recompute_gradients(input, linear_weight, linear_bias, target, weight, spec, divisors, grad_output,
-                               chunk_rows=chunk_rows, grads_needed=grads_needed)
+        made = torch.ops.fastce.linear_cross_entropy_backward(*head, divisors, lse, grad_output, *spec, *plan, *grads)
+        return tuple(g if needed else None for g, needed in zip(made, grads))
+    return backward(head, spec, plan, divisors, lse, grad_output, grads=grads)
+
+
+def _scaled(unit_grad: Tensor, grad_output: Tensor, per_row: bool) -> Tensor:
+    """unit_grad × the upstream gradient (one value per row of unit_grad when per_row)."""
+    if torch.compiler.is_compiling():
+        # out of place: AOTAutograd donates the saved buffer and Inductor writes the product over it
+        factor = grad_output.reshape(-1, 1) if per_row else grad_output
+        return unit_grad * factor.to(unit_grad.dtype)
+    ops.launch_scale_gradient(unit_grad, grad_output)
+    return unit_grad
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """apply(input (N, H), linear_weight (V, H), linear_bias (V) or None, target, weight, spec,
-    chunk_rows, validate) -> (loss, lse per row); gradients for input, linear_weight, linear_bias."""
+    """apply(input (N, H), weight (V·D, H), bias (V·D) or None, target, class weights, spec, plan,
+    validate) -> (loss, lse per loss row); gradients for input, weight and bias."""
 
     @staticmethod
     def forward(ctx, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                weight: Optional[Tensor], spec: LossSpec, chunk_rows: int, validate: bool):
+                weight: Optional[Tensor], spec: LossSpec, plan: Plan, validate: bool):
         ctx.set_materialize_grads(False)
-        ctx.spec, ctx.chunk_rows = spec, chunk_rows
+        ctx.spec, ctx.plan = spec, plan
         ctx.grads_needed = tuple(ctx.needs_input_grad[:3])
-        # A compiled graph recomputes in backward instead: it may not mutate a saved buffer.
-        ctx.grad_in_forward = spec.reduction != "none" and not torch.compiler.is_compiling()
-        ctx.grads_handed_out = False
-        loss_rows, lse, divisors, grads = _forward_op(
-            input, linear_weight, linear_bias, target, weight, spec, chunk_rows=chunk_rows,
-            grads_needed=ctx.grads_needed if ctx.grad_in_forward else _NO_GRADS, validate=validate)
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, divisors, *grads)
+        ctx.made_in_forward = grads_made_in_forward(plan, spec.reduction, ctx.grads_needed)
+        ctx.handed_out = False
+        head = _Head(input, linear_weight, linear_bias, target, weight)
+        loss_rows, lse, divisors, made = _forward_op(head, spec, plan, grads=ctx.made_in_forward, validate=validate)
+        ctx.save_for_backward(*head, divisors, lse, *made)
         ctx.mark_non_differentiable(lse)
-        return reduce_rows(loss_rows, spec.reduction, input.shape[:1], input.dtype), lse
+        loss_shape = (input.shape[0] * plan.positions,)
+        return reduce_rows(loss_rows, spec.reduction, loss_shape, input.dtype), lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        no_grads = (None,) * 5  # target, weight, spec, chunk_rows, validate
+        no_grads = (None,) * 5  # target, weight, spec, plan, validate
         if grad_loss is None:
             return (None, None, None, *no_grads)
-        input, linear_weight, linear_bias, target, weight, divisors, *grads = ctx.saved_tensors
-        if ctx.grad_in_forward and not ctx.grads_handed_out:
-            # First backward: scale the forward's gradients in place (nothing moves when
-            # grad_loss == 1) and hand them out; a backward through a retained graph recomputes.
-            ctx.grads_handed_out = True
-            for grad in grads:
-                if grad is not None:
-                    ops.launch_scale_gradient(grad, grad_loss)
-            return (*grads, *no_grads)
-        grads = _recompute_op(input, linear_weight, linear_bias, target, weight, ctx.spec, divisors, grad_loss,
-                              chunk_rows=ctx.chunk_rows, grads_needed=ctx.grads_needed)
-        return (*grads, *no_grads)
+        *head, divisors, lse, grad_input, grad_weight, grad_bias = ctx.saved_tensors
+        head = _Head(*head)
+        per_row = ctx.spec.reduction == "none"
+        results = [grad_input, grad_weight, grad_bias]
+        from_forward = ctx.made_in_forward if not ctx.handed_out else _NO_GRADS
+        ctx.handed_out = True  # a backward through a retained graph recomputes them
+        for i, made in enumerate(from_forward):
+            if made:
+                results[i] = _scaled(results[i], grad_loss, per_row and i == 0)
+        missing = tuple(needed and not made for needed, made in zip(ctx.grads_needed, from_forward))
+        if any(missing):
+            recomputed = _backward_op(head, ctx.spec, ctx.plan, divisors, lse, grad_loss, grads=missing)
+            results = [new if redo else old for new, old, redo in zip(recomputed, results, missing)]
+        return (*results, *no_grads)
 
 
 def run(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-        weight: Optional[Tensor], spec: LossSpec, *, chunk_rows: Optional[int], validate: bool):
-    """(loss, lse) for already-validated arguments, input (…, H): rows flattened, chunked."""
-    row_shape = input.shape[:-1]
+        weight: Optional[Tensor], spec: LossSpec, *, walk: Optional[str], chunk_rows: Optional[int],
+        slice_classes: Optional[int], validate: bool):
+    """(loss, lse) for already-validated arguments: input (…, H) with linear_weight (V, H), or input
+    (N, H) with linear_weight (V, d1, …, dk, H), the K-dimensional loss over positions (d1, …, dk)."""
+    in_features = input.shape[-1]
+    out_features = linear_weight.shape[1:-1]
+    positions = math.prod(out_features)
     n_classes = linear_weight.shape[0]
-    input = input.reshape(-1, input.shape[-1])
-    target = target.reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
+    loss_shape = input.shape[:-1] + out_features
+    input = input.reshape(-1, in_features)
+    n_rows = input.shape[0]
+    if target.is_floating_point():  # (N, V, d…) probabilities: rows stay whole, positions trail
+        target = target.reshape(n_rows, n_classes, positions) if positions > 1 else target.reshape(n_rows, n_classes)
+    else:
+        target = target.reshape(-1)
     if weight is not None:
         weight = weight.to(ops.compute_dtype(input.dtype)).contiguous()
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(input.shape[0], n_classes, input.shape[1], input.element_size())
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)):
-        loss, lse = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, spec,
-                                                     chunk_rows, validate)
+    plan = make_plan(n_rows, n_classes, in_features, input.dtype, positions, walk=walk, chunk_rows=chunk_rows,
+                     slice_classes=slice_classes)
+    head = _Head(input, linear_weight.reshape(-1, in_features),
+                 None if linear_bias is None else linear_bias.reshape(-1), target, weight)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in head[:3]):
+        loss, lse = LinearCrossEntropyFunction.apply(*head, spec, plan, validate)
     else:  # no gradient work at all: the kernel writes no gradient, no gradient GEMMs run
-        loss_rows, lse, _, _ = _forward_op(input, linear_weight, linear_bias, target, weight, spec,
-                                           chunk_rows=chunk_rows, grads_needed=_NO_GRADS, validate=validate)
-        loss = reduce_rows(loss_rows, spec.reduction, input.shape[:1], input.dtype)
+        loss_rows, lse, _, _ = _forward_op(head, spec, plan, grads=_NO_GRADS, validate=validate)
+        loss = reduce_rows(loss_rows, spec.reduction, loss_rows.shape, input.dtype)
     if spec.reduction == "none":
-        loss = loss.reshape(row_shape)
-    return loss, lse.reshape(row_shape)
+        loss = loss.reshape(loss_shape)
+    return loss, lse.reshape(loss_shape)

@@ -228,6 +228,56 @@ def _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, foc
              to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
 
 
+@triton.jit
+def _upstream(grad_output_ptr, rows, row_in_bounds, ROWS: tl.constexpr, GRAD_OUTPUT: tl.constexpr,
+              COMPUTE_DTYPE: tl.constexpr):
+    # the loss's upstream gradient of each row: none (1), one scalar, or one per row
+    if GRAD_OUTPUT == 1:
+        return tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
+    elif GRAD_OUTPUT == 2:
+        return tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
+    return tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+
+
+@triton.jit
+def _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, n_classes, ignore_index, ROWS: tl.constexpr,
+                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    # (class index y, counted, class index out of range, w_y) of each row
+    if PROB_TARGET:
+        y = tl.zeros((ROWS,), dtype=tl.int64)
+        valid = row_in_bounds
+        bad_target = tl.zeros((ROWS,), dtype=tl.int1)
+        w_y = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    else:
+        y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
+        valid = row_in_bounds & (y != ignore_index)
+        # only possible with validate=False: NaN for the row, and no out-of-bounds access
+        bad_target = valid & ((y < 0) | (y >= n_classes))
+        valid = valid & ~bad_target
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+        else:
+            w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
+    return y, valid, bad_target, w_y
+
+
+@triton.jit
+def _mean_scales(ce_divisor_ptr, z_divisor_ptr, ROWS: tl.constexpr, MEAN: tl.constexpr,
+                 COMPUTE_DTYPE: tl.constexpr):
+    # 1/divisor of the loss and of the z-loss for "mean" (1 otherwise). A zero divisor (every row
+    # ignored, or zero weight at every target) gives NaN, as torch's 0/0: also where the smoothing
+    # term alone would give ±inf
+    if MEAN:
+        ce_divisor = tl.load(ce_divisor_ptr).to(COMPUTE_DTYPE)
+        ce_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.where(ce_divisor == 0.0, float("nan"),
+                                                                     1.0 / ce_divisor)
+        z_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(z_divisor_ptr).to(COMPUTE_DTYPE)
+    else:
+        ce_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+        z_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+    return ce_scale, z_scale
+
+
 @triton.heuristics({
     "SINGLE_PASS": lambda args: args["n_classes"] <= args["BLOCK_SIZE"],
     "WIDE_OFFSETS": lambda args: args["n_classes"] * max(
@@ -277,12 +327,7 @@ def cross_entropy_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
 
-    if GRAD_OUTPUT == 1:
-        upstream = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
-    elif GRAD_OUTPUT == 2:
-        upstream = tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
-    else:
-        upstream = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+    upstream = _upstream(grad_output_ptr, rows, row_in_bounds, ROWS, GRAD_OUTPUT, COMPUTE_DTYPE)
     lse_upstream = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     if HAS_LSE_GRAD:
         lse_upstream = tl.load(lse_grad_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
@@ -298,37 +343,15 @@ def cross_entropy_fwd_kernel(
         target_row_offs = _row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
         grad_row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
 
-        if PROB_TARGET:
-            y = tl.zeros((ROWS,), dtype=tl.int64)
-            valid = row_in_bounds
-            bad_target = tl.zeros((ROWS,), dtype=tl.int1)
-            w_y = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        else:
-            y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
-            valid = row_in_bounds & (y != ignore_index)
-            # only possible with validate=False: NaN for the row, and no out-of-bounds access
-            bad_target = valid & ((y < 0) | (y >= n_classes))
-            valid = valid & ~bad_target
-            if HAS_WEIGHT:
-                w_y = tl.load(weight_ptr + y, mask=valid, other=0.0).to(COMPUTE_DTYPE)
-            else:
-                w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
+        y, valid, bad_target, w_y = _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, n_classes,
+                                                 ignore_index, ROWS, PROB_TARGET, HAS_WEIGHT, COMPUTE_DTYPE)
 
         # Ignored rows' logits are skipped where the class axis is the contiguous one (a per-row mask
         # keeps the loads along it wide); where the rows are ((N, C, d…) inputs), a per-row mask
         # would split the loads into scalars, so every row in bounds is read.
         read_rows = valid if SKIP_IGNORED_ROWS else row_in_bounds
 
-        if MEAN:
-            # a zero divisor (every row ignored, or zero weight at every target) gives NaN, as
-            # torch's 0/0: also where the smoothing term alone would give ±inf
-            ce_divisor = tl.load(ce_divisor_ptr).to(COMPUTE_DTYPE)
-            ce_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.where(ce_divisor == 0.0, float("nan"),
-                                                                         1.0 / ce_divisor)
-            z_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(z_divisor_ptr).to(COMPUTE_DTYPE)
-        else:
-            ce_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
-            z_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+        ce_scale, z_scale = _mean_scales(ce_divisor_ptr, z_divisor_ptr, ROWS, MEAN, COMPUTE_DTYPE)
 
         m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
         s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
