@@ -163,11 +163,15 @@ def logits_placeholder(like: Tensor, n_rows: int, n_classes: int) -> Tensor:
 
 
 def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                 ignore_index: int) -> int:
-    """Shapes, dtypes and devices of linear_cross_entropy's arguments (no device sync); returns V.
+                 ignore_index: Optional[int]) -> int:
+    """Shapes, dtypes and devices of linear_cross_entropy's arguments (no device sync); returns C.
 
-    input (…, H), linear_weight (V, H), linear_bias (V) or None, all of one floating dtype and
-    device; target (…) of class indices or (…, V) of probabilities.
+    As torch 2.13's F.linear_cross_entropy, with its messages: linear_weight (C, H), or (C, d1, …,
+    dk, H) for the K-dimensional loss with input (N, H); linear_bias shaped like linear_weight
+    without H; target class indices or, when shaped like the logits (…, C, d1, …, dk),
+    probabilities; ignore_index (None means -100) not given with probabilities. Beyond torch,
+    a 2-D linear_weight takes any input (…, H) (torch: 1 or 2 dimensions). All of one floating
+    dtype and device.
     """
     for name, t in (("input", input), ("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is None:
@@ -180,33 +184,44 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Ten
             raise InvalidArgumentError(
                 f"{name} is {t.dtype} on {t.device} but input is {input.dtype} on {input.device}: "
                 "the linear layer needs one dtype and one device")
-    if input.dim() == 0:
-        raise InvalidArgumentError("input must have a feature dimension: expected (..., in_features), got a 0-dim tensor")
-    if linear_weight.dim() != 2:
-        raise InvalidArgumentError(
-            f"expected linear_weight of shape (num_classes, in_features), got {list(linear_weight.shape)} "
-            "(K-dimensional class shapes are not supported: reshape the logits and use cross_entropy)")
-    n_classes, in_features = linear_weight.shape
+    if linear_weight.dim() < 2:
+        raise InvalidArgumentError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    out_features = tuple(linear_weight.shape[1:-1])
+    if input.dim() == 0 or (out_features and input.dim() > 2):
+        raise InvalidArgumentError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    in_features = linear_weight.shape[-1]
     if input.shape[-1] != in_features:
         raise InvalidArgumentError(
             "expected equal input and linear_weight last dimensions (in_features), "
             f"got {input.shape[-1]} and {in_features}, respectively")
+    n_classes = linear_weight.shape[0]
     if n_classes == 0:
         raise InvalidArgumentError(f"linear_weight has no classes: shape {list(linear_weight.shape)}")
-    if linear_bias is not None and linear_bias.shape != (n_classes,):
-        raise InvalidArgumentError(f"expected linear_bias shape {[n_classes]}, got {list(linear_bias.shape)}")
-    row_shape, n_rows = input.shape[:-1], input.shape[:-1].numel()
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes, *out_features):
+        raise InvalidArgumentError(
+            f"expected linear_bias shape {(n_classes, *out_features)}, got {tuple(linear_bias.shape)}")
+    if out_features and input.dim() == 1:
+        raise InvalidArgumentError(
+            f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires batched "
+            f"input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    logits_shape = input.shape[:-1] + (n_classes, *out_features)
+    if target.shape == logits_shape and ignore_index is not None:
+        raise InvalidArgumentError("ignore_index cannot be specified when target contains probabilities")
+    # the logits torch's cross_entropy would see: (N, C, d1, …, dk), with (…) flattened to N
+    n_rows = input.shape[:-1].numel()
+    placeholder = input.new_empty(()).expand(n_rows, n_classes, *out_features)
     rows_target = target
-    if isinstance(target, Tensor):
-        if target.shape == row_shape:
-            rows_target = target.reshape(n_rows)
-        elif target.shape == row_shape + (n_classes,):
-            rows_target = target.reshape(n_rows, n_classes)
-        else:
-            raise InvalidArgumentError(
-                f"expected target of shape {list(row_shape)} (class indices) or {list(row_shape) + [n_classes]} "
-                f"(probabilities) for input {list(input.shape)}, got {list(target.shape)}")
-    check_target(logits_placeholder(input, n_rows, n_classes), rows_target, ignore_index)
+    if target.shape == logits_shape:
+        rows_target = target.reshape(placeholder.shape)
+    elif target.shape == input.shape[:-1] + out_features:
+        rows_target = target.reshape(placeholder.shape[:1] + placeholder.shape[2:])
+    elif not out_features:
+        raise InvalidArgumentError(
+            f"expected target of shape {list(input.shape[:-1])} (class indices) or {list(logits_shape)} "
+            f"(probabilities) for input {list(input.shape)}, got {list(target.shape)}")
+    check_target(placeholder, rows_target, -100 if ignore_index is None else ignore_index)
     return n_classes
 
 

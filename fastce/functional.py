@@ -252,27 +252,34 @@ def linear_cross_entropy(
     linear_bias: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     reduction: str = "mean",
-    ignore_index: Optional[int] = -100,
+    ignore_index: Optional[int] = None,
     label_smoothing: float = 0.0,
+    options=None,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
-    validate: bool = True,
+    validate: Union[bool, str] = True,
     return_lse: bool = False,
     chunk_size: Optional[int] = None,
-    options=None,
+    vocab_chunk_size: Optional[int] = None,
+    walk: Optional[str] = None,
 ):
     """Drop-in for torch.nn.functional.linear_cross_entropy (PyTorch 2.13), also on older PyTorch:
-    cross_entropy(input @ linear_weight.T + linear_bias, target, …) for input (…, H),
-    linear_weight (V, H), linear_bias (V), with gradients for all three, computed in chunks of
-    rows so that the (…, V) logits never exist at once (see fastce/linear.py).
+    cross_entropy(linear(input, linear_weight, linear_bias), target, …) for input (…, H) and
+    linear_weight (C, H), or input (N, H) and linear_weight (C, d1, …, dk, H), torch's K-dimensional
+    loss over logits (N, C, d1, …, dk); linear_bias shaped like linear_weight without H. Gradients
+    for input, linear_weight and linear_bias; the logits are never all in memory at once (see
+    fastce/linear.py for the walks, their rule and their memory).
 
-    target: class indices of shape (…) or probabilities of shape (…, V). 'none' returns the loss
-    shaped (…). ignore_index=None means -100, as in torch.
+    target: class indices shaped like the logits without C, or probabilities shaped like the logits.
+    'none' returns the loss shaped like the target's class indices would be. ignore_index=None
+    means -100, and may not be given with probabilities, as in torch.
     Args beyond torch's: z_loss, softcap, validate and return_lse as in fastce.cross_entropy;
-    chunk_size: rows per chunk (default: fastce's rule in fastce/linear.py: N/32 rows, more on wide
-        heads, up to 2048 rows while the chunk's logits take no more bytes than a bf16 W).
+    chunk_size: rows per chunk of the token walk (default: fastce/linear.py's rule, N/16);
+    vocab_chunk_size: classes per slice of the vocabulary walk (default V/16);
+    walk: "vocab" or "tokens", how ∂W is made (default: the rule in fastce/linear.py: "vocab" for
+        bf16/fp16 language-model heads, "tokens" for fp32 and K-dimensional heads).
     options: torch's LinearCrossEntropyOptions, accepted for drop-in use and ignored (fastce
-    always chunks, by the rule above).
+    always walks in chunks, by the rules above).
     A DTensor `linear_weight` sharded on dim 0 (a column-parallel head) runs fastce.distributed's
     vocabulary-parallel form on its mesh and returns a DTensor.
     """
@@ -282,24 +289,31 @@ def linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=-100 if ignore_index is None else ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, validate=validate, return_lse=return_lse, chunk_size=chunk_size)
-    ignore_index = -100 if ignore_index is None else ignore_index
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
     n_classes = check_linear(input, linear_weight, linear_bias, target, ignore_index)
+    ignore_index = -100 if ignore_index is None else ignore_index
     check_class_factor(weight, n_classes, input, "weight")
     _check_not_differentiable(weight, "weight")
     _check_z_loss_softcap(z_loss, softcap)
-    if chunk_size is not None and chunk_size < 1:
-        raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    if _runs_reference(input, target, n_classes, ignore_index, validation_mode(validate, input.device)):
+    for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if size is not None and size < 1:
+            raise InvalidArgumentError(f"{name} must be a positive number, got {size}")
+    if walk not in (None, "vocab", "tokens"):
+        raise InvalidArgumentError(f"walk must be None, 'vocab' or 'tokens', got {walk!r}")
+    if walk == "vocab" and linear_weight.dim() > 2:
+        raise InvalidArgumentError("walk='vocab' slices a contiguous class dimension: a K-dimensional "
+                                   "linear_weight takes walk='tokens'")
+    validate = validation_mode(validate, input.device)
+    if _runs_reference(input, target, n_classes, ignore_index, validate):
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
             return_lse=return_lse)
     from . import linear
     spec = _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    loss, lse = linear.run(input, linear_weight, linear_bias, target, weight, spec, chunk_rows=chunk_size,
-                           validate=validate)
+    loss, lse = linear.run(input, linear_weight, linear_bias, target, weight, spec, walk=walk,
+                           chunk_rows=chunk_size, slice_classes=vocab_chunk_size, validate=validate)
     return (loss, lse) if return_lse else loss
 
 

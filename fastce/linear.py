@@ -74,7 +74,6 @@ import triton
 from torch import Tensor
 
 from . import ops
-from ._validation import check_target_range
 from .autograd import reduce_rows
 from .kernels.linear_cross_entropy import (
     linear_accumulate_kernel,
@@ -393,14 +392,12 @@ def grads_made_in_forward(plan: Plan, reduction: str, grads: _GradsNeeded) -> _G
     return grads
 
 
-def forward(head: _Head, spec: LossSpec, plan: Plan, *, grads: _GradsNeeded, validate: bool):
+def forward(head: _Head, spec: LossSpec, plan: Plan, *, grads: _GradsNeeded, validate: str):
     """Per-row loss and lse, the mean's divisors, and the gradients `grads` for an upstream gradient
-    of 1. Validation of class indices (one host sync) happens here, before any kernel."""
+    of 1. Class indices are validated here, before any GEMM, as `validate` says (fastce._validation)."""
     n_classes = head.weight.shape[0] // plan.positions
-    if validate and not head.target.is_floating_point():
-        check_target_range(head.target, n_classes, spec.ignore_index)
     placeholder = head.input.new_empty(()).expand(head.n_rows, n_classes, plan.positions)
-    divisors = ops.mean_divisors(placeholder, head.target, head.class_weight, spec)
+    divisors = ops.statistics(placeholder, head.target, head.class_weight, spec, validate)[:2]
     loss_rows, lse, made = token_walk(head, spec, divisors, plan, grads=grads)
     return loss_rows, lse, divisors, made
 
@@ -438,7 +435,7 @@ def linear_cross_entropy_forward_op(
     input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
     gamma: float, focal: bool, walk: str, chunk_rows: int, slice_classes: int, positions: int,
-    input_grad: bool, weight_grad: bool, bias_grad: bool, validate: bool,
+    input_grad: bool, weight_grad: bool, bias_grad: bool, validate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = LossSpec(ignore_index, reduction, label_smoothing, z_loss, softcap, gamma, focal)
     loss_rows, lse, divisors, made = forward(
@@ -485,7 +482,7 @@ def _(input, linear_weight, linear_bias, target, weight, divisors, lse, grad_out
     return _fake_grads(input, linear_weight, linear_bias, (input_grad, weight_grad, bias_grad))
 
 
-def _forward_op(head: _Head, spec: LossSpec, plan: Plan, *, grads: _GradsNeeded, validate: bool):
+def _forward_op(head: _Head, spec: LossSpec, plan: Plan, *, grads: _GradsNeeded, validate: str):
     if torch.compiler.is_compiling():
         loss_rows, lse, divisors, *made = torch.ops.fastce.linear_cross_entropy_forward(
             *head, *spec, *plan, *grads, validate)
@@ -517,7 +514,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                weight: Optional[Tensor], spec: LossSpec, plan: Plan, validate: bool):
+                weight: Optional[Tensor], spec: LossSpec, plan: Plan, validate: str):
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.plan = spec, plan
         ctx.grads_needed = tuple(ctx.needs_input_grad[:3])
@@ -553,8 +550,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def run(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
         weight: Optional[Tensor], spec: LossSpec, *, walk: Optional[str], chunk_rows: Optional[int],
-        slice_classes: Optional[int], validate: bool):
-    """(loss, lse) for already-validated arguments: input (…, H) with linear_weight (V, H), or input
+        slice_classes: Optional[int], validate: str):
+    """(loss, lse) for already-checked arguments (`validate`: the class-index check's mode): input (…, H) with linear_weight (V, H), or input
     (N, H) with linear_weight (V, d1, …, dk, H), the K-dimensional loss over positions (d1, …, dk)."""
     in_features = input.shape[-1]
     out_features = linear_weight.shape[1:-1]

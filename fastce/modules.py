@@ -1,13 +1,14 @@
 """nn.Module front-ends: configuration only, the work is in fastce.functional."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._validation import InvalidArgumentError, check_label_smoothing
+from ._validation import InvalidArgumentError
 
 
 def _options_set(module) -> list[str]:
@@ -71,37 +72,47 @@ class FocalLoss(nn.Module):
 
 class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
     """Drop-in for torch.nn.LinearCrossEntropyLoss (PyTorch 2.13), also on older PyTorch: owns
-    `linear` = nn.Linear(in_features, num_classes, bias) and computes cross_entropy(linear(input),
-    target) by fastce.linear_cross_entropy, without the logits. Same state_dict keys as torch's
-    (`linear.weight`, `linear.bias`, and the class `weight` as a buffer, as _WeightedLoss keeps it),
-    plus the options z_loss and softcap. `options` (torch's chunking options) is accepted and ignored.
+    `linear` = nn.Linear(in_features, num_classes·prod(out_features), bias) and computes
+    cross_entropy(linear(input), target) by fastce.linear_cross_entropy, without the logits. As
+    torch's: the same arguments (out_features = (d1, …, dk) gives the K-dimensional loss over
+    logits (N, C, d1, …, dk), with linear's weight and bias stored flat and reshaped in forward),
+    attributes and state_dict keys (`linear.weight`, `linear.bias`, and the class `weight` as a
+    buffer, as _WeightedLoss keeps it), plus the options z_loss, softcap and validate. `options` (torch's
+    chunking options) is accepted and ignored.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False, device=None, dtype=None,
-                 reduction: str = "mean", weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
-                 options=None) -> None:
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, validate: Union[bool, str] = True) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise InvalidArgumentError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
-        check_label_smoothing(label_smoothing)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise InvalidArgumentError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
         super().__init__(weight, reduction=reduction)
         self.num_classes = num_classes
+        self.out_features = tuple(out_features)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.options = options
         self.z_loss = z_loss
         self.softcap = softcap
-        self.options = options
-        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.validate = validate  # as fastce.linear_cross_entropy's
+        self.linear = nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                device=device, dtype=dtype)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,
-                                      weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
-                                      label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
+        head_shape = (self.num_classes, *self.out_features)
+        linear_bias = None if self.linear.bias is None else self.linear.bias.reshape(head_shape)
+        return F.linear_cross_entropy(input, self.linear.weight.reshape(*head_shape, self.linear.in_features), target,
+                                      linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
+                                      ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                      z_loss=self.z_loss, softcap=self.softcap, validate=self.validate)
 
     def extra_repr(self) -> str:
         extras = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
-                  f"bias={self.linear.bias is not None}", f"reduction={self.reduction!r}",
-                  f"ignore_index={self.ignore_index}"]
+                  f"out_features={self.out_features}", f"bias={self.linear.bias is not None}",
+                  f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
         return ", ".join(extras + _options_set(self))
 
 

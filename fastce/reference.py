@@ -178,16 +178,22 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     return_lse: bool = False,
 ):
-    """cross_entropy(input @ linear_weight.T + linear_bias) with every logit materialised, for input
-    (…, H) and class indices (…) or probabilities (…, V); per-row outputs are shaped (…)."""
-    n_classes, row_shape = linear_weight.shape[0], input.shape[:-1]
-    logits = torch.nn.functional.linear(input, linear_weight, linear_bias).reshape(-1, n_classes)
-    rows_target = target.reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
+    """cross_entropy(linear(input, linear_weight, linear_bias)) with every logit materialised, for
+    input (…, H) and linear_weight (C, H), or input (N, H) and linear_weight (C, d1, …, dk, H) (the
+    K-dimensional loss over logits (N, C, d1, …, dk)); per-row outputs are shaped like the target's
+    class indices."""
+    n_classes, out_features, in_features = linear_weight.shape[0], linear_weight.shape[1:-1], input.shape[-1]
+    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, in_features),
+                                        None if linear_bias is None else linear_bias.reshape(-1))
+    loss_shape = input.shape[:-1] + out_features
+    logits = logits.reshape(-1, n_classes, *out_features)
+    is_probabilities = target.shape == input.shape[:-1] + linear_weight.shape[:-1]
+    rows_target = target.reshape(logits.shape) if is_probabilities else target.reshape(logits.shape[:1] + out_features)
     loss, lse = cross_entropy(logits, rows_target, weight, ignore_index, reduction, label_smoothing,
                               z_loss=z_loss, softcap=softcap, return_lse=True)
     if reduction == "none":
-        loss = loss.reshape(row_shape)
-    return (loss, lse.reshape(row_shape)) if return_lse else loss
+        loss = loss.reshape(loss_shape)
+    return (loss, lse.reshape(loss_shape)) if return_lse else loss
 
 
 # ---------------------------------------------------------------------------------------------
