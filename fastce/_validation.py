@@ -163,15 +163,15 @@ def logits_placeholder(like: Tensor, n_rows: int, n_classes: int) -> Tensor:
 
 
 def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                 ignore_index: Optional[int]) -> int:
-    """Shapes, dtypes and devices of linear_cross_entropy's arguments (no device sync); returns C.
+                 ignore_index: Optional[int], *, torch_rules: bool = False) -> int:
+    """Shapes, dtypes and devices of a linear head's arguments (no device sync); returns C.
 
-    As torch 2.13's F.linear_cross_entropy, with its messages: linear_weight (C, H), or (C, d1, …,
-    dk, H) for the K-dimensional loss with input (N, H); linear_bias shaped like linear_weight
-    without H; target class indices or, when shaped like the logits (…, C, d1, …, dk),
-    probabilities; ignore_index (None means -100) not given with probabilities. Beyond torch,
-    a 2-D linear_weight takes any input (…, H) (torch: 1 or 2 dimensions). All of one floating
-    dtype and device.
+    As torch 2.13's F.linear_cross_entropy, with its messages: linear_weight (C, H); linear_bias
+    (C); target class indices or, when shaped like the logits (…, C), probabilities. With
+    torch_rules (fastce.linear_cross_entropy) also its K-dimensional loss, linear_weight
+    (C, d1, …, dk, H) with input (N, H) and linear_bias (C, d1, …, dk), and its refusal of an
+    ignore_index given (not None) with probabilities. Beyond torch, a 2-D linear_weight takes any
+    input (…, H) (torch: 1 or 2 dimensions). All of one floating dtype and device.
     """
     for name, t in (("input", input), ("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is None:
@@ -184,8 +184,9 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Ten
             raise InvalidArgumentError(
                 f"{name} is {t.dtype} on {t.device} but input is {input.dtype} on {input.device}: "
                 "the linear layer needs one dtype and one device")
-    if linear_weight.dim() < 2:
-        raise InvalidArgumentError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    if linear_weight.dim() < 2 or (linear_weight.dim() > 2 and not torch_rules):
+        expected = "at least 2" if torch_rules else "2 (num_classes, in_features)"
+        raise InvalidArgumentError(f"expected linear_weight with dimensionality {expected}, got {linear_weight.dim()}")
     out_features = tuple(linear_weight.shape[1:-1])
     if input.dim() == 0 or (out_features and input.dim() > 2):
         raise InvalidArgumentError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
@@ -207,7 +208,7 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Ten
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
     logits_shape = input.shape[:-1] + (n_classes, *out_features)
-    if target.shape == logits_shape and ignore_index is not None:
+    if torch_rules and target.shape == logits_shape and ignore_index is not None:
         raise InvalidArgumentError("ignore_index cannot be specified when target contains probabilities")
     # the logits torch's cross_entropy would see: (N, C, d1, …, dk), with (…) flattened to N
     n_rows = input.shape[:-1].numel()

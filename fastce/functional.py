@@ -291,7 +291,7 @@ def linear_cross_entropy(
             z_loss=z_loss, softcap=softcap, validate=validate, return_lse=return_lse, chunk_size=chunk_size)
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
-    n_classes = check_linear(input, linear_weight, linear_bias, target, ignore_index)
+    n_classes = check_linear(input, linear_weight, linear_bias, target, ignore_index, torch_rules=True)
     ignore_index = -100 if ignore_index is None else ignore_index
     check_class_factor(weight, n_classes, input, "weight")
     _check_not_differentiable(weight, "weight")

@@ -231,18 +231,18 @@ def _column_sums(grad: Tensor, ones: Tensor, out: Optional[Tensor] = None) -> Te
     return sums.squeeze(0)
 
 
-class _TokenGradients:
-    """∂W = Σ_chunks gradᵀ·input and ∂b = Σ_chunks Σ_rows grad, summed in fp32 across chunks (fp64
-    for fp64 inputs). A single chunk is one GEMM straight into ∂W (rounded once)."""
+class _HeadGradients:
+    """∂W = Σ_chunks gradᵀ·input and ∂b = Σ_chunks Σ_rows grad of a token walk, summed in fp32 across
+    chunks (fp64 for fp64 inputs). A single chunk is one GEMM straight into ∂W (rounded once).
+    (fastce.distributed's column-parallel head sums its chunks with it too.)"""
 
-    def __init__(self, head: _Head, need_weight: bool, need_bias: bool, plan: Plan):
-        weight = head.weight
+    def __init__(self, weight: Tensor, need_weight: bool, need_bias: bool, n_chunks: int, chunk_rows: int):
         self.dtype = weight.dtype
         self.acc_dtype = ops.compute_dtype(self.dtype)
-        self.single_chunk = head.n_rows <= plan.chunk_rows
+        self.single_chunk = n_chunks <= 1
         self.need_weight, self.need_bias = need_weight, need_bias
         self.weight = self.bias = self.weight_scratch = None
-        self.ones = _ones_row(head.input, plan.chunk_rows) if need_bias else None
+        self.ones = _ones_row(weight, chunk_rows) if need_bias else None
         if self.single_chunk:
             return
         if need_weight:
@@ -251,7 +251,7 @@ class _TokenGradients:
                 # GEMMs write the input dtype: each chunk's product lands in this scratch, a few
                 # rows of W at a time, then is added in fp32
                 self.weight_scratch = weight.new_empty(
-                    _scratch_rows(plan.chunk_rows, weight.shape[0], weight.shape[1]), weight.shape[1])
+                    _scratch_rows(chunk_rows, weight.shape[0], weight.shape[1]), weight.shape[1])
         if need_bias:
             self.bias = weight.new_zeros(weight.shape[0], dtype=self.acc_dtype)
 
@@ -291,7 +291,7 @@ def token_walk(head: _Head, spec: LossSpec, divisors: Tensor, plan: Plan, *, gra
     loss_rows, lse = out
     buffer = head.input.new_empty(min(plan.chunk_rows, n_rows), head.weight.shape[0])
     grad_input = torch.empty_like(head.input) if need_input else None
-    head_grads = _TokenGradients(head, need_weight, need_bias, plan)
+    head_grads = _HeadGradients(head.weight, need_weight, need_bias, -(-n_rows // plan.chunk_rows), plan.chunk_rows)
     for start in range(0, max(n_rows, 1), plan.chunk_rows):  # an empty batch is one empty chunk
         rows = slice(start, min(start + plan.chunk_rows, n_rows))
         loss_rows_of = slice(rows.start * positions, rows.stop * positions)

@@ -5,7 +5,6 @@ flops and host syncs counted eagerly and under torch.compile; torch.compile; and
 compatibility with PyTorch 2.13's F.linear_cross_entropy / nn.LinearCrossEntropyLoss, down to
 torch's own OpInfo and ModuleInfo samples.
 """
-import contextlib
 import math
 
 import pytest
@@ -228,14 +227,13 @@ def test_size_rule():
     assert huge.slice_classes * 2**20 * 2 <= linear.MAX_CHUNK_BYTES
 
 
-@contextlib.contextmanager
-def _kernels_write_nothing(monkeypatch):
+@pytest.fixture
+def kernels_write_nothing(monkeypatch):
     """Triton launches become no-ops. The kernels allocate nothing (their launchers do, in torch),
     so a step's allocations and GEMMs stay what they are, at shapes where the interpreter would
     take minutes; what the kernels compute is tested at small shapes."""
     from triton.runtime.interpreter import GridExecutor
     monkeypatch.setattr(GridExecutor, "__call__", lambda self, *args, **kwargs: None)
-    yield
 
 
 def _training_step(n_rows, hidden, n_classes, dtype, compiled, **kwargs):
@@ -278,13 +276,12 @@ HELD_OUT = dict(n_rows=2048, hidden=256, n_classes=8192)       # the same 2H/V �
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_memory_flops_and_syncs_at_the_llama_ratio(dtype, compiled, monkeypatch):
+def test_memory_flops_and_syncs_at_the_llama_ratio(dtype, compiled, kernels_write_nothing):
     # N=2048, H=256, V=8192 (2H/V = 6.25%, as Llama-3-8B's 2·4096/128256): beyond the inputs and
     # gradients a training step holds at most 10% of the logits' bytes (the rule: 6.25%), runs
     # GEMMs of at most 4/3 of 6NHV flops and no host sync (validate=False). Compiled = eager.
     n_rows, hidden, n_classes = HELD_OUT.values()
-    with _kernels_write_nothing(monkeypatch):
-        extra, counted, logits_bytes = _training_step(n_rows, hidden, n_classes, dtype, compiled)
+    extra, counted, logits_bytes = _training_step(n_rows, hidden, n_classes, dtype, compiled)
     plan = linear.make_plan(n_rows, n_classes, hidden, dtype)
     assert extra <= linear.working_memory_bytes(n_rows, n_classes, hidden, dtype, plan) + SCALARS
     assert linear.working_memory_bytes(n_rows, n_classes, hidden, dtype, plan) <= 0.10 * logits_bytes
@@ -577,42 +574,33 @@ def _assert_matches(actual, expected, dtype, what, torch_in_dtype):
         assert error <= bound, f"{what}: {name} off by {error:.2e} of max ({dtype}; bound {bound:.1e})"
 
 
-@contextlib.contextmanager
-def _path(path, monkeypatch):
-    """'kernels' (the interpreter) or 'reference' (CPU without it: fastce.reference)."""
-    if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    yield
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _torch_opinfo():
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it
+    from torch.testing._internal.common_methods_invocations import op_db
+    return next(op for op in op_db if op.name == "nn.functional.linear_cross_entropy" and not op.variant_test_name)
 
 
 @needs_torch_linear_ce
-@pytest.mark.parametrize("path", ["kernels", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_torch_opinfo_samples(dtype, path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_torch_opinfo_samples(device, path, dtype):
     # every sample torch's own test suite runs for F.linear_cross_entropy (2-D and K-dimensional
-    # heads, class indices and probabilities, weights, bias, ignore_index, each reduction), with
-    # torch's answer in float64 as the oracle
-    from torch.testing._internal.common_methods_invocations import op_db
-    op_info = next(op for op in op_db if op.name == "nn.functional.linear_cross_entropy" and not op.variant_test_name)
-    samples = list(op_info.sample_inputs("cpu", dtype, requires_grad=True))
+    # heads, class indices and probabilities, weights, bias, ignore_index, each reduction), on the
+    # kernels and on the pure-PyTorch path, with torch's answer in float64 as the oracle
+    samples = list(_torch_opinfo().sample_inputs(device, dtype, requires_grad=True))
     assert len(samples) > 100
-    with _path(path, monkeypatch):
-        for i, sample in enumerate(samples):
-            args = (sample.input, *sample.args)
-            wrt = [0, 1] + (["linear_bias"] if "linear_bias" in sample.kwargs else [])
-            wrt += [2] if args[2].requires_grad else []
-            expected = _torch_answer(F.linear_cross_entropy, args, sample.kwargs, wrt)
-            actual = _run_sample(fastce.linear_cross_entropy, args, sample.kwargs, wrt, expected[2])
-            theirs = _run_sample(F.linear_cross_entropy, args, sample.kwargs, wrt, expected[2])
-            _assert_matches(actual, expected, dtype, f"sample {i}: {sample}", theirs)
+    for i, sample in enumerate(samples):
+        args = (sample.input, *sample.args)
+        wrt = [0, 1] + (["linear_bias"] if "linear_bias" in sample.kwargs else [])
+        wrt += [2] if args[2].requires_grad else []
+        expected = _torch_answer(F.linear_cross_entropy, args, sample.kwargs, wrt)
+        actual = _run_sample(fastce.linear_cross_entropy, args, sample.kwargs, wrt, expected[2])
+        theirs = _run_sample(F.linear_cross_entropy, args, sample.kwargs, wrt, expected[2])
+        _assert_matches(actual, expected, dtype, f"sample {i}: {sample}", theirs)
 
 
 @needs_torch_linear_ce
 def test_torch_opinfo_error_inputs():
-    from torch.testing._internal.common_methods_invocations import op_db
-    op_info = next(op for op in op_db if op.name == "nn.functional.linear_cross_entropy" and not op.variant_test_name)
-    for error_input in op_info.error_inputs("cpu"):
+    for error_input in _torch_opinfo().error_inputs("cpu"):
         sample = error_input.sample_input
         if sample.input.dim() > 2 and sample.args[0].dim() == 2:
             # fastce's one extension: a 2-D linear_weight takes input (…, H), as hidden states (B, T, H)
@@ -625,33 +613,32 @@ def test_torch_opinfo_error_inputs():
 
 
 @needs_torch_linear_ce
-@pytest.mark.parametrize("path", ["kernels", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_moduleinfo_samples(dtype, path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_moduleinfo_samples(device, path, dtype):
     # torch's ModuleInfo samples for nn.LinearCrossEntropyLoss: fastce's module built with the same
     # arguments (out_features, ignore_index None or out of range, smoothing, weights, bias, options)
     # and loaded with the torch module's state_dict gives torch's float64 answer
+    pytest.importorskip("expecttest")
     from torch.testing._internal.common_modules import module_db
     module_info = next(m for m in module_db if m.module_cls is torch.nn.LinearCrossEntropyLoss)
-    samples = module_info.module_inputs_func(module_info, device="cpu", dtype=dtype, requires_grad=True,
+    samples = module_info.module_inputs_func(module_info, device=device, dtype=dtype, requires_grad=True,
                                              training=True)
     assert len(samples) > 500
-    with _path(path, monkeypatch):
-        # a spread eighth of them (a sixteenth on the reference path), another one per dtype
-        stride = 16 if path == "reference" else 8
-        for i, sample in enumerate(samples[(dtype == torch.bfloat16) * stride // 2::stride]):
-            kwargs = dict(sample.constructor_input.kwargs)
-            ours = fastce.LinearCrossEntropyLoss(*sample.constructor_input.args, **kwargs)
-            theirs = torch.nn.LinearCrossEntropyLoss(*sample.constructor_input.args, **dict(
-                kwargs, options=None, dtype=torch.float64, weight=_as64(kwargs.get("weight"))))
-            theirs_in_dtype = torch.nn.LinearCrossEntropyLoss(*sample.constructor_input.args, **kwargs)
-            theirs_in_dtype.load_state_dict(ours.state_dict())
-            theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-            input, target = sample.forward_input.args
-            expected = _module_answer(theirs, input.double(), _as64(target))
-            actual = _module_answer(ours, input, target, expected[2])
-            _assert_matches(actual, expected, dtype, f"sample {i}: {sample.constructor_input}",
-                            _module_answer(theirs_in_dtype, input, target, expected[2]))
+    # a spread eighth of them (a sixteenth on the reference path), another one per dtype
+    stride = 16 if path == "reference" else 8
+    for i, sample in enumerate(samples[(dtype == torch.bfloat16) * stride // 2::stride]):
+        kwargs = dict(sample.constructor_input.kwargs)
+        ours = fastce.LinearCrossEntropyLoss(*sample.constructor_input.args, **kwargs)
+        theirs = torch.nn.LinearCrossEntropyLoss(*sample.constructor_input.args, **dict(
+            kwargs, options=None, dtype=torch.float64, weight=_as64(kwargs.get("weight"))))
+        theirs_in_dtype = torch.nn.LinearCrossEntropyLoss(*sample.constructor_input.args, **kwargs)
+        theirs_in_dtype.load_state_dict(ours.state_dict())
+        theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+        input, target = sample.forward_input.args
+        expected = _module_answer(theirs, input.double(), _as64(target))
+        actual = _module_answer(ours, input, target, expected[2])
+        _assert_matches(actual, expected, dtype, f"sample {i}: {sample.constructor_input}",
+                        _module_answer(theirs_in_dtype, input, target, expected[2]))
 
 
 def _module_answer(module, input, target, grad_output=None):

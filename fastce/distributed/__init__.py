@@ -262,8 +262,7 @@ def linear_cross_entropy(
         # every rank must cut the rows alike (each chunk is two all-reduces): only numbers all ranks share,
         # the widest slice of V when V is known, else no cap on the chunk's bytes
         widest = -(-part.vocab_size // world_size) if part.vocab_size else 1
-        chunk_rows = chunk_size or default_chunk_rows(rows_input.shape[0], widest, rows_input.shape[1],
-                                                      rows_input.element_size())
+        chunk_rows = chunk_size or default_chunk_rows(rows_input.shape[0], widest, rows_input.element_size())
         loss = VocabParallelLinearCrossEntropyFunction.apply(rows_input, linear_weight, linear_bias, rows_target,
                                                              weight, spec, part, divisors, chunk_rows, loss_dtype)
     return loss.reshape(row_shape) if reduction == "none" else loss
