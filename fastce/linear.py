@@ -16,11 +16,13 @@ fused kernels (no gradient ever summed across pieces in bf16):
     (kernels/linear_cross_entropy.py) turns them into their gradient from the forward's per-row
     log-sum-exp, with the upstream gradient folded in, and one GEMM writes that slice of ∂W,
     complete, straight into ∂W (fp32 accumulation inside the GEMM, one rounding); ∂b is the
-    slice's column sum in fp32. No V × H accumulator exists; the price is one logits recompute.
+    slice's column sum, a GEMM with a row of ones (fp32 inside, one rounding). No V × H
+    accumulator exists; the price is one logits recompute.
   - TOKENS (where the token walk's own accumulator is cheap, and for K-dimensional heads): the
     forward's chunks also add ∂W += gradᵀ·input and ∂b += Σ rows into accumulators summed in fp32
     across chunks (fp32/fp64 inputs accumulate in ∂W itself; bf16/fp16 ones in a V × H fp32
-    buffer, each chunk's product passing through a bf16 scratch slice of W's rows).
+    buffer: each chunk's product lands in a bf16 scratch slice of W's rows, which a kernel adds
+    in fp32, kernels/linear_cross_entropy.py).
 
 Walk rule (choose_walk). The token walk's only memory beyond its chunk is its ∂W accumulator:
 none for fp32/fp64 inputs, 4·V·H bytes for bf16/fp16, i.e. 2H/N of the bf16 logits (100% for a
@@ -38,11 +40,14 @@ MAX_CHUNK_BYTES per buffer (past 16 GiB of logits there are more pieces, not lar
 
 Memory (working_memory_bytes, what tests/test_linear_cross_entropy.py counts). Beyond the inputs
 and the gradients, with b the input's element size and a = 4 (8 for fp64):
-    VOCAB:  max(R·V·b, N·S·b) + 2·N·a    (+ N·a of target mass for probability targets, N·b for a bias)
-    TOKENS: R·V·b + [bf16/fp16: 4·V·H + scratch ≤ R·V·b] + 2·N·a    (+ V·b, and 4·V for bf16/fp16, for a bias)
-(2·N·a: the per-row loss and log-sum-exp; a bias's column sums are GEMMs with a row of ones). At the Llama-3-8B head (N = 8192, H = 4096,
-V = 128256, bf16, VOCAB): R = 512, S = 8016, max(131.3, 131.3) MB + 65.5 kB = 6.25% of the
-2.10 GB logits; at N = 2048, H = 256, V = 8192 the same 6.25% (2 MiB of 32 MiB).
+    VOCAB:  max(R·V·b, N·S·b) + 2·N·a   (+ N·a of target mass for probability targets, N·b for a bias)
+    TOKENS: R·V·b + [bf16/fp16: 4·V·H + scratch ≤ R·V·b] + 2·N·a   (+ (R + V)·b, and 4·V in bf16/fp16, for a bias)
+(2·N·a: the per-row loss and log-sum-exp; a bias's column sums are GEMMs with a row of ones).
+At the Llama-3-8B head (N = 8192, H = 4096, V = 128256, bf16, VOCAB): R = 512, S = 8016,
+max(131.3, 131.3) MB + 65.5 kB = 6.25% of the 2.10 GB logits; at N = 2048, H = 256, V = 8192
+the same 6.25% (2 MiB of 32 MiB). Under torch.compile the same with Inductor; aot_eager, which
+does not reuse donated buffers, holds a copy of the forward's unit gradients while it scales them
+(N·H·b of ∂input, and V·H·b of ∂W in the token walk), after the walks' buffers are freed.
 
 Bytes per piece (b-byte elements), beside the GEMMs' operands (W or input read, logits written,
 gradient read back):
@@ -51,18 +56,20 @@ gradient read back):
     vocab slice:  the slice kernel reads and writes N × S: 2·N·S·b, and ∂b's column sum reads it
                   (N·S·b); per-row vectors (lse, targets): ≤ 24·N
 So the bytes outside the GEMMs are 2·b bytes per logit against the GEMMs' 2·H flops per logit per
-GEMM: at H = 1024 bf16 a chunk's kernel moves 1/1024 byte per GEMM flop (~11% of the GEMM
-operands' bytes at R = 512), at H = 4096 a quarter of that. (The old token-only design added a
-16·V·H-byte fp32 read-modify-write of ∂W per chunk: 4× the weight's own GEMM traffic in bf16.)
+GEMM: at H = 1024 in bf16 a chunk's kernel moves 1/1024 byte per flop of its two GEMMs, R/(H + R)
+of their operands' bytes (33% at R = 512, H = 1024; 11% at H = 4096), and a slice's the same with
+S for R. (The token-only design before added a 16·V·H-byte fp32 read-modify-write of ∂W per
+chunk: 4× the weight's own GEMM traffic in bf16.)
 
 Gradient strategy (as fastce/autograd.py): what the forward computes is for an upstream
 gradient of 1 and backward scales it (on the device, in place, nothing moved when it is 1; under
 torch.compile as `unit * grad`, which Inductor writes over the saved buffer: AOTAutograd donates
-it). ∂input is always made by the forward (for 'none' the rows scale by their own upstream
-gradient, as each row of ∂input belongs to one loss row), except for K-dimensional 'none' where
-an input row feeds several loss rows: there, as for the token walk's ∂W under 'none', backward
-recomputes the chunks with the upstream gradient folded in. The vocabulary walk folds it in too.
-A second backward through a retained graph recomputes what the first one handed out.
+it). The vocabulary walk folds the upstream gradient into each slice's gradient; with it, the
+forward makes ∂input for every reduction (for 'none' its rows scale by their own upstream
+gradient: one rounding more in bf16 than folding it in, which would take a second recompute).
+The token walk under 'none' makes nothing in the forward: its ∂W sums rows, so the backward
+recomputes the chunks with the upstream gradient folded in, ∂input included, at the same four
+GEMMs. A second backward through a retained graph recomputes what the first one handed out.
 """
 from __future__ import annotations
 
@@ -83,7 +90,6 @@ from .kernels.linear_cross_entropy import (
 from .ops import LossSpec
 
 TOKENS, VOCAB = "tokens", "vocab"
-WALKS = (TOKENS, VOCAB)
 
 WORKING_MEMORY_FRACTION = 16
 ACCUMULATOR_FRACTION = 32
@@ -174,8 +180,8 @@ def working_memory_bytes(n_rows: int, n_classes: int, in_features: int, dtype: t
     accumulator = accumulator_bytes(total_classes, in_features, dtype)
     if accumulator:
         accumulator += _scratch_rows(plan.chunk_rows, total_classes, in_features) * in_features * element
-    if bias:  # a chunk's column sums, and their fp32 accumulator for bf16/fp16
-        accumulator += total_classes * element + (4 * total_classes if _low_precision(dtype) else 0)
+    if bias:  # a row of ones, a chunk's column sums, and their fp32 accumulator for bf16/fp16
+        accumulator += (plan.chunk_rows + total_classes) * element + (4 * total_classes if _low_precision(dtype) else 0)
     return chunk + accumulator + per_row
 
 
@@ -382,13 +388,12 @@ def vocab_walk(head: _Head, spec: LossSpec, divisors: Tensor, lse: Tensor, plan:
 
 def grads_made_in_forward(plan: Plan, reduction: str, grads: _GradsNeeded) -> _GradsNeeded:
     """Which of the needed gradients the forward computes (for an upstream gradient of 1)."""
-    need_input, need_weight, need_bias = grads
-    if reduction == "none" and plan.positions > 1:
-        return _NO_GRADS  # an input row feeds several loss rows: backward recomputes with their gradients
     if plan.walk == VOCAB:
-        return (need_input, False, False)
+        return (grads[0], False, False)
     if reduction == "none":
-        return (need_input, False, False)  # ∂W sums rows: it needs each row's upstream gradient
+        # ∂W sums rows, so it needs each row's upstream gradient: backward recomputes the chunks with
+        # it folded in, and ∂input comes out of that pass too (rounded once, at no extra GEMM)
+        return _NO_GRADS
     return grads
 
 

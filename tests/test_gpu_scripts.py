@@ -41,3 +41,16 @@ def test_launch_sweep_times_the_rule_beside_its_alternatives(tmp_path):
     assert all("ms" in row for row in kernels), [row for row in kernels if "ms" not in row]
     assert sum(row["rule"] for row in kernels) == len({row["shape"] for row in rows})  # the rule once per shape
     assert {"mean divisor", "validation", "fastce.cross_entropy fwd+bwd"} <= {row["part"] for row in rows}
+
+
+def test_gpu_linear_checks_both_walks_and_steps_every_provider(tmp_path):
+    printed = _run("bench.gpu_linear", tmp_path)
+    results = json.loads((tmp_path / "gpu_linear.json").read_text())
+    checks = results["checks"]
+    assert {(c["walk"], c["reduction"], c["compiled"]) for c in checks} >= {("vocab", "mean", True), ("tokens", "none", True)}
+    assert all(c["grad_weight"] < 2e-2 and c["grad_input"] < 2e-2 for c in checks), checks
+    (cells,) = results["steps"].values()
+    assert {"fastce", "fastce compiled", "F.linear + F.cross_entropy"} <= set(cells)
+    assert all("ms" in cell for cell in cells.values()), cells
+    assert abs(results["losses"]["fastce"][0] - results["losses"]["fastce"][1]) < 0.05
+    assert "Training step" in printed
