@@ -7,11 +7,13 @@ materialising them costs), and the GEMM flops as a multiple of the 6·N·H·V a 
 * fastce.linear_cross_entropy, eager and compiled (torch.compile, Inductor);
 * torch 2.13's F.linear_cross_entropy with its default options=None (the logits materialised)
   and with LinearCrossEntropyOptions() (its chunked path);
-* Liger-Kernel's LigerFusedLinearCrossEntropyLoss. On CPU tensors Liger takes its CPU code path,
-  and nothing switches it to the CUDA one: each chunk's logits come from `@` (a fresh buffer,
-  not one reused buffer) and each chunk's ∂W product is added to the bf16 ∂W through an fp32
-  temporary the size of W; on CUDA it writes the logits into one buffer and adds ∂W in place, in
-  bf16. Its peak here is its CPU path's.
+* Liger-Kernel's LigerFusedLinearCrossEntropyLoss, twice. On CPU tensors it takes its CPU code
+  path: each chunk's logits come from `@` (a fresh buffer, not one reused buffer) and each chunk's
+  ∂W product is added to the bf16 ∂W through a temporary the size of W. "liger (CUDA branches)"
+  runs its CUDA code path on the same tensors: its three device tests (`device.type == "cuda"`,
+  compute capability ≥ 8) are rewritten to true in a copy of its own source for the measurement
+  (liger_cuda_branches), so it writes each chunk's logits into one buffer and adds ∂W in place, in
+  bf16, as it does on an H100.
 
 Counted by fastce.profiling.count_allocations (the CPU allocator, so also inside custom ops and
 compiled graphs). The Triton kernels (fastce's and Liger's) are launched as no-ops: a kernel
@@ -19,7 +21,8 @@ allocates nothing (its launcher does, in torch), and the interpreter would take 
 shapes; what the kernels compute is tested at small shapes (tests/test_linear_cross_entropy.py).
 
 Then the loss of each at N = 1024, H = 64, V = 32000 in bf16, computed for real (forward only),
-against float64: torch's chunked path sums the loss in bf16.
+against float64 (torch's chunked path sums the loss in bf16), and the error of ∂W in bf16 at a small
+shape with many chunks (Liger's CUDA path sums ∂W across chunks in bf16).
 
 Writes bench/results/cpu-interpreter/linear_memory.md (or --out).
 """
@@ -41,11 +44,15 @@ import fastce  # noqa: E402
 from fastce import linear  # noqa: E402
 from fastce.profiling import count_allocations  # noqa: E402
 
+from .providers import liger_cuda_branches  # noqa: E402
+
 # (N, H, V): the Llama-3-8B ratio 2H/V ≈ 6% at a size the CPU can count, and the two shapes the
 # issue measured the old design at (25% and 100% of the logits in bf16)
 SHAPES = ((2048, 256, 8192), (4096, 256, 32000), (1024, 256, 32000))
 LLAMA_3_8B = (8192, 4096, 128256)
 LOSS_CHECK = (1024, 64, 32000)
+# small enough for the interpreter; Liger cuts it into 32 chunks of 32 rows, fastce into 16
+GRADIENT_CHECK = (1024, 64, 2048)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 OUT = Path(__file__).resolve().parent / "results" / "cpu-interpreter" / "linear_memory.md"
 
@@ -61,6 +68,7 @@ def providers() -> Dict[str, Optional[Loss]]:
         "fastce": fastce_eager,
         "fastce compiled": torch.compile(fastce_eager, fullgraph=True),
         "torch (options=None)": None, "torch chunked": None, "liger (CPU path)": None,
+        "liger (CUDA branches)": None,
     }
     if hasattr(F, "linear_cross_entropy"):
         found["torch (options=None)"] = F.linear_cross_entropy
@@ -70,6 +78,11 @@ def providers() -> Dict[str, Optional[Loss]]:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss()
         found["liger (CPU path)"] = lambda x, w, t: liger(w, x, t)  # weight first
+
+        def liger_cuda(x, w, t):
+            with liger_cuda_branches():
+                return liger(w, x, t)
+        found["liger (CUDA branches)"] = liger_cuda
     return found
 
 
@@ -113,7 +126,22 @@ def loss_errors(n_rows: int, hidden: int, n_classes: int) -> Dict[str, Tuple[flo
             for name, loss in providers().items() if loss is not None and name != "fastce compiled"}
 
 
-def table(shapes=SHAPES, dtypes=DTYPES, loss_check=LOSS_CHECK) -> str:
+def weight_gradient_errors(n_rows: int, hidden: int, n_classes: int) -> Dict[str, float]:
+    """name -> max |∂W − ∂W_float64| / max |∂W_float64| of a bf16 training step, the kernels computing."""
+    x, w, target = _inputs(n_rows, hidden, n_classes, torch.bfloat16)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.cross_entropy(F.linear(x64, w64), target).backward()
+    errors = {}
+    for name, loss in providers().items():
+        if loss is None or name == "fastce compiled":
+            continue
+        w.grad = None
+        loss(x, w, target).backward()
+        errors[name] = ((w.grad.double() - w64.grad).abs().max() / w64.grad.abs().max()).item()
+    return errors
+
+
+def table(shapes=SHAPES, dtypes=DTYPES, loss_check=LOSS_CHECK, gradient_check=GRADIENT_CHECK) -> str:
     """The report, in markdown."""
     found = providers()
     names = list(found)
@@ -144,6 +172,11 @@ def table(shapes=SHAPES, dtypes=DTYPES, loss_check=LOSS_CHECK) -> str:
                   "|---|---|---|---|"]
         for name, (value, exact) in loss_errors(*loss_check).items():
             lines.append(f"| {name} | {value:.4f} | {exact:.4f} | {abs(value - exact) / exact:.1e} |")
+    if gradient_check:
+        lines += ["", f"∂W of a training step at N = {gradient_check[0]}, H = {gradient_check[1]}, "
+                  f"V = {gradient_check[2]}, bf16 inputs (computed), against float64 (max error / max |∂W|):", "",
+                  "| provider | ∂W error |", "|---|---|"]
+        lines += [f"| {name} | {error:.1e} |" for name, error in weight_gradient_errors(*gradient_check).items()]
     return "\n".join(lines) + "\n"
 
 

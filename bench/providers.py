@@ -7,9 +7,10 @@ raises ``NotRun`` from ``load()``; one that lacks an operation or a reduction ra
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
@@ -235,12 +236,50 @@ def _trainer_token_ops():
 
 # ---- peers -------------------------------------------------------------------------------------
 
+# Liger-Kernel 0.8.5's device tests that choose its CUDA code path, and what makes each true
+_LIGER_CUDA_TESTS = {
+    "_can_use_mm_out": (('_input.device.type != "cuda"', "False"),),
+    "fused_linear_cross_entropy_forward": (('grad_weight.device.type == "cuda"', "True"),
+                                           ("torch.cuda.get_device_capability(grad_weight.device)[0] >= 8",
+                                            "True")),
+}
+
+
+@contextlib.contextmanager
+def liger_cuda_branches() -> Iterator[None]:
+    """Liger's linear cross-entropy takes its CUDA branches on CPU tensors: its functions are
+    recompiled from their own source with the device tests made true, then restored. A Liger
+    release whose source no longer holds these tests fails here, not silently."""
+    import inspect
+
+    import liger_kernel.ops.fused_linear_cross_entropy as module
+    saved = {name: getattr(module, name) for name in _LIGER_CUDA_TESTS}
+    try:
+        for name, tests in _LIGER_CUDA_TESTS.items():
+            source = inspect.getsource(saved[name])
+            for test, forced in tests:
+                if test not in source:
+                    raise RuntimeError(f"liger-kernel's {name} no longer tests `{test}`: update "
+                                       "bench.linear_memory's _LIGER_CUDA_TESTS")
+                source = source.replace(test, forced)
+            exec(compile(source, module.__file__, "exec"), module.__dict__)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(module, name, function)
+
+
 def _liger_ops():
     liger = _require("liger_kernel.transformers", "pip install liger-kernel")
 
     def linear_cross_entropy(case):
         module = liger.LigerFusedLinearCrossEntropyLoss(reduction=case.reduction)
-        return lambda x: module(x["weight"], x["hidden"], x["target"])  # weight comes first
+
+        def loss(x):  # on CPU tensors, through the CUDA branches GPU users run
+            on_cpu = x["hidden"].device.type == "cpu"
+            with liger_cuda_branches() if on_cpu else contextlib.nullcontext():
+                return module(x["weight"], x["hidden"], x["target"])  # weight comes first
+        return loss
 
     def linear_token_logprobs(case):
         # on-policy CISPO with a clip above 1 is the plain policy gradient: −Σ A·log p_y over the mask's
@@ -306,14 +345,14 @@ PROVIDERS = {p.name: p for p in (
     Provider("torch", "PyTorch eager: torch.nn.functional.cross_entropy / linear_cross_entropy (chunked) / "
              "binary_cross_entropy_with_logits / soft_margin_loss; the token operations as RL trainers compute "
              "them (TRL's selective_log_softmax, a sequence at a time, and entropy_from_logits, 128-row chunks)",
-             _torch_native_ops, cpu_blind_ops=("linear_cross_entropy",),
-             cpu_blind_reason="one fused aten operator, whose inner traffic the byte counter cannot see"),
+             _torch_native_ops),
     Provider("torch.compile", "torch.compile of F.cross_entropy, of F.linear + F.cross_entropy, of "
              "F.binary_cross_entropy_with_logits and F.soft_margin_loss, of the reference's focal losses "
              "(torch has none), and of an fp32 log_softmax with its gather and entropy (token operations)",
              _torch_compile_ops,
              cpu_blind_ops=OPS, cpu_blind_reason="compiled kernels are invisible to the byte counter"),
-    Provider("liger", "Liger-Kernel LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss / "
+    Provider("liger", "Liger-Kernel LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss (on CPU "
+             "tensors through its CUDA branches: bench.providers.liger_cuda_branches) / "
              "LigerFusedLinearGRPOLoss (pure PyTorch, run with compiled=False: only its per-token loss "
              "arithmetic would be compiled)", _liger_ops),
     Provider("flash-attn", "flash-attention's Triton cross-entropy", _flash_attn_ops),

@@ -149,3 +149,36 @@ def test_token_operation_peers_compute_the_same_loss(op, provider):
     assert max_relative_error(case, PROVIDERS[provider].loss_fn(case, on_gpu=False), "cpu") < 1e-5
     with pytest.raises(NotRun, match="reduction='none'") if provider == "liger" else contextlib.nullcontext():
         PROVIDERS[provider].loss_fn(dataclasses.replace(case, reduction="none"), on_gpu=False)
+
+
+# ---- bench.linear_memory: the fused heads' memory, Liger's CUDA branches forced on CPU tensors ----
+
+def test_liger_cuda_branches_change_its_allocations_and_not_its_answer():
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (a bench peer)")
+    from bench.linear_memory import providers, step_cost
+    found = providers()
+    cpu_path, cuda_path = found["liger (CPU path)"], found["liger (CUDA branches)"]
+    # the CUDA branches reuse one logits buffer and add ∂W in place: less held than the CPU path
+    assert step_cost(cuda_path, 256, 32, 1024, torch.bfloat16)[0] < step_cost(cpu_path, 256, 32, 1024, torch.bfloat16)[0]
+    x = torch.randn(96, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(300, 16, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 300, (96,))
+    results = []
+    for loss in (cpu_path, cuda_path):
+        x.grad = w.grad = None
+        value = loss(x, w, target)
+        value.backward()
+        results.append((value.detach(), x.grad, w.grad))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+
+
+def test_linear_memory_report_has_every_provider_and_check():
+    from bench.linear_memory import providers, table
+    report = table(shapes=((128, 16, 512),), loss_check=(64, 16, 300), gradient_check=(64, 16, 300))
+    for name, loss in providers().items():
+        if loss is not None:
+            rows = [line for line in report.splitlines() if line.startswith(f"| {name} |")]
+            # the loss and ∂W checks run each provider eagerly (compiled, it computes the same)
+            assert len(rows) == (0 if name == "fastce compiled" else 2), name
+    assert "∂W error" in report and "Llama-3-8B" in report
