@@ -12,9 +12,11 @@
    vocabulary and the no-grad forward. Median of triton.testing.do_bench over inputs rotated
    beyond twice the L2, the device-to-device copy of the same bytes timed in the same run, peak
    memory above the inputs.
-3. the token statistics (bench.gpu_token_stats), in the time left;
+3. in the time left, the fused linear head (bench.gpu_linear: both walks against float64, peak
+   memory and time of a step against torch and Liger), then the token statistics
+   (bench.gpu_token_stats);
 4. a one-screen summary printed last; DIR gets summary.md, results.json, checks.json,
-   checks.log, pytest.log and token_stats.log.
+   checks.log, pytest.log, gpu_linear.md/.json/.log and token_stats.log.
 
 Everything runs within --budget-s seconds (work left when it runs out is listed as not run).
 --dry-run runs the same code at tiny sizes on the CPU (Triton interpreter, wall-clock times
@@ -569,19 +571,24 @@ def run_timings(sizes: Sizes, deadline: float) -> List[Dict[str, object]]:
 
 # ---- the session: checks and test suite in parallel, then timings, then the summary -------------
 
-def run_token_stats(out: Path, deadline: float, dry_run: bool) -> str:
-    """bench.gpu_token_stats (token_logprobs, linear_token_logprobs, policy_gradient_loss: checks against
-    float64, compile, timings against trainers' expressions and Liger's GRPO) in the time left; its output."""
+# GPU scripts run as stages of the session, in this order, each in the time left:
+# (module, its log, whether it takes --out for files of its own)
+STAGES = (("bench.gpu_linear", "gpu_linear.log", True), ("bench.gpu_token_stats", "token_stats.log", False))
+
+
+def run_stage(module: str, log_name: str, takes_out: bool, out: Path, deadline: float, dry_run: bool) -> str:
+    """`python -m module` until the deadline; its output, also written to out/log_name."""
     seconds = deadline - time.time()
     if seconds < 10:
         return "not run: budget"
-    command = [sys.executable, "-m", "bench.gpu_token_stats"] + (["--dry-run"] if dry_run else [])
+    command = ([sys.executable, "-m", module] + (["--dry-run"] if dry_run else [])
+               + (["--out", str(out)] if takes_out else []))
     try:
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=seconds)
         printed = result.stdout + (f"\nexit {result.returncode}: {result.stderr[-2000:]}" if result.returncode else "")
     except subprocess.TimeoutExpired as stopped:
         printed = (stopped.stdout or b"").decode() + f"\nstopped at the budget ({seconds:.0f} s)"
-    (out / "token_stats.log").write_text(printed)
+    (out / log_name).write_text(printed)
     return printed.strip()
 
 
@@ -686,11 +693,12 @@ def session(out: Path, budget_s: float, dry_run: bool) -> int:
         suite_line = (tail[-1] if tail else "no output") + (" (stopped at its time limit)" if code == 124 else "")
     print(f"checks and test suite done at {time.time() - start:.0f} s", flush=True)
     timings = run_timings(sizes, start + budget_s)
-    token_stats = run_token_stats(out, start + budget_s, dry_run)
+    stages = {stage[0]: run_stage(*stage, out, start + budget_s, dry_run) for stage in STAGES}
     (out / "checks.json").write_text(json.dumps(checks, indent=1))
     (out / "results.json").write_text(json.dumps({"environment": env, "timings": timings,
-                                                  "test_suite": suite_line, "token_stats": token_stats}, indent=1))
-    text = summary(env, checks, timings, suite_line) + "\n\n## Token statistics (bench.gpu_token_stats)\n\n" + token_stats
+                                                  "test_suite": suite_line, "stages": stages}, indent=1))
+    text = summary(env, checks, timings, suite_line) + "".join(
+        f"\n\n## {module}\n\n{printed}" for module, printed in stages.items())
     (out / "summary.md").write_text(text + "\n")
     print("\n" + text)
     return 0 if all(c["passed"] is not False for c in checks) else 1

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,8 +18,15 @@ def _run(module, out):
     return result.stdout
 
 
-def test_gpu_run_checks_every_launch_path_and_times_every_provider(tmp_path):
-    printed = _run("bench.gpu_run", tmp_path)
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    """One dry run of the whole session: (its folder, what it printed)."""
+    out = tmp_path_factory.mktemp("gpu_run")
+    return out, _run("bench.gpu_run", out)
+
+
+def test_gpu_run_checks_every_launch_path_and_times_every_provider(gpu_run):
+    tmp_path, printed = gpu_run
     checks = json.loads((tmp_path / "checks.json").read_text())
     assert {check["dtype"] for check in checks} == {"bf16", "fp16", "fp32"}
     assert {check["path"] for check in checks} == {"default", "1"}  # streamed / one tile, and clusters
@@ -43,8 +52,9 @@ def test_launch_sweep_times_the_rule_beside_its_alternatives(tmp_path):
     assert {"mean divisor", "validation", "fastce.cross_entropy fwd+bwd"} <= {row["part"] for row in rows}
 
 
-def test_gpu_linear_checks_both_walks_and_steps_every_provider(tmp_path):
-    printed = _run("bench.gpu_linear", tmp_path)
+def test_gpu_linear_checks_both_walks_and_steps_every_provider(gpu_run):
+    tmp_path, _ = gpu_run  # bench.gpu_linear, one stage of the session
+    printed = (tmp_path / "gpu_linear.log").read_text()
     results = json.loads((tmp_path / "gpu_linear.json").read_text())
     checks = results["checks"]
     assert {(c["walk"], c["reduction"], c["compiled"]) for c in checks} == {
