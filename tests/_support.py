@@ -17,6 +17,9 @@ from torch import Tensor
 
 from fastce import reference
 
+# where the tests run the kernels: the GPU where there is one, else the CPU (the interpreter)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # ----------------------------------------------------------------------------------------
 # Dtypes and the tolerance table (the ONE table used by every test file)
 # ----------------------------------------------------------------------------------------

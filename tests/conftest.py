@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from _support import DEVICE  # noqa: E402
 
 
 def _patch_the_language_once_per_launch():

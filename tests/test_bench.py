@@ -159,7 +159,8 @@ def test_liger_cuda_branches_change_its_allocations_and_not_its_answer():
     found = providers()
     cpu_path, cuda_path = found["liger (CPU path)"], found["liger (CUDA branches)"]
     # the CUDA branches reuse one logits buffer and add ∂W in place: less held than the CPU path
-    assert step_cost(cuda_path, 256, 32, 1024, torch.bfloat16)[0] < step_cost(cpu_path, 256, 32, 1024, torch.bfloat16)[0]
+    shape = (256, 32, 1024, torch.bfloat16)
+    assert step_cost(cuda_path, *shape)[0] < step_cost(cpu_path, *shape)[0]
     x = torch.randn(96, 16, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(300, 16, dtype=torch.bfloat16, requires_grad=True)
     target = torch.randint(0, 300, (96,))

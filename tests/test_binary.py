@@ -16,7 +16,7 @@ import fastce
 from fastce import reference
 from fastce.profiling import interpreter_active, measure
 
-from _support import (GRADCHECK, REDUCTIONS, as64, assert_close_dtype, assert_unchanged, bitwise_equal,
+from _support import (DEVICE, GRADCHECK, REDUCTIONS, as64, assert_close_dtype, assert_unchanged, bitwise_equal,
                        check_loss_and_grad, clone_keep_strides, grads, reference_grads, snapshot)
 
 
@@ -42,14 +42,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(7,), (5, 13), (2, 3, 5, 4), (4099,), (37, 129)]  # odd sizes; the last two span several tiles
 
 
-def make_pair(loss, shape, dtype=torch.float32, *, scale=3.0, hard=False):
-    """(logits, targets): soft labels in [0, 1] (hard 0/1 with hard=True) for BCE and focal,
-    ±1 labels for soft margin."""
-    x = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+def make_pair(loss, shape, dtype=torch.float32, *, scale=3.0, hard=False, device=DEVICE):
+    """(logits, targets) on `device` (the GPU where there is one): soft labels in [0, 1] (hard 0/1
+    with hard=True) for BCE and focal, ±1 labels for soft margin."""
+    x = (torch.randn(shape, dtype=torch.float64) * scale).to(device, dtype)
     if loss == "soft_margin":
-        return x, (torch.randint(0, 2, shape) * 2 - 1).to(dtype)
+        return x, (torch.randint(0, 2, shape) * 2 - 1).to(device, dtype)
     t = torch.randint(0, 2, shape, dtype=torch.float64) if hard else torch.rand(shape, dtype=torch.float64)
-    return x, t.to(dtype)
+    return x, t.to(device, dtype)
 
 
 def paired(loss, **kw):
@@ -103,7 +103,7 @@ def test_bce_weight_and_pos_weight_broadcast_as_torch(weight_shape, pos_weight_s
     """weight and pos_weight broadcast to the (4, 3, 5) input as torch broadcasts them; loss and
     the gradients into input and target equal torch's own, in float64 and in float32."""
     x, t = make_pair("bce", (4, 3, 5))
-    factors = {name: None if shape is None else torch.rand(shape, dtype=torch.float64) * 2 + 0.1
+    factors = {name: None if shape is None else torch.rand(shape, dtype=torch.float64, device=DEVICE) * 2 + 0.1
                for name, shape in (("weight", weight_shape), ("pos_weight", pos_weight_shape))}
     for dtype in (torch.float64, torch.float32):
         kw = {name: None if f is None else f.to(dtype) for name, f in factors.items()}
@@ -140,7 +140,7 @@ def test_torch_opinfo_samples(op):
     from torch.testing._internal.common_methods_invocations import op_db
 
     info = next(o for o in op_db if o.name == f"nn.functional.{op}" and not o.variant_test_name)
-    samples = list(info.sample_inputs("cpu", torch.float64, requires_grad=True))
+    samples = list(info.sample_inputs(DEVICE, torch.float64, requires_grad=True))
     assert len(samples) >= 6
     for sample in samples:
         x, t = sample.input.detach(), sample.args[0].detach()
@@ -166,8 +166,9 @@ def test_gradcheck():
 def test_soft_margin_broadcast_and_integer_targets():
     """Soft margin's target broadcasts to the input and may be an integer tensor, as in torch; the
     loss keeps the input's dtype."""
-    x = torch.randn(6, 5, dtype=torch.float64)
-    for t in (torch.randint(0, 2, (5,)) * 2 - 1, torch.randint(0, 2, (6, 1), dtype=torch.int32) * 2 - 1):
+    x = torch.randn(6, 5, dtype=torch.float64, device=DEVICE)
+    for t in (torch.randint(0, 2, (5,), device=DEVICE) * 2 - 1,
+              torch.randint(0, 2, (6, 1), dtype=torch.int32, device=DEVICE) * 2 - 1):
         for reduction in REDUCTIONS:
             out, go, (g,) = grads(lambda a, b: fastce.soft_margin_loss(a, b, reduction), [x, t], mode="random")
             expected, _, (e,) = grads(lambda a, b: F.soft_margin_loss(a, b, reduction=reduction), [x, t], go)
@@ -179,8 +180,8 @@ def test_soft_margin_broadcast_and_integer_targets():
 def test_result_dtypes_as_torch():
     """BCE returns the target's dtype and torchvision's focal loss the promotion (both as their
     originals do); gradients come back in each leaf's dtype."""
-    x = torch.randn(4, 3, dtype=torch.bfloat16)
-    t = torch.rand(4, 3)
+    x = torch.randn(4, 3, dtype=torch.bfloat16, device=DEVICE)
+    t = torch.rand(4, 3, device=DEVICE)
     cases = [(fastce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, (x, t)),
              (fastce.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, (x.float(), t.half())),
              (fastce.sigmoid_focal_loss, torchvision_focal, (x, t)),
@@ -231,7 +232,7 @@ def test_layouts_read_in_place(loss, layout):
     fast, ref = paired(loss, reduction="none")
     check_loss_and_grad(fast, ref, [x, t], torch.float32, "random", layout, wrt=wrt(loss))
     leaf = clone_keep_strides(x).requires_grad_()
-    upstream = torch.rand(x.shape)
+    upstream = torch.rand(x.shape, device=x.device)
     with measure() as m:
         fast(leaf, t).backward(upstream)
     copied = m.torch_read + m.torch_write
@@ -246,7 +247,7 @@ def test_layouts_read_in_place(loss, layout):
 def test_broadcast_weights_are_never_materialised():
     """A (C,) pos_weight and a (N, 1) weight are read at stride 0: nothing input-sized is built."""
     x, t = make_pair("bce", (64, 33))
-    weight, pos_weight = torch.rand(64, 1), torch.rand(33)
+    weight, pos_weight = torch.rand(64, 1, device=DEVICE), torch.rand(33, device=DEVICE)
     leaf = x.clone().requires_grad_()
     with measure() as m:
         fastce.binary_cross_entropy_with_logits(leaf, t, weight, pos_weight=pos_weight).backward()
@@ -265,9 +266,9 @@ OFFSET_CASES = {
 def test_offsets_beyond_int32(case):
     """64-bit offsets: a 4 GiB bf16 address range of which only the touched pages are committed."""
     shape, strides = OFFSET_CASES[case]
-    x = torch.empty_strided(shape, strides, dtype=torch.bfloat16)
+    x = torch.empty_strided(shape, strides, dtype=torch.bfloat16, device=DEVICE)
     x.copy_(torch.randn(shape).to(torch.bfloat16))
-    t = torch.rand(shape).to(torch.bfloat16)
+    t = torch.rand(shape, device=DEVICE).to(torch.bfloat16)
     for reduction in ("none", "sum"):
         fast, ref = paired("focal", reduction=reduction)
         # the forward's bf16 gradient (for upstream 1) is rescaled by the upstream gradient: two roundings
@@ -286,9 +287,9 @@ def test_extreme_logits_elementwise_exact(loss):
     """|x| up to 1e4 with hard labels on both sides, easy and hard examples: every element of
     the loss and of the gradients equals the float64 value to fp32 precision (relative, element
     by element: no overflow to inf, no 1 − p_t rounded to 0, no cancellation in σ(x) − 1)."""
-    magnitudes = torch.tensor(EXTREMES)
+    magnitudes = torch.tensor(EXTREMES, device=DEVICE)
     x = torch.cat([magnitudes, -magnitudes]).repeat(2)
-    labels = torch.cat([torch.ones(12), torch.zeros(12)])
+    labels = torch.cat([torch.ones(12, device=DEVICE), torch.zeros(12, device=DEVICE)])
     t = labels * 2 - 1 if loss == "soft_margin" else labels
     fast, ref = paired(loss, reduction="none")
     out, go, gs = grads(fast, [x, t], mode="random", wrt=wrt(loss))
@@ -356,9 +357,9 @@ def test_deterministic_and_second_backward():
         for _ in range(2):
             leaf, target = x.clone().requires_grad_(), t.clone().requires_grad_(LOSSES[loss][3])
             out = LOSSES[loss][0](leaf, target, reduction="mean")
-            out.backward(torch.tensor(0.7), retain_graph=True)
+            out.backward(torch.tensor(0.7, device=DEVICE), retain_graph=True)
             first = [leaf.grad.clone()] + ([target.grad.clone()] if target.grad is not None else [])
-            out.backward(torch.tensor(0.7))
+            out.backward(torch.tensor(0.7, device=DEVICE))
             second = [leaf.grad - first[0]] + ([target.grad - first[1]] if target.grad is not None else [])
             for a, b in zip(first, second):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
@@ -378,7 +379,7 @@ def test_bce_module_state_dict_interchanges_with_torch():
     blank = fastce.BCEWithLogitsLoss(torch.zeros(5), "sum", torch.zeros(5))
     blank.load_state_dict(theirs.state_dict())
     assert isinstance(ours, nn.BCEWithLogitsLoss) and list(ours.state_dict()) == ["weight", "pos_weight"]
-    x, t = make_pair("bce", (7, 5), torch.float64)
+    x, t = make_pair("bce", (7, 5), torch.float64, device="cpu")
     for module in (theirs, blank):
         torch.testing.assert_close(module(x, t), ours(x, t), rtol=1e-12, atol=0)
     with pytest.warns(UserWarning, match="size_average"):  # torch's legacy keywords, with torch's warning
@@ -386,11 +387,11 @@ def test_bce_module_state_dict_interchanges_with_torch():
 
 
 def test_soft_margin_and_focal_modules():
-    x, t = make_pair("soft_margin", (7, 5), torch.float64)
+    x, t = make_pair("soft_margin", (7, 5), torch.float64, device="cpu")
     ours, theirs = fastce.SoftMarginLoss(reduction="none"), nn.SoftMarginLoss(reduction="none")
     assert isinstance(ours, nn.SoftMarginLoss) and ours.state_dict() == theirs.state_dict() == {}
     torch.testing.assert_close(ours(x, t), theirs(x, t), rtol=1e-12, atol=0)
-    x, t = make_pair("focal", (7, 5), torch.float64)
+    x, t = make_pair("focal", (7, 5), torch.float64, device="cpu")
     focal = fastce.SigmoidFocalLoss(alpha=0.5, gamma=1.5, reduction="mean")
     assert "gamma=1.5" in repr(focal)
     torch.testing.assert_close(focal(x, t), torchvision_focal(x, t, 0.5, 1.5, "mean"), rtol=1e-10, atol=0)
@@ -444,7 +445,7 @@ def test_bad_input_is_a_clear_error(case):
 def test_compiles_without_graph_break(loss, reduction):
     torch._dynamo.reset()
     x, t = make_pair(loss, (6, 11))
-    kw = dict(weight=torch.rand(11), pos_weight=torch.rand(6, 1)) if loss == "bce" else {}
+    kw = dict(weight=torch.rand(11, device=DEVICE), pos_weight=torch.rand(6, 1, device=DEVICE)) if loss == "bce" else {}
 
     def step(a, b):
         return LOSSES[loss][0](a, b, reduction=reduction, **kw)
