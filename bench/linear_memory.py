@@ -118,23 +118,27 @@ def step_cost(loss: Loss, n_rows: int, hidden: int, n_classes: int, dtype: torch
     return (counted.peak_bytes - gradients) / logits, counted.gemm_flops / (6 * n_rows * hidden * n_classes)
 
 
-def loss_errors(n_rows: int, hidden: int, n_classes: int) -> Dict[str, Tuple[float, float]]:
+def _eager(found: Dict[str, Optional[Loss]]) -> Dict[str, Loss]:
+    """The installed providers that run eagerly (compiled, fastce computes what it computes eagerly)."""
+    return {name: loss for name, loss in found.items() if loss is not None and name != "fastce compiled"}
+
+
+def loss_errors(found: Dict[str, Optional[Loss]], n_rows: int, hidden: int,
+                n_classes: int) -> Dict[str, Tuple[float, float]]:
     """name -> (bf16 loss, float64 loss) at one shape, the kernels computing (forward only)."""
     x, w, target = _inputs(n_rows, hidden, n_classes, torch.bfloat16, requires_grad=False)
     exact = F.cross_entropy(F.linear(x.double(), w.double()), target).item()
-    return {name: (loss(x, w, target).float().item(), exact)
-            for name, loss in providers().items() if loss is not None and name != "fastce compiled"}
+    return {name: (loss(x, w, target).float().item(), exact) for name, loss in _eager(found).items()}
 
 
-def weight_gradient_errors(n_rows: int, hidden: int, n_classes: int) -> Dict[str, float]:
+def weight_gradient_errors(found: Dict[str, Optional[Loss]], n_rows: int, hidden: int,
+                           n_classes: int) -> Dict[str, float]:
     """name -> max |∂W − ∂W_float64| / max |∂W_float64| of a bf16 training step, the kernels computing."""
     x, w, target = _inputs(n_rows, hidden, n_classes, torch.bfloat16)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     F.cross_entropy(F.linear(x64, w64), target).backward()
     errors = {}
-    for name, loss in providers().items():
-        if loss is None or name == "fastce compiled":
-            continue
+    for name, loss in _eager(found).items():
         w.grad = None
         loss(x, w, target).backward()
         errors[name] = ((w.grad.double() - w64.grad).abs().max() / w64.grad.abs().max()).item()
@@ -170,13 +174,14 @@ def table(shapes=SHAPES, dtypes=DTYPES, loss_check=LOSS_CHECK, gradient_check=GR
         lines += ["", f"Loss at N = {loss_check[0]}, H = {loss_check[1]}, V = {loss_check[2]}, bf16 inputs "
                   "(forward, computed), against float64:", "", "| provider | loss | float64 | relative error |",
                   "|---|---|---|---|"]
-        for name, (value, exact) in loss_errors(*loss_check).items():
+        for name, (value, exact) in loss_errors(found, *loss_check).items():
             lines.append(f"| {name} | {value:.4f} | {exact:.4f} | {abs(value - exact) / exact:.1e} |")
     if gradient_check:
         lines += ["", f"∂W of a training step at N = {gradient_check[0]}, H = {gradient_check[1]}, "
                   f"V = {gradient_check[2]}, bf16 inputs (computed), against float64 (max error / max |∂W|):", "",
                   "| provider | ∂W error |", "|---|---|"]
-        lines += [f"| {name} | {error:.1e} |" for name, error in weight_gradient_errors(*gradient_check).items()]
+        errors = weight_gradient_errors(found, *gradient_check)
+        lines += [f"| {name} | {error:.1e} |" for name, error in errors.items()]
     return "\n".join(lines) + "\n"
 
 

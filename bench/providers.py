@@ -245,24 +245,36 @@ _LIGER_CUDA_TESTS = {
 }
 
 
-@contextlib.contextmanager
-def liger_cuda_branches() -> Iterator[None]:
-    """Liger's linear cross-entropy takes its CUDA branches on CPU tensors: its functions are
-    recompiled from their own source with the device tests made true, then restored. A Liger
-    release whose source no longer holds these tests fails here, not silently."""
+@functools.lru_cache(maxsize=None)
+def _liger_cuda_functions() -> Dict[str, Callable]:
+    """Liger's functions recompiled once from their own source with the device tests made true
+    (their globals stay the module's). A Liger release whose source no longer holds these tests
+    fails here, not silently."""
     import inspect
 
     import liger_kernel.ops.fused_linear_cross_entropy as module
-    saved = {name: getattr(module, name) for name in _LIGER_CUDA_TESTS}
+    rewritten: Dict[str, Callable] = {}
+    for name, tests in _LIGER_CUDA_TESTS.items():
+        source = inspect.getsource(getattr(module, name))
+        for test, forced in tests:
+            if test not in source:
+                raise RuntimeError(f"liger-kernel's {name} no longer tests `{test}`: update "
+                                   "bench.providers' _LIGER_CUDA_TESTS")
+            source = source.replace(test, forced)
+        exec(compile(source, module.__file__, "exec"), module.__dict__, rewritten)
+    return rewritten
+
+
+@contextlib.contextmanager
+def liger_cuda_branches() -> Iterator[None]:
+    """Liger's linear cross-entropy takes its CUDA branches on CPU tensors: its functions are
+    swapped for the rewritten ones (_liger_cuda_functions), then restored."""
+    import liger_kernel.ops.fused_linear_cross_entropy as module
+    rewritten = _liger_cuda_functions()
+    saved = {name: getattr(module, name) for name in rewritten}
     try:
-        for name, tests in _LIGER_CUDA_TESTS.items():
-            source = inspect.getsource(saved[name])
-            for test, forced in tests:
-                if test not in source:
-                    raise RuntimeError(f"liger-kernel's {name} no longer tests `{test}`: update "
-                                       "bench.linear_memory's _LIGER_CUDA_TESTS")
-                source = source.replace(test, forced)
-            exec(compile(source, module.__file__, "exec"), module.__dict__)
+        for name, function in rewritten.items():
+            setattr(module, name, function)
         yield
     finally:
         for name, function in saved.items():
