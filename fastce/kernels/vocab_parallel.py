@@ -71,6 +71,20 @@ def _mean_scales(divisors_ptr, ROWS: tl.constexpr, MEAN: tl.constexpr, COMPUTE_D
 
 
 @triton.jit
+def _slice_tile(start, valid, n_classes, logits_ptr, logits_row_offs, logits_stride_class, softcap,
+                BLOCK_SIZE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+                COMPUTE_DTYPE: tl.constexpr):
+    # (local columns, which of them lie in this rank's slice, the valid rows' mask, logits) of the
+    # tile at `start`: the statistics and the gradient walk the slice alike
+    cols = start + tl.arange(0, BLOCK_SIZE)
+    in_slice = cols < n_classes
+    mask = valid[:, None] & in_slice[None, :]
+    x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
+                     HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+    return cols, in_slice, mask, x
+
+
+@triton.jit
 def _shifted_sum(total, mass, ref_old, ref_new, factor, x):
     # Σ f (x − ref) and Σ f, moved from ref_old to ref_new and merged with the tile; classes without
     # mass add nothing, even at x = −inf (0·log 0 = 0)
@@ -123,11 +137,9 @@ def vocab_parallel_stats_kernel(
     smooth_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     smooth_mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     for start in range(0, n_classes, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        in_slice = cols < n_classes
-        mask = valid[:, None] & in_slice[None, :]
-        x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
-                         HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+        cols, in_slice, mask, x = _slice_tile(start, valid, n_classes, logits_ptr, logits_row_offs,
+                                              logits_stride_class, softcap, BLOCK_SIZE, HAS_SOFTCAP,
+                                              WIDE_OFFSETS, COMPUTE_DTYPE)
         # (a padded lane past the slice may carry the next rank's first class number: not a target)
         is_target = (cols[None, :] == y_local[:, None]) & in_slice[None, :]
         # online log-sum-exp with ref = m, or 0 while m is −inf (no −inf − −inf)
@@ -311,11 +323,9 @@ def vocab_parallel_grad_kernel(
         upstream = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
 
     for start in range(0, n_classes, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        in_slice = cols < n_classes
-        mask = valid[:, None] & in_slice[None, :]
-        x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
-                         HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+        cols, in_slice, mask, x = _slice_tile(start, valid, n_classes, logits_ptr, logits_row_offs,
+                                              logits_stride_class, softcap, BLOCK_SIZE, HAS_SOFTCAP,
+                                              WIDE_OFFSETS, COMPUTE_DTYPE)
         # p = e^((x' − REF) − log s): x' − REF is exact near the max, where x' − lse would carry lse's rounding
         p = tl.exp((x - ref[:, None]) - log_s[:, None])
         global_cols = vocab_start + cols
