@@ -53,17 +53,14 @@ from .suite import environment  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# FASTCE_CLUSTER settings: "default" is the launch rule (rows above ops.SINGLE_PASS_MAX_CLASSES
-# are streamed), "1" splits rows of ops.CLUSTER_TILE to ops.CLUSTER_MAX_CLASSES classes across a
-# Hopper cluster.
+# Launch paths: "default" is the launch rule (rows above fastce._launch.SINGLE_PASS_MAX_CLASSES
+# are streamed); the opt-in cluster path was removed until a GPU shows it pays.
 DEFAULT_PATH = "default"
 
 
 def launch_paths(n_classes: int) -> List[str]:
-    """The FASTCE_CLUSTER settings that launch rows of n_classes differently."""
-    from fastce import ops
-    block = 1 << max(n_classes - 1, 0).bit_length()
-    return [DEFAULT_PATH] + (["1"] if ops.CLUSTER_TILE < block <= ops.CLUSTER_MAX_CLASSES else [])
+    """The launch paths that launch rows of n_classes differently."""
+    return [DEFAULT_PATH]
 
 
 @contextmanager

@@ -1,5 +1,5 @@
 """python -m bench.launch_sweep --out DIR: time the fused kernel under every launch configuration
-worth trying, to set the launch rule (fastce/ops.py) from measurements.
+worth trying, to set the launch rule (fastce/_launch.py) from measurements.
 
 For each shape: the training-step kernel alone (forward writing the gradient, as "mean" does)
 under each candidate (rows per program, tile, warps): one tile holding the whole row, or rows
@@ -29,7 +29,9 @@ ON_GPU = use_best_device()  # before anything imports triton
 import torch  # noqa: E402
 
 import fastce  # noqa: E402
-from fastce import ops  # noqa: E402
+from fastce import _launch, softmax_losses  # noqa: E402
+from fastce._core import LossSpec  # noqa: E402
+from fastce._launch import RowLaunchConfig  # noqa: E402
 from fastce._validation import check_target_range  # noqa: E402
 
 from .gpu_run import Clock  # noqa: E402
@@ -61,22 +63,22 @@ GPU_SHAPES = [Shape((8192, v)) for v in (8192, 16384, 32000, 50257, 128256, 2621
 DRY_SHAPES = [Shape((4, 300)), Shape((4, 9000)), Shape((8, 19)), Shape((2, 3, 4, 5))]
 
 
-def candidates(shape: Shape, dry_run: bool) -> List[ops.LaunchConfig]:
+def candidates(shape: Shape, dry_run: bool) -> List[RowLaunchConfig]:
     """Launch configurations to time: the launch rule's, and the alternatives around it."""
     block = 1 << max(shape.n_classes - 1, 0).bit_length()
-    rule = ops.launch_config(shape.n_rows, shape.n_classes)
+    rule = _launch.row_launch_config(shape.n_rows, shape.n_classes)
     if dry_run:
-        return [rule] + ([ops.LaunchConfig(1, min(block, 4096), 4)] if block > 4096 else [])
+        return [rule] + ([RowLaunchConfig(1, min(block, 4096), 4)] if block > 4096 else [])
     configs = []
     if block <= 256 and shape.dims[2:]:  # K-dimensional: many short strided rows per program
-        configs += [ops.LaunchConfig(rows, block, warps) for rows in (16, 64, 256, 1024) for warps in (1, 2, 4, 8)]
+        configs += [RowLaunchConfig(rows, block, warps) for rows in (16, 64, 256, 1024) for warps in (1, 2, 4, 8)]
     elif block <= 4096:  # short contiguous rows: several per program
-        configs += [ops.LaunchConfig(rows, block, warps) for rows in (1, 2, 4, 8, 16, 64)
+        configs += [RowLaunchConfig(rows, block, warps) for rows in (1, 2, 4, 8, 16, 64)
                     if rows * block <= 16384 for warps in (2, 4, 8, 16) if warps * 32 <= rows * block]
     else:
-        if block <= ops.SINGLE_PASS_MAX_CLASSES:  # the whole row in one program's registers
-            configs += [ops.LaunchConfig(1, block, warps) for warps in (8, 16, 32)]
-        configs += [ops.LaunchConfig(1, tile, warps) for tile in (1024, 2048, 4096, 8192, 16384, 32768) if tile < block
+        if block <= _launch.SINGLE_PASS_MAX_CLASSES:  # the whole row in one program's registers
+            configs += [RowLaunchConfig(1, block, warps) for warps in (8, 16, 32)]
+        configs += [RowLaunchConfig(1, tile, warps) for tile in (1024, 2048, 4096, 8192, 16384, 32768) if tile < block
                     for warps in {1024: (2, 4), 2048: (2, 4, 8), 4096: (4, 8, 16), 8192: (4, 8, 16),
                                   16384: (8, 16), 32768: (16, 32)}[tile]]
     return [rule] + [c for c in configs if c != rule]
@@ -90,15 +92,21 @@ def make_tensors(shape: Shape, device: str, seed: int):
     return logits, target, torch.empty_like(logits)
 
 
-def kernel_step(shape: Shape, config: ops.LaunchConfig, copies):
+def kernel_step(shape: Shape, config: RowLaunchConfig, copies):
     """The training-step kernel alone: forward, gradient written for an upstream gradient of 1."""
-    spec = ops.LossSpec(reduction="mean")
-    divisors = ops.mean_divisors(copies[0][0], copies[0][1], None, spec)
+    spec = LossSpec(reduction="mean")
+    logits, target, _ = copies[0]
+    n_programs = softmax_losses.n_forward_programs(logits) if config is None else -(-target.numel() // config.rows)
+    stats = softmax_losses.statistics(logits, target, None, spec, "none", n_programs)
+    loss = logits.new_empty(())
+    lse = logits.new_empty(target.shape, dtype=torch.float32)
     calls = iter(range(1 << 62))
 
     def step():
         logits, target, grad = copies[next(calls) % len(copies)]
-        ops.launch_forward(logits, target, None, spec, grad=grad, divisors=divisors, config=config)
+        stats[3:4].zero_()  # the counter of the loss's reduction on the device
+        softmax_losses.launch_forward(logits, target, None, spec, stats, loss=loss, lse=lse, grad=grad, reduce=True,
+                                      config=config)
     return step
 
 
@@ -122,7 +130,7 @@ def time_shape(shape: Shape, dry_run: bool, clock: Clock) -> List[Dict[str, obje
     nbytes = 2 * torch.Size(shape.dims).numel() * 2  # bf16 logits read, gradient written
     copies = [make_tensors(shape, device, seed) for seed in range(clock.copies(nbytes))]
     copy_ms = clock.copy_ms(nbytes)
-    rule = ops.launch_config(shape.n_rows, shape.n_classes)
+    rule = _launch.row_launch_config(shape.n_rows, shape.n_classes)
     rows = []
 
     def record(part: str, step, **extra):
@@ -138,8 +146,8 @@ def time_shape(shape: Shape, dry_run: bool, clock: Clock) -> List[Dict[str, obje
     for config in candidates(shape, dry_run):
         record("kernel", kernel_step(shape, config, copies), config=config._asdict(), rule=config == rule)
     logits, target, _ = copies[0]
-    spec = ops.LossSpec(reduction="mean")
-    record("mean divisor", lambda: ops.mean_divisors(logits, target, None, spec))
+    spec = LossSpec(reduction="mean")
+    record("mean divisor", lambda: softmax_losses.statistics(logits, target, None, spec, "none"))
     record("validation", lambda: check_target_range(target, shape.n_classes, -100))
     leaf = logits.detach().requires_grad_()
 
@@ -204,7 +212,7 @@ def summary(env: Dict[str, object], rows: List[Dict[str, object]]) -> str:
 
         def cfg(row):
             c = row["config"]
-            return f"{c['rows']}/{c['block_size']}/{c['num_warps']}" + (f" ×{c['num_ctas']} CTAs" if c["num_ctas"] > 1 else "")
+            return f"{c['rows']}/{c['block_size']}/{c['num_warps']}"
 
         def ms(row):
             return f"{row['ms']:.3f} ({row['vs_copy']:.2f})"

@@ -10,6 +10,7 @@ TRITON_INTERPRET=1 is set before import, else the pure-PyTorch reference (fastce
 Importing fastce never needs Triton or a GPU.
 """
 from . import reference
+from ._core import HeadOptions, LossSpec
 from .functional import cross_entropy, focal_loss, linear_cross_entropy, uses_triton
 from .modules import CrossEntropyLoss, FocalLoss, LinearCrossEntropyLoss
 # binary (sigmoid) losses, DESIGN §7.1
@@ -24,13 +25,14 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The autograd Function imports Triton: load it on first use, so `import fastce` works without it.
     if name == "CrossEntropyFunction":
-        from .autograd import CrossEntropyFunction
+        from .softmax_losses import CrossEntropyFunction
         return CrossEntropyFunction
     raise AttributeError(f"module 'fastce' has no attribute {name!r}")
 
 
 __all__ = ["cross_entropy", "focal_loss", "linear_cross_entropy", "CrossEntropyLoss", "FocalLoss",
-           "LinearCrossEntropyLoss", "CrossEntropyFunction", "reference", "uses_triton", "__version__"]
+           "LinearCrossEntropyLoss", "CrossEntropyFunction", "HeadOptions", "LossSpec", "reference", "uses_triton",
+           "__version__"]
 __all__ += ["binary_cross_entropy_with_logits", "soft_margin_loss", "sigmoid_focal_loss", "BCEWithLogitsLoss",
             "SoftMarginLoss", "SigmoidFocalLoss"]
 __all__ += ["token_logprobs", "linear_token_logprobs", "policy_gradient_loss"]

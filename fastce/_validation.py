@@ -1,6 +1,7 @@
 """Input checks shared by the Triton and the pure-PyTorch paths (pure torch, no Triton)."""
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -25,6 +26,16 @@ def validation_mode(validate, device: torch.device) -> str:
     if validate == VALIDATE_SYNC:
         return VALIDATE_SYNC
     raise InvalidArgumentError(f"validate must be True, False or 'sync', got {validate!r}")
+
+
+def as_validation_mode(validate, device: torch.device) -> str:
+    """validation_mode's answer, or `validate` itself when it is already a mode (as the families
+    pass it on)."""
+    if validate == VALIDATE_DEVICE or validate == VALIDATE_NONE:
+        return validate
+    return validation_mode(validate, device)
+
+
 CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)  # what torch's cross_entropy accepts
 
 
@@ -320,3 +331,37 @@ def check_advantages(advantages: Tensor, row_shape: torch.Size, device: torch.de
         raise InvalidArgumentError(
             f"advantages of shape {list(advantages.shape)} do not broadcast to the target's shape {list(row_shape)} "
             "(one per token, or e.g. (B, 1) for one per sequence)")
+
+
+# ---- scalar options ----------------------------------------------------------------------------
+
+
+def check_finite(name: str, value: float, minimum: float = -math.inf) -> None:
+    if not (math.isfinite(value) and value >= minimum):
+        raise InvalidArgumentError(f"{name} must be a finite number >= {minimum}, got {value}")
+
+
+def check_z_loss_softcap(z_loss: float, softcap: Optional[float]) -> None:
+    check_finite("z_loss", z_loss)
+    if softcap is not None:
+        check_finite("softcap", softcap, 0.0)
+        if softcap == 0:
+            raise InvalidArgumentError("softcap must be positive (or None to disable soft-capping)")
+
+
+def check_temperature(temperature: float) -> None:
+    check_finite("temperature", float(temperature), 0.0)
+    if temperature == 0:
+        raise InvalidArgumentError("temperature must be positive")
+
+
+def check_positive_size(name: str, size: Optional[int]) -> None:
+    if size is not None and size < 1:
+        raise InvalidArgumentError(f"{name} must be a positive number, got {size}")
+
+
+def check_not_differentiable(factor: Optional[Tensor], name: str) -> None:
+    """torch's cross_entropy refuses a class weight that requires grad rather than ignoring it."""
+    if factor is not None and factor.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"the derivative for '{name}' is not implemented: pass {name}.detach() "
+                           f"(fastce, like torch.nn.functional.cross_entropy, does not train class {name}s)")

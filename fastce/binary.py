@@ -1,35 +1,26 @@
-"""The binary (sigmoid) losses on the Triton kernels: launchers, torch.library custom ops and the
-autograd Function behind fastce.binary_cross_entropy_with_logits, soft_margin_loss and
-sigmoid_focal_loss (DESIGN §7.1; kernels in fastce/kernels/binary.py).
+"""The binary (sigmoid) losses on fastce/kernels/binary.py: the launches, custom ops and autograd
+Function behind fastce.binary_cross_entropy_with_logits, soft_margin_loss and sigmoid_focal_loss
+(DESIGN §7.1).
 
-This module holds the whole binary stack, as fastce/linear.py holds linear cross-entropy's: the
-binary losses share no launcher, op or Function with the softmax family (their layout is
-elementwise over any shape, not rows of classes), so they stay out of ops.py and autograd.py.
-
-Layout rule: the dimensions are ordered as the outputs lie in memory (the outputs are allocated
-like the input: with its strides when it is dense, else contiguous) and neighbours are merged
-wherever every tensor allows, leaving at most MAX_DIMS; each tensor is then addressed with its
-own strides. Broadcast weights, pos_weights and soft-margin targets are stride-0 views, never
-materialised. Only a layout that still needs more than MAX_DIMS dimensions is copied.
-
-Gradient strategy, as for cross-entropy (fastce/autograd.py): for 'mean' and 'sum' the forward
-kernel writes ∂loss/∂input (and ∂loss/∂target when the target requires grad) for an upstream
-gradient of 1, and backward rescales it in place on the device only when the upstream gradient
-is not 1. For 'none', for a second backward through a retained graph, and under torch.compile
-(a compiled graph may not mutate a saved buffer), backward recomputes the gradients in one pass.
+Layout rule: the dimensions are ordered as the outputs lie in memory (the outputs are allocated like the
+input: with its strides when it is dense, else contiguous) and neighbours are merged wherever every
+tensor allows, leaving at most MAX_DIMS; each tensor is then addressed with its own strides. Broadcast
+weights, pos_weights and soft-margin targets are stride-0 views, never materialised. Only a layout that
+still needs more than MAX_DIMS dimensions is copied. Gradients: fastce/_launch.py's handoff, the same
+eager and compiled ('none' computes them in the backward).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .kernels.binary import binary_loss_fwd_kernel, binary_scale_grad_kernel
-from .ops import _triton_dtype
-from .reference import binary_loss_dtype, compute_dtype
+from . import _launch
+from ._core import BinarySpec, binary_loss_dtype, compute_dtype, once_differentiable
+from ._launch import Launch, cdiv, keep_gradients, kernel_op, next_power_of_2, take_gradients, triton_dtype
+from .kernels.binary import binary_loss_fwd_kernel
 
 # Merged dimensions the kernel addresses: (N, C, H, W) inputs with a broadcast (C, 1, 1) weight or
 # a target in another memory format need three; more than four after merging is copied.
@@ -39,19 +30,14 @@ MAX_DIMS = 4
 # without spilling (4096 spills in float64 and takes 211 registers with broadcast weights); the
 # partial sums cost 4 bytes per 2048 elements, 0.1% of a bf16 input's bytes.
 TILE = 2048
-SCALE_BLOCK = 4096
 # focal gamma values compiled as repeated products instead of exp2(gamma·log2 q)
 INTEGER_GAMMAS = (0, 1, 2, 3, 4)
 
 LOSS_KERNEL_IDS = {"bce": 0, "soft_margin": 1, "focal": 2}
-
-
-class BinarySpec(NamedTuple):
-    """The scalar options of one binary loss call."""
-    loss: str                # "bce", "soft_margin" or "focal"
-    reduction: str = "mean"
-    alpha: float = -1.0      # focal: < 0 disables alpha
-    gamma: float = 0.0       # focal exponent
+_TENSORS = ("input_ptr", "target_ptr", "weight_ptr", "pos_weight_ptr", "grad_output_ptr", "loss_ptr", "work_ptr",
+            "grad_input_ptr", "grad_target_ptr")
+_STRIDES = ("input_strides", "target_strides", "weight_strides", "pos_weight_strides", "grad_output_strides",
+            "loss_strides", "grad_input_strides", "grad_target_strides")  # _Tensors' order
 
 
 def merged_layout(shape, strides, order):
@@ -82,158 +68,152 @@ def _broadcast(t: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
     return None if t is None else t.expand(shape)
 
 
-def launch(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-           spec: BinarySpec, *, loss: Optional[Tensor] = None, grad_input: Optional[Tensor] = None,
-           grad_target: Optional[Tensor] = None, grad_output: Optional[Tensor] = None,
-           reduce: bool = False) -> Optional[Tensor]:
-    """Run the fused kernel once over the input's elements.
+class _Tensors(NamedTuple):
+    """The tensors of one launch, in the kernel's pointer order but for the workspace (None: not used)."""
+    input: Tensor
+    target: Tensor
+    weight: Optional[Tensor]
+    pos_weight: Optional[Tensor]
+    grad_output: Optional[Tensor]  # one per element ('none'), or a 0-d scalar
+    loss: Optional[Tensor]         # per element ('none') or the reduced 0-d loss
+    grad_input: Optional[Tensor]
+    grad_target: Optional[Tensor]
 
-    Writes the per-element loss into `loss`, the gradients into `grad_input` / `grad_target`
-    (for the upstream `grad_output`: a scalar for 'mean'/'sum', input-shaped for 'none'; 1 when
-    None) and, with reduce=True, returns one partial loss sum per program (already divided by
-    the element count for 'mean'). Outputs must be allocated like the input (torch.empty_like).
-    """
-    shape = input.shape
-    per_element_upstream = grad_output is not None and spec.reduction == "none"
-    inputs = [input, _broadcast(target, shape), _broadcast(weight, shape), _broadcast(pos_weight, shape),
-              _broadcast(grad_output, shape) if per_element_upstream else None]
-    outputs = [loss, grad_input, grad_target]
-    # memory order: that of the outputs allocated like the input (empty_like keeps the order of
-    # the input's strides), or of the input itself when there are none
-    order = next((out.stride() for out in outputs[:2] if out is not None), input.stride())
-    layout = merged_layout(shape, [t.stride() for t in inputs + outputs if t is not None], order)
-    staged = []  # (output, the stand-in the kernel writes instead)
+
+@functools.lru_cache(maxsize=1024)
+def _launch_for(shape: tuple, strides: tuple, order: tuple, spec: BinarySpec, reduce: bool,
+                grad_output: int, dtype: torch.dtype) -> Optional[Launch]:
+    """The launch for tensors of these strides (None where absent), or None when their layout needs
+    more than MAX_DIMS merged dimensions."""
+    present = [st for st in strides if st is not None]
+    layout = merged_layout(shape, present, order)
     if layout is None:
-        # more than MAX_DIMS dimensions even merged: the kernel runs on copies in the layout of
-        # empty_like(input), where every tensor merges into one dimension
-        inputs = [None if t is None else torch.empty_like(input, dtype=t.dtype).copy_(t) for t in inputs]
-        order = inputs[0].stride()
-        for i, out in enumerate(outputs):
-            if out is not None and out.stride() != order:
-                outputs[i] = torch.empty_like(input, dtype=out.dtype)
-                staged.append((out, outputs[i]))
-        loss, grad_input, grad_target = outputs
-        layout = merged_layout(shape, [t.stride() for t in inputs + outputs if t is not None], order)
+        return None
     sizes, merged = layout
     merged = iter(merged)
-    strides = [next(merged) if t is not None else (0,) * MAX_DIMS for t in inputs + outputs]
+    by_name = {name: next(merged) if st is not None else (0,) * MAX_DIMS for name, st in zip(_STRIDES, strides)}
     n_rows, n_cols = sizes[0] * sizes[1] * sizes[2], sizes[3]
-    block = min(triton.next_power_of_2(n_cols), TILE)
-    rows = max(1, min(TILE // block, triton.next_power_of_2(n_rows)))
-    grid = triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, block)
-    partials = torch.empty(grid, dtype=compute_dtype(input.dtype), device=input.device) if reduce else None
-    x, t, w, pw, go = inputs
-    if grad_output is not None and not per_element_upstream:
-        go = grad_output.reshape(())  # one value for every element
+    block = min(next_power_of_2(n_cols), TILE)
+    rows = max(1, min(TILE // block, next_power_of_2(n_rows)))
+    grid = cdiv(n_rows, rows) * cdiv(n_cols, block)
+    n_elements = 1
+    for size in shape:
+        n_elements *= size
     gamma_int = int(spec.gamma) if spec.gamma in INTEGER_GAMMAS else -1
-    binary_loss_fwd_kernel[(grid,)](
-        x, t, w, pw, go, loss, partials, grad_input, grad_target, *strides,
-        sizes[1], sizes[2], n_rows, n_cols, input.numel(), spec.alpha, spec.gamma,
-        LOSS=LOSS_KERNEL_IDS[spec.loss], ROWS=rows, BLOCK_SIZE=block,
-        HAS_WEIGHT=w is not None, HAS_POS_WEIGHT=pw is not None, HAS_ALPHA=spec.alpha >= 0,
-        GAMMA_INT=gamma_int, STORE_LOSS=loss is not None, REDUCE=reduce, MEAN=spec.reduction == "mean",
-        GRAD_INPUT=grad_input is not None, GRAD_TARGET=grad_target is not None,
-        GRAD_OUTPUT=0 if grad_output is None else (2 if per_element_upstream else 1),
-        COMPUTE_DTYPE=_triton_dtype(input.dtype), num_warps=8 if rows * block >= TILE else 4)
+    has = [st is not None for st in strides]
+    return Launch(
+        binary_loss_fwd_kernel, (grid,), _TENSORS, num_warps=8 if rows * block >= TILE else 4, **by_name,
+        size1=sizes[1], size2=sizes[2], n_rows=n_rows, n_cols=n_cols, n_elements=n_elements, alpha=spec.alpha,
+        gamma=spec.gamma, LOSS=LOSS_KERNEL_IDS[spec.loss], ROWS=rows, BLOCK_SIZE=block, HAS_WEIGHT=has[2],
+        HAS_POS_WEIGHT=has[3], HAS_ALPHA=spec.alpha >= 0, GAMMA_INT=gamma_int, STORE_LOSS=has[5] and not reduce,
+        REDUCE=reduce, MEAN=spec.reduction == "mean", GRAD_INPUT=has[6], GRAD_TARGET=has[7],
+        GRAD_OUTPUT=grad_output, WIDE_OFFSETS=n_cols * max(1, *(abs(m[3]) for m in by_name.values())) >= 2**31,
+        COMPUTE_DTYPE=triton_dtype(dtype))
+
+
+def launch(tensors: _Tensors, spec: BinarySpec) -> Optional[Tensor]:
+    """Run the fused kernel once over the input's elements: the loss into `loss` (per element for 'none',
+    reduced into a 0-d tensor otherwise, through a workspace it returns), the gradients into
+    `grad_input` / `grad_target` (for the upstream `grad_output`: input-shaped for 'none', a 0-d scalar
+    otherwise; 1 when None). Outputs must be allocated like the input (torch.empty_like)."""
+    input = tensors.input
+    shape = input.shape
+    per_element = tensors.grad_output is not None and spec.reduction == "none"
+    expanded = tensors._replace(target=_broadcast(tensors.target, shape), weight=_broadcast(tensors.weight, shape),
+                                pos_weight=_broadcast(tensors.pos_weight, shape),
+                                grad_output=_broadcast(tensors.grad_output, shape) if per_element else None,
+                                loss=tensors.loss if spec.reduction == "none" else None)
+    # memory order: that of the outputs allocated like the input (empty_like keeps the order of the
+    # input's strides), or of the input itself when there are none
+    order = next((out.stride() for out in (expanded.loss, expanded.grad_input) if out is not None), input.stride())
+    reduce = spec.reduction != "none" and tensors.loss is not None
+    grad_output = 0 if tensors.grad_output is None else (2 if per_element else 1)
+    strides = tuple(None if t is None else t.stride() for t in expanded)
+    prepared = _launch_for(tuple(shape), strides, order, spec, reduce, grad_output, input.dtype)
+    staged = []  # (output, the stand-in the kernel writes instead)
+    if prepared is None:
+        # more than MAX_DIMS dimensions even merged: the kernel runs on copies in the layout of
+        # empty_like(input), where every tensor merges into one dimension
+        def dense(t, output):
+            if t is None or t.stride() == torch.empty_like(input).stride():
+                return t
+            copy = torch.empty_like(input, dtype=t.dtype)
+            if output:
+                staged.append((t, copy))
+                return copy
+            return copy.copy_(t)
+        expanded = _Tensors(*(dense(t, name in ("loss", "grad_input", "grad_target"))
+                              for name, t in zip(_Tensors._fields, expanded)))
+        strides = tuple(None if t is None else t.stride() for t in expanded)
+        prepared = _launch_for(tuple(shape), strides, expanded.input.stride(), spec, reduce, grad_output, input.dtype)
+    placeholder = input
+    pointers = list(expanded)
+    work = None
+    if reduce:
+        # [a zeroed counter, one partial sum per program] (fastce/kernels/common.py's finish_loss)
+        work = input.new_zeros(1 + prepared.grid[0], dtype=compute_dtype(input.dtype))
+        pointers[5] = tensors.loss
+    pointers.insert(6, work)
+    if grad_output == 1:
+        pointers[4] = tensors.grad_output.reshape(())
+    prepared.run(*(placeholder if t is None else t for t in pointers))
     for out, stand_in in staged:
         out.copy_(stand_in)
-    return partials
-
-
-def launch_scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
-    """grad *= grad_output (a scalar) in place, on the device, and nothing at all when it is 1."""
-    if grad.numel() == 0:
-        return
-    binary_scale_grad_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
-        grad, grad_output.reshape(()), grad.numel(), BLOCK_SIZE=SCALE_BLOCK,
-        COMPUTE_DTYPE=_triton_dtype(grad.dtype), num_warps=8)
+    return work
 
 
 # ---------------------------------------------------------------------------------------------
-# Op bodies (shared by the eager path and the custom ops)
+# Op bodies (eager, and the custom ops torch.compile traces)
 
 
-def forward(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-            spec: BinarySpec, *, grad_input: bool = False,
-            grad_target: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(loss, ∂loss/∂input, ∂loss/∂target); the gradients, for an upstream gradient of 1, only
-    when asked for and the reduction is 'mean' or 'sum' (else None)."""
+def _forward_fake(input, target, weight, pos_weight, spec, keep_input_grad, keep_target_grad):
+    dtype = binary_loss_dtype(spec.loss, input, target)
+    loss = torch.empty_like(input, dtype=dtype) if spec.reduction == "none" else input.new_empty((), dtype=dtype)
+    return loss, input.new_empty(0, dtype=compute_dtype(input.dtype))
+
+
+@kernel_op("binary_loss_forward", _forward_fake)
+def forward(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], spec: BinarySpec,
+            keep_input_grad: bool, keep_target_grad: bool) -> tuple[Tensor, Tensor]:
+    """(the loss, a carrier): with keep_*_grad ('mean' and 'sum'), the gradients for an upstream gradient
+    of 1 are written in the same pass and kept with the carrier for the backward."""
     out_dtype = binary_loss_dtype(spec.loss, input, target)
+    carrier = input.new_empty(0, dtype=compute_dtype(input.dtype))
     if spec.reduction == "none":
         loss = torch.empty_like(input, dtype=out_dtype)
         if input.numel():
-            launch(input, target, weight, pos_weight, spec, loss=loss)
-        return loss, None, None
-    fused_input = torch.empty_like(input) if grad_input else None
-    fused_target = torch.empty_like(target) if grad_target else None
+            launch(_Tensors(input, target, weight, pos_weight, None, loss, None, None), spec)
+        return loss, carrier
+    grad_input = torch.empty_like(input) if keep_input_grad else None
+    grad_target = torch.empty_like(target) if keep_target_grad else None
     if input.numel() == 0:
-        empty_value = float("nan") if spec.reduction == "mean" else 0.0  # 0/0 for the mean, as torch
-        return input.new_full((), empty_value, dtype=out_dtype), fused_input, fused_target
-    partials = launch(input, target, weight, pos_weight, spec, grad_input=fused_input,
-                      grad_target=fused_target, reduce=True)
-    return partials.sum().to(out_dtype), fused_input, fused_target
+        loss = input.new_full((), float("nan") if spec.reduction == "mean" else 0.0, dtype=out_dtype)  # as torch
+    else:
+        loss = input.new_empty((), dtype=out_dtype)
+        launch(_Tensors(input, target, weight, pos_weight, None, loss, grad_input, grad_target), spec)
+    if keep_input_grad or keep_target_grad:
+        keep_gradients(carrier, grad_input, grad_target)
+    return loss, carrier
 
 
-def recompute_gradients(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-                        grad_output: Tensor, spec: BinarySpec, *, grad_input: bool,
-                        grad_target: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """∂loss/∂input and ∂loss/∂target (None where not asked for) for the upstream `grad_output`,
-    from the input and target in one pass."""
-    gradients = (torch.empty_like(input) if grad_input else None, torch.empty_like(target) if grad_target else None)
-    if input.numel():
-        launch(input, target, weight, pos_weight, spec, grad_input=gradients[0], grad_target=gradients[1],
-               grad_output=grad_output)
-    return gradients
+def _backward_fake(input, target, weight, pos_weight, carrier, grad_output, spec, input_grad, target_grad):
+    return [torch.empty_like(input) if input_grad else input.new_empty(0),
+            torch.empty_like(target) if target_grad else target.new_empty(0)]
 
 
-# ---------------------------------------------------------------------------------------------
-# torch.library custom ops: what torch.compile sees. A compiled graph computes the loss in the
-# forward op and both gradients in the backward op.
-
-
-@torch.library.custom_op("fastce::binary_loss_forward", mutates_args=())
-def binary_loss_forward_op(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-                           loss: str, reduction: str, alpha: float, gamma: float) -> Tensor:
-    return forward(input, target, weight, pos_weight, BinarySpec(loss, reduction, alpha, gamma))[0]
-
-
-@binary_loss_forward_op.register_fake
-def _(input, target, weight, pos_weight, loss, reduction, alpha, gamma):
-    dtype = binary_loss_dtype(loss, input, target)
-    return torch.empty_like(input, dtype=dtype) if reduction == "none" else input.new_empty((), dtype=dtype)
-
-
-@torch.library.custom_op("fastce::binary_loss_backward", mutates_args=())
-def binary_loss_backward_op(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-                            grad_output: Tensor, loss: str, reduction: str, alpha: float, gamma: float,
-                            grad_input: bool, grad_target: bool) -> tuple[Tensor, Tensor]:
-    gradients = recompute_gradients(input, target, weight, pos_weight, grad_output,
-                                    BinarySpec(loss, reduction, alpha, gamma), grad_input=grad_input,
-                                    grad_target=grad_target)
-    # a custom op returns tensors: an empty one stands for a gradient not asked for
-    return tuple(g if g is not None else like.new_empty(0) for g, like in zip(gradients, (input, target)))
-
-
-@binary_loss_backward_op.register_fake
-def _(input, target, weight, pos_weight, grad_output, loss, reduction, alpha, gamma, grad_input, grad_target):
-    return (torch.empty_like(input) if grad_input else input.new_empty(0),
-            torch.empty_like(target) if grad_target else target.new_empty(0))
-
-
-def _forward_op(input, target, weight, pos_weight, spec: BinarySpec, *, grad_input: bool, grad_target: bool):
-    if torch.compiler.is_compiling():
-        return torch.ops.fastce.binary_loss_forward(input, target, weight, pos_weight, *spec), None, None
-    return forward(input, target, weight, pos_weight, spec, grad_input=grad_input, grad_target=grad_target)
-
-
-def _recompute_op(input, target, weight, pos_weight, grad_output, spec: BinarySpec, *, grad_input: bool,
-                  grad_target: bool):
-    if torch.compiler.is_compiling():
-        grads = torch.ops.fastce.binary_loss_backward(input, target, weight, pos_weight, grad_output, *spec,
-                                                      grad_input, grad_target)
-        return tuple(g if wanted else None for g, wanted in zip(grads, (grad_input, grad_target)))
-    return recompute_gradients(input, target, weight, pos_weight, grad_output, spec, grad_input=grad_input,
-                               grad_target=grad_target)
+@kernel_op("binary_loss_backward", _backward_fake)
+def backward(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], carrier: Tensor,
+             grad_output: Tensor, spec: BinarySpec, input_grad: bool, target_grad: bool) -> list[Tensor]:
+    """[∂loss/∂input, ∂loss/∂target] (empty where not asked for) for the upstream `grad_output`: the
+    forward's, rescaled in place, when it kept them; else computed from the inputs in one pass."""
+    kept = take_gradients(carrier)
+    if kept is not None:
+        gradients = [g if g is None else _launch.scale_(g, grad_output) for g in kept]
+    else:
+        gradients = [torch.empty_like(input) if input_grad else None, torch.empty_like(target) if target_grad else None]
+        if input.numel():
+            launch(_Tensors(input, target, weight, pos_weight, grad_output, None, *gradients), spec)
+    return [g if g is not None else like.new_empty(0) for g, like in zip(gradients, (input, target))]
 
 
 class BinaryLossFunction(torch.autograd.Function):
@@ -244,12 +224,10 @@ class BinaryLossFunction(torch.autograd.Function):
                 spec: BinarySpec):
         ctx.set_materialize_grads(False)
         ctx.spec = spec
-        ctx.grad_handed_out = False
-        ctx.grad_in_forward = spec.reduction != "none" and not torch.compiler.is_compiling()
-        loss, grad_input, grad_target = _forward_op(
-            input, target, weight, pos_weight, spec, grad_input=ctx.grad_in_forward and ctx.needs_input_grad[0],
-            grad_target=ctx.grad_in_forward and ctx.needs_input_grad[1])
-        ctx.save_for_backward(input, target, weight, pos_weight, grad_input, grad_target)
+        in_forward = spec.reduction != "none"
+        loss, carrier = forward(input, target, weight, pos_weight, spec, in_forward and ctx.needs_input_grad[0],
+                                in_forward and ctx.needs_input_grad[1])
+        ctx.save_for_backward(input, target, weight, pos_weight, carrier)
         return loss
 
     @staticmethod
@@ -257,19 +235,8 @@ class BinaryLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if grad_loss is None:
             return None, None, None, None, None
-        input, target, weight, pos_weight, grad_input, grad_target = ctx.saved_tensors
-        if ctx.grad_in_forward and not ctx.grad_handed_out:
-            # First backward: scale the forward's gradients in place (nothing moves when grad_loss
-            # is 1) and hand them out; a later backward through a retained graph recomputes.
-            ctx.grad_handed_out = True
-            for gradient in (grad_input, grad_target):
-                if gradient is not None:
-                    launch_scale_gradient(gradient, grad_loss)
-            return grad_input, grad_target, None, None, None
-        grad_input, grad_target = _recompute_op(input, target, weight, pos_weight, grad_loss, ctx.spec,
-                                                grad_input=ctx.needs_input_grad[0],
-                                                grad_target=ctx.needs_input_grad[1])
-        return grad_input, grad_target, None, None, None
+        grads = backward(*ctx.saved_tensors, grad_loss, ctx.spec, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:2])), None, None, None)
 
 
 def run(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
@@ -277,4 +244,4 @@ def run(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Opt
     """The loss from the Triton kernels, through autograd when a gradient is needed."""
     if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
         return BinaryLossFunction.apply(input, target, weight, pos_weight, spec)
-    return _forward_op(input, target, weight, pos_weight, spec, grad_input=False, grad_target=False)[0]
+    return forward(input, target, weight, pos_weight, spec, False, False)[0]

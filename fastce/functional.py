@@ -1,18 +1,30 @@
-"""Functional API: argument checks, dispatch between the Triton kernels and the reference.
+"""The public functions' thin front: argument checks, DTensor routing and the dispatch between the
+families' kernels and fastce.reference.
 
-Where code runs (DESIGN §3): CUDA tensors → Triton kernels; CPU tensors with TRITON_INTERPRET=1
-→ the same kernels on Triton's interpreter; anything else (or no Triton) → fastce.reference.
+Where code runs (DESIGN §3): CUDA tensors → Triton kernels; CPU tensors with TRITON_INTERPRET=1 → the
+same kernels on Triton's interpreter; anything else (or no Triton) → fastce.reference.
 """
 from __future__ import annotations
 
-import math
-import os
+import dataclasses
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import reference
+from ._core import (
+    BinarySpec,
+    HeadOptions,
+    LossSpec,
+    PolicyGradientSpec,
+    TokenStatsSpec,
+    compute_dtype,
+    kernel_layout,
+    loss_dtype as default_loss_dtype,
+    triton_importable as _triton_importable,  # noqa: F401  (the dispatch rule's parts, where tools patch them)
+    uses_triton,
+)
 from ._validation import (
     VALIDATE_DEVICE,
     VALIDATE_SYNC,
@@ -22,53 +34,36 @@ from ._validation import (
     check_binary,
     check_broadcastable,
     check_class_factor,
+    check_finite,
     check_ignore_index,
     check_input,
     check_label_smoothing,
     check_linear,
     check_no_gradient_wanted,
+    check_not_differentiable,
+    check_positive_size,
     check_reduction,
     check_target,
     check_target_range,
+    check_temperature,
     check_token_logits,
     check_token_target,
+    check_z_loss_softcap,
     validation_mode,
 )
 
 
-_TRITON_IMPORTABLE: Optional[bool] = None
+_FAMILIES = None
 
 
-def _triton_importable() -> bool:
-    global _TRITON_IMPORTABLE
-    if _TRITON_IMPORTABLE is None:
-        try:
-            from . import ops  # noqa: F401  (imports triton and registers the custom ops)
-            _TRITON_IMPORTABLE = True
-        except ImportError:
-            _TRITON_IMPORTABLE = False
-    return _TRITON_IMPORTABLE
-
-
-def uses_triton(input: Tensor) -> bool:
-    """Whether a call on `input` runs the Triton kernels (else the pure-PyTorch reference)."""
-    if input.device.type == "cuda":
-        return _triton_importable()
-    if input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return _triton_importable()
-    return False
-
-
-def _kernel_layout(t: Tensor) -> Tensor:
-    """The tensor itself when the kernels can address its rows with strides, else a copy.
-
-    (N, C, d1, …, dk) is read in place (class dim strided) when d1…dk merge into one stride, as
-    for contiguous and channels-last tensors; other layouts are copied once.
-    """
-    from .ops import mergeable_stride
-    if t.dim() >= 3 and mergeable_stride(t.shape[2:], t.stride()[2:]) is None:
-        return t.contiguous()
-    return t
+def _families():
+    """The kernel families, imported on the first call that runs the kernels (they import Triton, which
+    `import fastce` must not need)."""
+    global _FAMILIES
+    if _FAMILIES is None:
+        from . import binary, linear, softmax_losses, token_stats
+        _FAMILIES = softmax_losses, binary, linear, token_stats
+    return _FAMILIES
 
 
 def _check_common(function, input, target, ignore_index, reduction, label_smoothing) -> tuple[int, int]:
@@ -79,26 +74,6 @@ def _check_common(function, input, target, ignore_index, reduction, label_smooth
     n_classes = check_input(input)
     check_target(input, target, ignore_index)
     return n_classes, ignore_index
-
-
-def _check_not_differentiable(factor: Optional[Tensor], name: str) -> None:
-    # torch's cross_entropy refuses a weight that requires grad rather than ignoring it
-    if factor is not None and factor.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(f"the derivative for '{name}' is not implemented: pass {name}.detach() "
-                           f"(fastce, like torch.nn.functional.cross_entropy, does not train class {name}s)")
-
-
-def _check_finite(name: str, value: float, minimum: float = -math.inf) -> None:
-    if not (math.isfinite(value) and value >= minimum):
-        raise InvalidArgumentError(f"{name} must be a finite number >= {minimum}, got {value}")
-
-
-def _check_z_loss_softcap(z_loss: float, softcap: Optional[float]) -> None:
-    _check_finite("z_loss", z_loss)
-    if softcap is not None:
-        _check_finite("softcap", softcap, 0.0)
-        if softcap == 0:
-            raise InvalidArgumentError("softcap must be positive (or None to disable soft-capping)")
 
 
 def _runs_reference(input, target, n_classes: int, ignore_index: int, validate: str) -> bool:
@@ -115,44 +90,68 @@ def _runs_reference(input, target, n_classes: int, ignore_index: int, validate: 
     return True
 
 
+# The metadata of recent calls whose arguments passed the checks that depend on metadata alone (shapes,
+# dtypes, devices and options): a repeated call skips them. Checks that depend on the grad mode, the
+# validation mode or the class indices' values run at every call.
+_CHECKED: dict = {}
+_CHECKED_MAX = 1024
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_NUMBERS = (int, float)
+_OPTIONAL_NUMBERS = (int, float, type(None))
+
+
+def _call_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, loss_dtype):
+    """The key of a cross_entropy call's metadata, or None where it has none (not plain tensors, or options
+    of other types than the usual, which the checks then judge)."""
+    if type(input) not in _PLAIN_TENSORS or type(target) not in _PLAIN_TENSORS or type(ignore_index) is not int:
+        return None
+    if type(label_smoothing) not in _NUMBERS or type(z_loss) not in _NUMBERS or type(softcap) not in _OPTIONAL_NUMBERS:
+        return None
+    if weight is not None:
+        if type(weight) not in _PLAIN_TENSORS:
+            return None
+        weight = (weight.shape, weight.dtype, weight.device)
+    return (input.shape, input.dtype, input.device, target.shape, target.dtype, target.device, weight, ignore_index,
+            reduction, label_smoothing, z_loss, softcap, loss_dtype)
+
+
+def _remember(key, checked) -> None:
+    if key is None:
+        return
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = checked
+
+
+def _check_loss_dtype(loss_dtype: Optional[torch.dtype]) -> None:
+    if loss_dtype is not None and not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point):
+        raise TypeError(f"loss_dtype must be a floating point torch.dtype or None, got {loss_dtype!r}")
+
+
 def _is_dtensor(t) -> bool:
     # DTensors go to fastce.distributed (fastce/distributed/dtensor.py); plain tensors skip the import
     if type(t) in (Tensor, torch.nn.Parameter) or not isinstance(t, Tensor):
         return False
-    from .distributed.dtensor import is_dtensor
+    from .distributed.dtensor import is_dtensor  # torch.distributed is optional in torch builds
     return is_dtensor(t)
 
 
-def _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softcap):
-    from .ops import LossSpec
-    return LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
-                    None if softcap is None else float(softcap))
-
-
-def _run(input, target, class_factor, spec, *, inplace_backward: bool, validate: str):
-    """(loss, lse) from the Triton kernels, through autograd when a gradient is needed."""
-    from .autograd import CrossEntropyFunction, cross_entropy_inplace, forward_no_grad
-
-    input = _kernel_layout(input)
+def _run_cross_entropy(input, target, class_factor, spec: LossSpec, *, inplace_backward: bool, validate: str,
+                       out_dtype: torch.dtype):
+    """(loss, lse) from the kernels, through autograd when a gradient is needed."""
+    input = kernel_layout(input)
     if target.is_floating_point():
-        target = _kernel_layout(target)
+        target = kernel_layout(target)
         # torch promotes input and probabilities together: with float64 probabilities the loss
         # is float64, hence computed in float64 (the rare mixed case pays a copy of the logits)
-        promoted = reference.loss_dtype(input, target)
-        if reference.compute_dtype(promoted) != reference.compute_dtype(input.dtype):
+        promoted = default_loss_dtype(input, target)
+        if compute_dtype(promoted) != compute_dtype(input.dtype):
             input = input.to(promoted)
     if class_factor is not None:
-        class_factor = class_factor.to(reference.compute_dtype(input.dtype)).contiguous()
-    if not (torch.is_grad_enabled() and input.requires_grad):
-        return forward_no_grad(input, target, class_factor, spec, validate)
-    if inplace_backward and input.is_leaf:
-        raise RuntimeError(
-            "fastce: inplace_backward=True writes the gradient over the logits, which cannot be a leaf "
-            "tensor that requires grad (its .grad would alias its data); pass non-leaf logits (the output "
-            "of a layer) or use inplace_backward=False")
-    if inplace_backward:
-        return cross_entropy_inplace(input, target, class_factor, spec, validate)
-    return CrossEntropyFunction.apply(input, target, class_factor, spec, validate, True)
+        class_factor = class_factor.to(compute_dtype(input.dtype)).contiguous()
+    softmax_losses, *_ = _families()
+    return softmax_losses.run(input, target, class_factor, spec, inplace_backward=inplace_backward,
+                             validate=validate, out_dtype=out_dtype)
 
 
 def cross_entropy(
@@ -168,6 +167,7 @@ def cross_entropy(
     inplace_backward: bool = False,
     validate: Union[bool, str] = True,
     return_lse: bool = False,
+    loss_dtype: Optional[torch.dtype] = None,
 ):
     """Drop-in for torch.nn.functional.cross_entropy, plus z-loss and logit soft-capping.
 
@@ -186,6 +186,8 @@ def cross_entropy(
             its row.
         return_lse: also return the per-row fp32 log-sum-exp of the (soft-capped) logits,
             shaped like the 'none' loss (0 at ignored rows); differentiable (∂lse/∂x = p).
+        loss_dtype: the dtype of the returned loss (default: the input's, as torch), e.g.
+            torch.float32 for bf16 logits: the fp32 value, rounded once to it.
 
     A DTensor `input` sharded on the class dimension (torch's loss_parallel convention) runs
     fastce.distributed's vocabulary-parallel loss on its mesh and returns a DTensor.
@@ -194,17 +196,27 @@ def cross_entropy(
         from .distributed.dtensor import cross_entropy as dtensor_cross_entropy
         return dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
                                      softcap=softcap, inplace_backward=inplace_backward, validate=validate,
-                                     return_lse=return_lse)
-    n_classes, ignore_index = _check_common("cross_entropy", input, target, ignore_index, reduction, label_smoothing)
+                                     return_lse=return_lse, loss_dtype=loss_dtype)
+    key = _call_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, loss_dtype)
+    checked = _CHECKED.get(key) if key is not None else None
+    if checked is None:
+        n_classes, ignore_index = _check_common("cross_entropy", input, target, ignore_index, reduction,
+                                                label_smoothing)
+        check_class_factor(weight, n_classes, input, "weight")
+        check_z_loss_softcap(z_loss, softcap)
+        _check_loss_dtype(loss_dtype)
+        spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                        None if softcap is None else float(softcap))
+        checked = n_classes, spec, loss_dtype or default_loss_dtype(input, target)
+        _remember(key, checked)
+    n_classes, spec, out_dtype = checked
     validate = validation_mode(validate, input.device)
-    check_class_factor(weight, n_classes, input, "weight")
-    _check_not_differentiable(weight, "weight")
-    _check_z_loss_softcap(z_loss, softcap)
-    if _runs_reference(input, target, n_classes, ignore_index, validate):
-        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                                       z_loss=z_loss, softcap=softcap, return_lse=return_lse)
-    spec = _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    loss, lse = _run(input, target, weight, spec, inplace_backward=inplace_backward, validate=validate)
+    check_not_differentiable(weight, "weight")
+    if _runs_reference(input, target, n_classes, spec.ignore_index, validate):
+        return reference.cross_entropy(input, target, weight, spec.ignore_index, reduction, label_smoothing,
+                                       z_loss=z_loss, softcap=softcap, return_lse=return_lse, loss_dtype=loss_dtype)
+    loss, lse = _run_cross_entropy(input, target, weight, spec, inplace_backward=inplace_backward, validate=validate,
+                                   out_dtype=out_dtype)
     return (loss, lse) if return_lse else loss
 
 
@@ -229,19 +241,42 @@ def focal_loss(
         raise NotImplementedError("fastce.focal_loss has no DTensor (vocabulary-parallel) form; pass a plain tensor")
     n_classes, ignore_index = _check_common("focal_loss", input, target, ignore_index, reduction, label_smoothing)
     validate = validation_mode(validate, input.device)
-    _check_finite("gamma", float(gamma), 0.0)
+    check_finite("gamma", float(gamma), 0.0)
     if alpha is not None and not isinstance(alpha, Tensor):
-        _check_finite("alpha", float(alpha))
-        alpha = torch.full((n_classes,), float(alpha), dtype=reference.compute_dtype(input.dtype),
-                           device=input.device)
+        check_finite("alpha", float(alpha))
+        alpha = torch.full((n_classes,), float(alpha), dtype=compute_dtype(input.dtype), device=input.device)
     check_class_factor(alpha, n_classes, input, "alpha")
-    _check_not_differentiable(alpha, "alpha")
+    check_not_differentiable(alpha, "alpha")
     if _runs_reference(input, target, n_classes, ignore_index, validate):
         return reference.focal_loss(input, target, float(gamma), alpha, ignore_index, reduction, label_smoothing)
-    from .ops import LossSpec
     spec = LossSpec(ignore_index, reduction, float(label_smoothing), gamma=float(gamma), focal=True)
-    loss, _ = _run(input, target, alpha, spec, inplace_backward=False, validate=validate)
+    loss, _ = _run_cross_entropy(input, target, alpha, spec, inplace_backward=False, validate=validate,
+                                 out_dtype=input.dtype)
     return loss
+
+
+def _head_options(options, chunk_size: Optional[int], vocab_chunk_size: Optional[int], walk: Optional[str],
+                  function: str) -> HeadOptions:
+    """fastce.HeadOptions from `options` (fastce's, torch's LinearCrossEntropyOptions, which fastce accepts
+    and ignores, or None) and the deprecated keyword aliases (kept working, without a warning: a warning
+    would break torch.compile(fullgraph=True) graphs that still use them)."""
+    if options is not None and not isinstance(options, HeadOptions):
+        if type(options).__name__ != "LinearCrossEntropyOptions":
+            raise TypeError(f"{function}: options must be fastce.HeadOptions, torch's LinearCrossEntropyOptions "
+                            f"or None, got {type(options).__name__}")
+        options = None  # torch's chunking knobs: fastce always walks the head in chunks, by its own rule
+    check_positive_size("chunk_size", chunk_size)
+    check_positive_size("vocab_chunk_size", vocab_chunk_size)
+    aliases = {"chunk_rows": chunk_size, "slice_classes": vocab_chunk_size, "walk": walk}
+    given = {name: value for name, value in aliases.items() if value is not None}
+    if given:
+        options = dataclasses.replace(options or HeadOptions(), **given)
+    options = options or HeadOptions()
+    check_positive_size("chunk_rows", options.chunk_rows)
+    check_positive_size("slice_classes", options.slice_classes)
+    if options.walk not in (None, "vocab", "tokens"):
+        raise InvalidArgumentError(f"walk must be None, 'vocab' or 'tokens', got {options.walk!r}")
+    return options
 
 
 def linear_cross_entropy(
@@ -259,6 +294,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     validate: Union[bool, str] = True,
     return_lse: bool = False,
+    loss_dtype: Optional[torch.dtype] = None,
     chunk_size: Optional[int] = None,
     vocab_chunk_size: Optional[int] = None,
     walk: Optional[str] = None,
@@ -267,41 +303,39 @@ def linear_cross_entropy(
     cross_entropy(linear(input, linear_weight, linear_bias), target, …) for input (…, H) and
     linear_weight (C, H), or input (N, H) and linear_weight (C, d1, …, dk, H), torch's K-dimensional
     loss over logits (N, C, d1, …, dk); linear_bias shaped like linear_weight without H. Gradients
-    for input, linear_weight and linear_bias; the logits are never all in memory at once (see
-    fastce/linear.py for the walks, their rule and their memory).
+    for input, linear_weight and linear_bias; the logits are never all in memory at once (the chunked-head
+    engine, fastce/_head.py: walks, their rule and their memory).
 
     target: class indices shaped like the logits without C, or probabilities shaped like the logits.
     'none' returns the loss shaped like the target's class indices would be. ignore_index=None
     means -100, and may not be given with probabilities, as in torch.
-    Args beyond torch's: z_loss, softcap, validate and return_lse as in fastce.cross_entropy;
-    chunk_size: rows per chunk of the token walk (default: fastce/linear.py's rule, N/16);
-    vocab_chunk_size: classes per slice of the vocabulary walk (default V/16);
-    walk: "vocab" or "tokens", how ∂W is made (default: the rule in fastce/linear.py: "vocab" for
-        bf16/fp16 language-model heads, "tokens" for fp32 and K-dimensional heads).
-    options: torch's LinearCrossEntropyOptions, accepted for drop-in use and ignored (fastce
-    always walks in chunks, by the rules above).
+    Args beyond torch's: z_loss, softcap, validate, return_lse and loss_dtype as in fastce.cross_entropy.
+    options: fastce.HeadOptions(walk=, chunk_rows=, slice_classes=) to override the engine's rule (walk
+    "vocab" or "tokens": how ∂W is made); torch's LinearCrossEntropyOptions is accepted for drop-in use and
+    ignored (fastce always walks in chunks). chunk_size, vocab_chunk_size and walk: deprecated aliases of
+    HeadOptions' chunk_rows, slice_classes and walk.
     A DTensor `linear_weight` sharded on dim 0 (a column-parallel head) runs fastce.distributed's
     vocabulary-parallel form on its mesh and returns a DTensor.
     """
+    head_options = _head_options(options, chunk_size, vocab_chunk_size, walk, "linear_cross_entropy")
     if _is_dtensor(linear_weight) or _is_dtensor(input):
         from .distributed.dtensor import linear_cross_entropy as dtensor_linear_cross_entropy
         return dtensor_linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=-100 if ignore_index is None else ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, validate=validate, return_lse=return_lse, chunk_size=chunk_size)
+            z_loss=z_loss, softcap=softcap, validate=validate, return_lse=return_lse, options=head_options,
+            loss_dtype=loss_dtype)
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
+    if ignore_index is not None:
+        ignore_index = check_ignore_index(ignore_index, "linear_cross_entropy")
     n_classes = check_linear(input, linear_weight, linear_bias, target, ignore_index, torch_rules=True)
     ignore_index = -100 if ignore_index is None else ignore_index
     check_class_factor(weight, n_classes, input, "weight")
-    _check_not_differentiable(weight, "weight")
-    _check_z_loss_softcap(z_loss, softcap)
-    for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
-        if size is not None and size < 1:
-            raise InvalidArgumentError(f"{name} must be a positive number, got {size}")
-    if walk not in (None, "vocab", "tokens"):
-        raise InvalidArgumentError(f"walk must be None, 'vocab' or 'tokens', got {walk!r}")
-    if walk == "vocab" and linear_weight.dim() > 2:
+    check_not_differentiable(weight, "weight")
+    check_z_loss_softcap(z_loss, softcap)
+    _check_loss_dtype(loss_dtype)
+    if head_options.walk == "vocab" and linear_weight.dim() > 2:
         raise InvalidArgumentError("walk='vocab' slices a contiguous class dimension: a K-dimensional "
                                    "linear_weight takes walk='tokens'")
     validate = validation_mode(validate, input.device)
@@ -309,11 +343,13 @@ def linear_cross_entropy(
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            return_lse=return_lse)
-    from . import linear
-    spec = _cross_entropy_spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    loss, lse = linear.run(input, linear_weight, linear_bias, target, weight, spec, walk=walk,
-                           chunk_rows=chunk_size, slice_classes=vocab_chunk_size, validate=validate)
+            return_lse=return_lse, loss_dtype=loss_dtype)
+    spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                    None if softcap is None else float(softcap))
+    _, _, linear, _ = _families()
+    loss, lse = linear.run(input, linear_weight, linear_bias, target, weight, spec, walk=head_options.walk,
+                           chunk_rows=head_options.chunk_rows, slice_classes=head_options.slice_classes,
+                           validate=validate, out_dtype=loss_dtype or input.dtype)
     return (loss, lse) if return_lse else loss
 
 
@@ -322,8 +358,8 @@ def linear_cross_entropy(
 
 def _run_binary(loss, reduction, input, target, weight=None, pos_weight=None, alpha=-1.0, gamma=0.0):
     """The binary loss `loss` ("bce", "soft_margin", "focal") from the Triton kernels."""
-    from .binary import BinarySpec, run
-    return run(input, target, weight, pos_weight, BinarySpec(loss, reduction, alpha, gamma))
+    _, binary, _, _ = _families()
+    return binary.run(input, target, weight, pos_weight, BinarySpec(loss, reduction, alpha, gamma))
 
 
 def binary_cross_entropy_with_logits(
@@ -384,8 +420,8 @@ def sigmoid_focal_loss(
     """
     check_reduction(reduction)
     check_binary("sigmoid_focal_loss", inputs, targets, same_shape=True)
-    _check_finite("alpha", float(alpha))
-    _check_finite("gamma", float(gamma), 0.0)
+    check_finite("alpha", float(alpha))
+    check_finite("gamma", float(gamma), 0.0)
     if not uses_triton(inputs):
         return reference.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), reduction)
     return _run_binary("focal", reduction, inputs, targets, alpha=float(alpha), gamma=float(gamma))
@@ -395,69 +431,80 @@ def sigmoid_focal_loss(
 # Token statistics for RL and post-training (DESIGN §7.2): per-token log-probabilities and entropy
 
 
-def _check_temperature(temperature: float) -> None:
-    _check_finite("temperature", float(temperature), 0.0)
-    if temperature == 0:
-        raise InvalidArgumentError("temperature must be positive")
+def _check_token_call(function: str, target: Tensor, n_classes: int, ignore_index, validate, device) -> tuple:
+    """(ignore_index as an int, the validation mode) of a token-statistics call, after cross_entropy's
+    ignore_index rule; on the reference path the class indices are checked here."""
+    ignore_index = check_ignore_index(ignore_index, function)
+    validate = validation_mode(validate, device)
+    return ignore_index, validate
 
 
-def _check_chunk_size(chunk_size: Optional[int]) -> None:
-    if chunk_size is not None and chunk_size < 1:
-        raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+def _validate_on_reference_path(target: Tensor, n_classes: int, ignore_index: int, validate: str) -> None:
+    if validate == VALIDATE_SYNC:
+        check_target_range(target, n_classes, ignore_index)
+    elif validate == VALIDATE_DEVICE:
+        assert_target_range_on_device(target, n_classes, ignore_index)
 
 
 def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-                   return_entropy: bool = False):
+                   return_entropy: bool = False, validate: Union[bool, str] = True):
     """Per-token log-probability log softmax(logits / T)[target] and, with return_entropy, the entropy
     −Σ p log p of softmax(logits / T): what RL and distillation losses (GRPO, PPO, DPO) are built from.
 
     logits: (…, V), class dimension last, any floating dtype; target: class indices (…).
     Returns float32 tensors shaped like target (float64 for float64 logits), `logprob` or
-    `(logprob, entropy)`: both 0 where target == ignore_index (with zero gradient), NaN where target
-    lies outside [0, V) (no host sync checks it). Both are differentiable; a backward through either
-    or both is one pass over the logits.
+    `(logprob, entropy)`: both 0 where target == ignore_index (with zero gradient). Both are
+    differentiable; a backward through either or both is one pass over the logits. validate as in
+    fastce.cross_entropy (False: a class index outside [0, V) gives NaN for its token, no check).
     """
     check_token_logits(logits)
     check_token_target(target, logits.shape[:-1], logits.device)
-    _check_temperature(temperature)
+    check_temperature(temperature)
+    ignore_index, validate = _check_token_call("token_logprobs", target, logits.shape[-1], ignore_index, validate,
+                                               logits.device)
     if not uses_triton(logits):
+        _validate_on_reference_path(target, logits.shape[-1], ignore_index, validate)
         return reference.token_logprobs(logits, target, temperature=temperature, ignore_index=ignore_index,
                                         return_entropy=return_entropy)
-    from .token_stats import TokenStatsSpec, run
-    logprob, entropy = run(logits, target, TokenStatsSpec(float(temperature), int(ignore_index), return_entropy))
+    *_, token_stats = _families()
+    logprob, entropy = token_stats.run(logits, target, TokenStatsSpec(float(temperature), ignore_index, return_entropy),
+                                       validate=validate)
     return (logprob, entropy) if return_entropy else logprob
 
 
 def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor, *,
                           linear_bias: Optional[Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
-                          return_entropy: bool = False, chunk_size: Optional[int] = None):
+                          return_entropy: bool = False, validate: Union[bool, str] = True, options=None,
+                          chunk_size: Optional[int] = None):
     """token_logprobs(hidden @ linear_weight.T + linear_bias, target, …) for hidden (…, H),
     linear_weight (V, H), linear_bias (V), with gradients for all three, without ever holding the
-    (…, V) logits: the forward computes them chunk_size rows at a time, the backward by vocabulary
-    slices; see fastce/token_stats.py.
+    (…, V) logits (the chunked-head engine, fastce/_head.py: within 5% of the logits' bytes beyond
+    inputs and gradients, where its floors allow). No host sync with validate=False.
 
-    chunk_size: rows per forward chunk, the backward's slices then holding as many logits (default:
-    fastce.token_stats.default_chunks, which sizes each pass's buffer so that the peak memory beyond
-    inputs and gradients stays within 4.5% of the logits' bytes where it can). No host sync.
+    options: fastce.HeadOptions(chunk_rows=…) sets the rows per chunk (the backward's slices then hold as
+    many logits); chunk_size is its deprecated alias.
     """
-    check_linear(hidden, linear_weight, linear_bias, target, ignore_index)
+    head_options = _head_options(options, chunk_size, None, None, "linear_token_logprobs")
+    check_linear(hidden, linear_weight, linear_bias, target, None)
     check_token_target(target, hidden.shape[:-1], hidden.device)
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
+    check_temperature(temperature)
+    ignore_index, validate = _check_token_call("linear_token_logprobs", target, linear_weight.shape[0], ignore_index,
+                                               validate, hidden.device)
     if not uses_triton(hidden):
+        _validate_on_reference_path(target, linear_weight.shape[0], ignore_index, validate)
         return reference.linear_token_logprobs(hidden, linear_weight, target, linear_bias=linear_bias,
                                                temperature=temperature, ignore_index=ignore_index,
                                                return_entropy=return_entropy)
-    from .token_stats import TokenStatsSpec, run_linear
-    logprob, entropy = run_linear(hidden, linear_weight, linear_bias, target,
-                                  TokenStatsSpec(float(temperature), int(ignore_index), return_entropy),
-                                  chunk_rows=chunk_size)
+    *_, token_stats = _families()
+    logprob, entropy = token_stats.run_linear(hidden, linear_weight, linear_bias, target,
+                                              TokenStatsSpec(float(temperature), ignore_index, return_entropy),
+                                              chunk_rows=head_options.chunk_rows, validate=validate)
     return (logprob, entropy) if return_entropy else logprob
 
 
 def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, entropy_coef: float = 0.0,
                          temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
-                         return_stats: bool = False):
+                         return_stats: bool = False, validate: Union[bool, str] = True):
     """The on-policy policy-gradient loss (REINFORCE, GRPO with importance ratio 1):
     −(A·logprob + entropy_coef·H) per token, with logprob = log softmax(logits / T)[target] and H the
     entropy of softmax(logits / T), as in token_logprobs; 0 at tokens where target == ignore_index.
@@ -468,26 +515,30 @@ def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, 
     tokens divided by their number, as cross_entropy's unweighted mean; NaN with a zero gradient when
     every token is ignored), "sum", or "none" (the per-token loss, shaped like target). The loss is
     float32 (float64 for float64 logits). With return_stats, returns (loss, logprob, entropy), the
-    statistics detached, for logging.
+    statistics detached, for logging. validate as in fastce.cross_entropy.
 
     Cost: for "mean" and "sum" the forward writes the logits' gradient in the pass that reads them (the
     advantages are known there), so a training step moves 2× the logits' bytes instead of
-    token_logprobs' 3×; "none" computes the gradient in the backward (3×). No host sync.
+    token_logprobs' 3×; "none" computes the gradient in the backward (3×). No host sync with
+    validate=False (or on CUDA).
     """
     check_token_logits(logits)
     check_token_target(target, logits.shape[:-1], logits.device)
     check_advantages(advantages, target.shape, logits.device)
     check_reduction(reduction)
-    _check_temperature(temperature)
-    _check_finite("entropy_coef", float(entropy_coef))
+    check_temperature(temperature)
+    check_finite("entropy_coef", float(entropy_coef))
+    ignore_index, validate = _check_token_call("policy_gradient_loss", target, logits.shape[-1], ignore_index,
+                                               validate, logits.device)
     if advantages.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("fastce.policy_gradient_loss does not differentiate with respect to advantages, which "
                            "are constants of the policy-gradient estimator: pass advantages.detach()")
     if not uses_triton(logits):
+        _validate_on_reference_path(target, logits.shape[-1], ignore_index, validate)
         return reference.policy_gradient_loss(logits, target, advantages, entropy_coef=entropy_coef,
                                               temperature=temperature, ignore_index=ignore_index,
                                               reduction=reduction, return_stats=return_stats)
-    from .token_stats import PolicyGradientSpec, run_policy_gradient
-    spec = PolicyGradientSpec(float(entropy_coef), float(temperature), int(ignore_index), reduction, return_stats)
-    loss, logprob, entropy = run_policy_gradient(logits, target, advantages, spec)
+    *_, token_stats = _families()
+    spec = PolicyGradientSpec(float(entropy_coef), float(temperature), ignore_index, reduction, return_stats)
+    loss, logprob, entropy = token_stats.run_policy_gradient(logits, target, advantages, spec, validate=validate)
     return (loss, logprob, entropy) if return_stats else loss

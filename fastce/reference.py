@@ -18,29 +18,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 inside for every input dtype, except that float64 stays float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
-    """The loss's dtype: the input's, or with probability targets torch's promotion of both
-    (bf16 logits with fp32 probabilities give an fp32 loss, anything with fp64 an fp64 one)."""
-    return torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
-
+from ._core import binary_loss_dtype, compute_dtype, loss_dtype as default_loss_dtype, row_shape
 
 def class_last_rows(t: Tensor) -> Tensor:
     """(C) -> (1, C); (N, C) -> (N, C); (N, C, d1, ..., dk) -> (N*d1*...*dk, C)."""
     if t.dim() == 1:
         return t.unsqueeze(0)
     return t.movedim(1, -1).reshape(-1, t.shape[1])
-
-
-def row_shape(input: Tensor) -> torch.Size:
-    """Shape of the per-row loss ('none' reduction): the input's shape without the class dim."""
-    if input.dim() == 1:
-        return torch.Size(())
-    return input.shape[:1] + input.shape[2:]
 
 
 def softcap_logits(x: Tensor, softcap: Optional[float]) -> Tensor:
@@ -72,7 +56,7 @@ def _per_row_losses(input, target, class_factor, ignore_index, label_smoothing, 
     class_factor: per-class weight w (cross-entropy) or alpha (focal), or None.
     Returns (loss_rows, lse, valid, in_range, y_safe) in the compute dtype.
     """
-    x = softcap_logits(class_last_rows(input).to(compute_dtype(loss_dtype(input, target))), softcap)
+    x = softcap_logits(class_last_rows(input).to(compute_dtype(default_loss_dtype(input, target))), softcap)
     lse = torch.logsumexp(x, dim=-1)
     # as torch: (x − max) − log Σ exp(x − max); x − lse would inherit lse's rounding, which at
     # logits of 1e4 is as large as the loss of a confident row
@@ -109,22 +93,14 @@ def _reduce(loss_rows, divisor, z_rows, valid, reduction, shape, out_dtype):
     return total.to(out_dtype)
 
 
-def cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    return_lse: bool = False,
-):
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  softcap: Optional[float] = None, return_lse: bool = False, loss_dtype: Optional[torch.dtype] = None):
     """Cross-entropy with torch's semantics plus z-loss and logit soft-capping.
 
     With ``return_lse=True`` returns ``(loss, lse)`` where lse is the per-row fp32
-    log-sum-exp of the (soft-capped) logits, shaped like the 'none' loss.
+    log-sum-exp of the (soft-capped) logits, shaped like the 'none' loss. ``loss_dtype``: the
+    loss's dtype (default: torch's, the input's).
     """
     loss_rows, lse, valid, in_range, y_safe = _per_row_losses(
         input, target, weight, ignore_index, label_smoothing, softcap, 0.0)
@@ -138,22 +114,16 @@ def cross_entropy(
     z_rows = None
     if z_loss:
         z_rows = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
-    loss = _reduce(loss_rows, divisor, z_rows, valid, reduction, row_shape(input), loss_dtype(input, target))
+    loss = _reduce(loss_rows, divisor, z_rows, valid, reduction, row_shape(input),
+                   loss_dtype or default_loss_dtype(input, target))
     if return_lse:
         lse = torch.where(valid, lse, torch.zeros_like(lse))
         return loss, lse.reshape(row_shape(input))
     return loss
 
 
-def focal_loss(
-    input: Tensor,
-    target: Tensor,
-    gamma: float = 2.0,
-    alpha: Union[None, float, Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-) -> Tensor:
+def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Union[None, float, Tensor] = None,
+               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Focal loss L_i = -sum_c alpha_c q_ic (1 - p_ic)^gamma log p_ic; "mean" over non-ignored rows."""
     if alpha is not None and not isinstance(alpha, Tensor):
         alpha = torch.full((input.shape[0 if input.dim() == 1 else 1],), float(alpha),
@@ -177,6 +147,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     return_lse: bool = False,
+    loss_dtype: Optional[torch.dtype] = None,
 ):
     """cross_entropy(linear(input, linear_weight, linear_bias)) with every logit materialised, for
     input (…, H) and linear_weight (C, H), or input (N, H) and linear_weight (C, d1, …, dk, H) (the
@@ -190,7 +161,7 @@ def linear_cross_entropy(
     is_probabilities = target.shape == input.shape[:-1] + linear_weight.shape[:-1]
     rows_target = target.reshape(logits.shape) if is_probabilities else target.reshape(logits.shape[:1] + out_features)
     loss, lse = cross_entropy(logits, rows_target, weight, ignore_index, reduction, label_smoothing,
-                              z_loss=z_loss, softcap=softcap, return_lse=True)
+                              z_loss=z_loss, softcap=softcap, return_lse=True, loss_dtype=loss_dtype)
     if reduction == "none":
         loss = loss.reshape(loss_shape)
     return (loss, lse.reshape(loss_shape)) if return_lse else loss
@@ -199,16 +170,6 @@ def linear_cross_entropy(
 # ---------------------------------------------------------------------------------------------
 # Binary (sigmoid) losses, DESIGN §7.1: log σ(x) = logsigmoid(x) and log(1 − σ(x)) = logsigmoid(−x),
 # the stable forms, whose autograd gradients are the stable σ(x) and σ(−x).
-
-
-def binary_loss_dtype(loss: str, input: Tensor, target: Tensor) -> torch.dtype:
-    """The dtype torch gives each loss: BCE returns the target's dtype (torch computes it in a
-    buffer of the target's), soft margin the input's, torchvision's focal loss their promotion."""
-    if loss == "bce":
-        return target.dtype
-    if loss == "soft_margin":
-        return input.dtype
-    return torch.promote_types(input.dtype, target.dtype)
 
 
 def _reduce_elements(loss: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:

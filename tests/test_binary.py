@@ -523,6 +523,6 @@ def test_kernels_compile_for_hopper_without_spills():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines()]
-    assert len(rows) == 10, result.stdout  # nine forward variants and the backward scale
+    assert len(rows) == 9, result.stdout  # nine forward variants (the backward's rescale is the shared scale_kernel)
     for name, registers, stack in rows:
         assert 0 < int(registers) <= 128 and int(stack) == 0, f"{name}: {registers} registers, {stack} B of stack"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastce
-from fastce import ops
+from fastce import _launch
 from fastce.profiling import measure
 
 pytestmark = pytest.mark.skipif(
@@ -37,7 +37,7 @@ def test_forward_backward_reads_logits_once_and_writes_gradient_once(n_classes):
         fastce.cross_entropy(x, target, validate=False).backward()
     # a row longer than one tile is read twice by the program that holds it: the re-read is
     # served by L2 on a GPU, so the distinct bytes per launch (the DRAM estimate) stay at the floor
-    requested = 2.15 if n_classes <= ops.SINGLE_PASS_MAX_CLASSES else 3.05
+    requested = 2.15 if n_classes <= _launch.SINGLE_PASS_MAX_CLASSES else 3.05
     assert m.total_bytes <= requested * _nbytes(x), m.report()
     assert m.unique_bytes <= 2.05 * _nbytes(x), m.report()
     assert m.syncs == 0, m.report()
@@ -142,10 +142,13 @@ def test_class_indices_are_read_again_only_when_needed(monkeypatch, reduction, v
 
 def test_mean_divisor_is_summed_in_parallel_in_a_fixed_order(monkeypatch):
     # segmentation-sized batches spread over many programs (two fixed-order levels, no atomics)
-    assert ops.target_stats_plan(16 * 512 * 512) == (4096, 1024)
-    assert ops.target_stats_plan(100) == (4096, 1)
-    monkeypatch.setattr(ops, "TARGET_STATS_BLOCK", 16)  # the same plan on a size the interpreter runs fast
-    monkeypatch.setattr(ops, "TARGET_STATS_PROGRAMS", 8)
+    assert _launch.target_stats_plan(16 * 512 * 512) == (4096, 1024)
+    assert _launch.target_stats_plan(100) == (4096, 1)
+    # the same plan on a size the interpreter runs fast (and launches prepared for it only)
+    monkeypatch.setattr(_launch, "TARGET_STATS_BLOCK", 16)
+    monkeypatch.setattr(_launch, "TARGET_STATS_SINGLE", 16)
+    monkeypatch.setattr(_launch, "TARGET_STATS_PROGRAMS", 8)
+    _launch._target_stats_launches.cache_clear()
     n_rows, n_classes = 1000, 7
     x = (torch.randn(n_rows, n_classes) * 2).to(torch.float64)
     target = torch.randint(0, n_classes, (n_rows,))
@@ -158,6 +161,7 @@ def test_mean_divisor_is_summed_in_parallel_in_a_fixed_order(monkeypatch):
         assert m.kernels["target_stats_kernel"].launches == m.kernels["sum_stats_kernel"].launches == 1
     assert m.kernels["target_stats_kernel"].unique_read >= n_rows * 8  # every class index, once
     assert torch.equal(losses[0], losses[1])
+    _launch._target_stats_launches.cache_clear()
     expected = F.cross_entropy(x, target, weight, label_smoothing=0.1)
     torch.testing.assert_close(losses[0], expected, rtol=1e-12, atol=0)
 
@@ -173,18 +177,7 @@ def _training_step_on_long_rows(n_classes):
     return m, _nbytes(x)
 
 
-@pytest.mark.parametrize("n_classes", [131072, 262144])
-def test_opt_in_clusters_read_long_rows_once(monkeypatch, n_classes):
-    monkeypatch.setenv("FASTCE_CLUSTER", "1")  # the interpreter runs a cluster's tile as one program
-    assert ops.cluster_policy(torch.empty(0)) == ops.CLUSTER_LONG_ROWS
-    assert ops.launch_config(2, n_classes, ops.CLUSTER_LONG_ROWS).num_ctas > 1
-    m, logits_bytes = _training_step_on_long_rows(n_classes)
-    assert m.total_bytes <= 2.15 * logits_bytes, m.report()
-    assert m.syncs == 0
-
-
 def test_streamed_rows_are_read_twice_with_the_reread_inside_one_kernel():
-    assert ops.cluster_policy(torch.empty(0)) == ops.NO_CLUSTERS  # the default
     m, logits_bytes = _training_step_on_long_rows(131072)
     # one extra read of each row, requested by the same program that read it first: on a GPU it
     # hits L2, so distinct bytes per launch (the DRAM estimate) stay at the floor
@@ -226,9 +219,9 @@ def test_class_offsets_beyond_int32():
 
 @pytest.mark.parametrize("n_classes", [3, 100, 1024])
 def test_small_vocabularies_share_programs(n_classes):
-    config = ops.launch_config(4096, n_classes)
+    config = _launch.row_launch_config(4096, n_classes)
     assert config.rows > 1
-    assert config.rows * config.block_size <= ops.SMALL_ROW_TILE
+    assert config.rows * config.block_size <= _launch.SMALL_ROW_TILE
     x = _bf16_logits(37, n_classes)
     target = torch.randint(0, n_classes, (37,))
     with measure() as m:
@@ -240,53 +233,14 @@ def test_small_vocabularies_share_programs(n_classes):
     torch.testing.assert_close(x.grad.double(), x_ref.grad, atol=1e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("clusters", [ops.NO_CLUSTERS, ops.CLUSTER_LONG_ROWS])
-def test_launch_rule_bounds_warps_and_tiles(clusters):
+def test_launch_rule_bounds_warps_and_tiles():
     for n_classes in (1, 7, 256, 4096, 4097, 8192, 8193, 32768, 65536, 65537, 262144, 262145):
-        config = ops.launch_config(8192, n_classes, clusters)
+        config = _launch.row_launch_config(8192, n_classes)
         assert 4 <= config.num_warps <= 32
-        clustered = clusters == ops.CLUSTER_LONG_ROWS and ops.CLUSTER_TILE < n_classes <= ops.CLUSTER_MAX_CLASSES
-        if n_classes <= ops.SINGLE_PASS_MAX_CLASSES or clustered:
+        if n_classes <= _launch.SINGLE_PASS_MAX_CLASSES:
             assert config.block_size >= n_classes  # one tile holds the row: read once
         else:
-            assert config.block_size == ops.STREAM_BLOCK and config.num_warps == 4  # H200 sweep's best
-        # a cluster splits long rows only, into tiles a CTA can hold
-        assert (config.num_ctas > 1) == clustered
-        assert config.num_ctas <= ops.MAX_CLUSTER
-        assert config.block_size // config.num_ctas <= max(2 * ops.CLUSTER_TILE, ops.SINGLE_PASS_MAX_CLASSES)
-
-
-def test_cluster_launch_is_checked_against_the_unclustered_kernel(monkeypatch):
-    config = ops.launch_config(2, 131072, ops.CLUSTER_LONG_ROWS)
-    logits = _bf16_logits(2, 131072, requires_grad=False)
-    rng_state = torch.get_rng_state()
-    assert ops._cluster_matches_unclustered(config, logits)
-    assert torch.equal(torch.get_rng_state(), rng_state)  # the probe draws from its own generator
-    launch = ops.launch_forward
-
-    def wrong_cluster_launch(*args, config, **kwargs):
-        loss_rows, lse = launch(*args, config=config, **kwargs)
-        return loss_rows + (config.num_ctas > 1), lse
-
-    def failing_cluster_launch(*args, config, **kwargs):
-        if config.num_ctas > 1:
-            raise RuntimeError("CUDA error: cluster too large")
-        return launch(*args, config=config, **kwargs)
-
-    for broken, message in ((wrong_cluster_launch, "disagrees"), (failing_cluster_launch, "cluster too large")):
-        monkeypatch.setattr(ops, "launch_forward", broken)
-        with pytest.warns(UserWarning, match=message):
-            assert not ops._cluster_matches_unclustered(config, logits)
-
-
-def test_opt_in_autotune_searches_warps_and_restores_in_place_buffers():
-    # FASTCE_AUTOTUNE=1 picks this kernel on CUDA (the interpreter has no timer to tune with)
-    tuned = ops._autotuned_fwd_kernel()
-    assert sorted(config.num_warps for config in tuned.configs) == [4, 8, 16, 32]
-    assert set(tuned.restore_value) == {"logits_ptr", "grad_ptr"}
-    assert tuned.fn is ops.cross_entropy_fwd_kernel  # the heuristics (SINGLE_PASS, WIDE_OFFSETS) still apply
-    # a cluster launch keeps its cluster in every trial
-    assert {config.num_ctas for config in ops._autotuned_fwd_kernel(16).configs} == {16}
+            assert config.block_size == _launch.STREAM_BLOCK and config.num_warps == 4  # H200 sweep's best
 
 
 # ---- binary (sigmoid) losses, DESIGN §7.1: floor = read input and target, write the gradient(s) ----

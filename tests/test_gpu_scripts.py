@@ -29,7 +29,7 @@ def test_gpu_run_checks_every_launch_path_and_times_every_provider(gpu_run):
     tmp_path, printed = gpu_run
     checks = json.loads((tmp_path / "checks.json").read_text())
     assert {check["dtype"] for check in checks} == {"bf16", "fp16", "fp32"}
-    assert {check["path"] for check in checks} == {"default", "1"}  # streamed / one tile, and clusters
+    assert {check["path"] for check in checks} == {"default"}  # streamed and one tile (the cluster path is gone)
     assert {check["option"] for check in checks} >= {"plain", "weight", "focal", "prob_targets", "inplace_backward"}
     assert all(check["passed"] for check in checks), [c for c in checks if not c["passed"]]
     timings = json.loads((tmp_path / "results.json").read_text())["timings"]

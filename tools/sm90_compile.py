@@ -5,7 +5,7 @@ PTX → ptxas) over what fastce's launchers launch for a set of workloads, so ty
 interpreter tolerates, register spills of the launch rule, and narrow memory accesses show up
 without a GPU. It runs nothing on a device.
 
-Each variant calls fastce.ops on meta tensors (shapes and strides, no memory); every kernel
+Each variant calls fastce's launchers on meta tensors (shapes and strides, no memory); every kernel
 launch is intercepted and compiled with the specialisations Triton applies at run time: pointers
 16-byte aligned (as PyTorch allocates them), integers equal to 1 turned into constants (unit
 strides), integers divisible by 16 marked so. From the PTX it reports, per pointer argument, the
@@ -31,8 +31,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from fastce import ops
-from fastce.ops import LossSpec
+from fastce import _launch, softmax_losses
+from fastce._core import LossSpec, compute_dtype
 
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -40,8 +40,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 class Variant(NamedTuple):
     name: str
-    launch: Callable[[], None]  # calls fastce.ops on meta tensors
-    cluster_setting: str = ""   # FASTCE_CLUSTER during the call ("": unset, the default policy)
+    launch: Callable[[], None]  # calls fastce's launchers on meta tensors
 
 
 class Compiled(NamedTuple):
@@ -68,15 +67,15 @@ def _training_step(shape, dtype=torch.bfloat16, layout="contiguous", weight=Fals
     def launch():
         logits = _meta(shape, dtype, layout)
         target = _meta(shape, dtype, layout) if probs else _meta(shape[:1] + shape[2:], torch.int64)
-        class_weight = _meta(shape[1], ops.compute_dtype(dtype)) if weight else None
-        ops.forward(logits, target, class_weight, LossSpec(**spec), keep_gradient=True, validate="none")
+        class_weight = _meta(shape[1], compute_dtype(dtype)) if weight else None
+        softmax_losses.forward(logits, target, class_weight, LossSpec(**spec), dtype, True, "none")
     return launch
 
 
 def _no_grad_forward(shape, dtype=torch.bfloat16, **spec):
     def launch():
-        ops.forward(_meta(shape, dtype), _meta(shape[:1], torch.int64), None, LossSpec(**spec), keep_gradient=False,
-                    validate="none")
+        softmax_losses.forward(_meta(shape, dtype), _meta(shape[:1], torch.int64), None, LossSpec(**spec), dtype, False,
+                               "none")
     return launch
 
 
@@ -85,39 +84,34 @@ def _backward(shape, reduction, lse_grad=False, dtype=torch.bfloat16):
     forward's gradient (kept) where the upstream gradient is not 1 or the lse has one."""
     def launch():
         logits = _meta(shape, dtype)
-        divisors = _meta(3, ops.compute_dtype(dtype))
+        stats = _meta(_launch.N_TARGET_STATS, compute_dtype(dtype))
         if reduction != "none":
-            setattr(divisors, ops._FORWARD_GRADIENT, torch.empty_like(logits))
+            _launch.keep_gradients(stats, torch.empty_like(logits))
         grad_output = _meta(shape[:1] if reduction == "none" else (), dtype)
-        ops.backward(logits, _meta(shape[:1], torch.int64), None, LossSpec(reduction=reduction), divisors,
-                     grad_output, _meta(shape[:1], torch.float32) if lse_grad else None)
+        softmax_losses.backward(logits, _meta(shape[:1], torch.int64), None, stats, grad_output,
+                                _meta(shape[:1], torch.float32) if lse_grad else None, LossSpec(reduction=reduction))
     return launch
 
 
 def _rescale(shape, dtype=torch.bfloat16):
-    """inplace_backward's rescale of the gradient written over the logits."""
-    return lambda: ops.launch_scale_gradient(_meta(shape, dtype), _meta((), dtype))
+    """The shared rescale of a gradient kept by a forward (inplace_backward's, the fused heads')."""
+    return lambda: _launch.scale_(_meta(shape, dtype), _meta((), dtype))
 
 
 def _target_statistics(n_rows):
     """The class-index pass (mean's divisors, device-side check): both levels for a segmentation batch."""
     def launch():
         logits = _meta((n_rows, 21))
-        ops.statistics(logits, _meta(n_rows, torch.int64), _meta(21, torch.float32), LossSpec(), "device")
+        softmax_losses.statistics(logits, _meta(n_rows, torch.int64), _meta(21, torch.float32), LossSpec(), "device")
     return launch
 
 
 STEP = dict(reduction="mean")
-CLUSTERS = "1"  # FASTCE_CLUSTER=1: rows of 8k-256k classes split across a Hopper cluster (opt-in)
 VARIANTS = [
     Variant("training step, V=4096", _training_step((8192, 4096), **STEP)),
     Variant("streamed training step, V=32k", _training_step((8192, 32768), **STEP)),
     Variant("streamed training step, V=50257", _training_step((8192, 50257), **STEP)),
     Variant("streamed training step, V=256k", _training_step((8192, 262144), **STEP)),
-    Variant("clustered training step, V=32k", _training_step((8192, 32768), **STEP), cluster_setting=CLUSTERS),
-    Variant("clustered training step, V=50257", _training_step((8192, 50257), **STEP), cluster_setting=CLUSTERS),
-    Variant("clustered training step, V=128k", _training_step((8192, 131072), **STEP), cluster_setting=CLUSTERS),
-    Variant("clustered training step, V=256k", _training_step((8192, 262144), **STEP), cluster_setting=CLUSTERS),
     Variant("no-grad forward, V=4096", _no_grad_forward((8192, 4096))),
     Variant("streamed no-grad forward, V=128k", _no_grad_forward((8192, 131072))),
     Variant("small V=256, rows per program", _training_step((8192, 256), reduction="sum")),
@@ -130,27 +124,12 @@ VARIANTS = [
     Variant("probability targets, V=4096", _training_step((8192, 4096), weight=True, probs=True)),
     Variant("focal, V=1000", _training_step((8192, 1000), weight=True, gamma=2.0, focal=True, **STEP)),
     Variant("focal streamed, V=100k", _training_step((8192, 100000), gamma=2.0, focal=True)),
-    Variant("focal clustered, V=100k", _training_step((8192, 100000), gamma=2.0, focal=True),
-            cluster_setting=CLUSTERS),
     Variant("'none' backward, V=32k", _backward((8192, 32768), "none")),
     Variant("'mean' backward with an lse gradient, V=4096", _backward((8192, 4096), "mean", lse_grad=True)),
     Variant("float64, V=1000", _training_step((8192, 1000), torch.float64, label_smoothing=0.1, **STEP)),
     Variant("inplace rescale, V=32k", _rescale((8192, 32768))),
     Variant("class-index pass, 16x512x512 targets", _target_statistics(16 * 512 * 512)),
 ]
-
-
-@contextlib.contextmanager
-def _cluster_setting(value: str):
-    previous = os.environ.pop("FASTCE_CLUSTER", None)
-    if value:
-        os.environ["FASTCE_CLUSTER"] = value
-    try:
-        yield
-    finally:
-        os.environ.pop("FASTCE_CLUSTER", None)
-        if previous is not None:
-            os.environ["FASTCE_CLUSTER"] = previous
 
 
 @contextlib.contextmanager
@@ -200,14 +179,24 @@ _INSTRUCTION = re.compile(r"^(?:@!?%\w+\s+)?[\w.:]+\s+(%\w+)\s*,(.*)$")
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s.*?\[\s*(%\w+)")
 
 
-def access_widths(ptx: str, arguments: list[str]) -> dict:
-    """{pointer argument: {"ld": widths, "st": widths}} of the global loads and stores in `ptx`,
-    in bytes per thread and access. An access is attributed to the pointer parameters its
-    address register derives from (following the PTX's data flow)."""
-    sources = defaultdict(set)  # register -> kernel parameters (by index) it is computed from
+def _entry_body(ptx: str, kernel: str) -> list[str]:
+    """The lines of `kernel`'s .entry (each PTX function has its own register names)."""
     lines = [line.strip() for line in ptx.splitlines()]
+    start = next(i for i, line in enumerate(lines) if ".entry" in line and f"{kernel}(" in line)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(".func") or
+                lines[i].startswith(".visible .entry")), len(lines))
+    return lines[start:end]
+
+
+def access_widths(ptx: str, arguments: list[str], kernel: str) -> dict:
+    """{pointer argument: {"ld": widths, "st": widths}} of the global loads and stores in `ptx`,
+    in bytes per thread and access. An access is attributed to the pointer parameters of `kernel`
+    its address register derives from (following the PTX's data flow; a non-inlined helper's
+    accesses go unattributed: its parameters are not the kernel's)."""
+    sources = defaultdict(set)  # register -> kernel parameters (by index) it is computed from
+    lines = _entry_body(ptx, kernel)
     for line in lines:
-        if (match := _PARAM.search(line)):
+        if (match := _PARAM.search(line)) and match.group(2) == kernel:
             sources[match.group(1)].add(int(match.group(3)))
     flow = [(match.group(1), re.findall(r"%\w+", match.group(2))) for line in lines
             if (match := _INSTRUCTION.match(line)) and not _PARAM.search(line)]
@@ -233,14 +222,14 @@ def compile_all(variants: Iterable[Variant]) -> list[Compiled]:
     results = []
     for variant in variants:
         launches: list = []
-        with _cluster_setting(variant.cluster_setting), _compile_instead_of_launching(launches):
+        with _compile_instead_of_launching(launches):
             variant.launch()
         for name, bound_args, kernel, arguments in launches:
             registers, stack = resource_usage(kernel.asm["cubin"])
             ptx = kernel.asm["ptx"]
             results.append(Compiled(variant.name, name, bound_args.get("ROWS", 1), bound_args.get("BLOCK_SIZE", 0),
                                     kernel.metadata.num_warps, kernel.metadata.num_ctas, registers, stack,
-                                    len(re.findall(r"\.param \.f64 ", ptx)), access_widths(ptx, arguments)))
+                                    len(re.findall(r"\.param \.f64 ", ptx)), access_widths(ptx, arguments, name)))
     return results
 
 
@@ -277,7 +266,7 @@ def compile_token_stats(variants: Iterable[tuple]) -> list[tuple]:
     from fastce.kernels import token_stats as token_kernels
     rows = []
     for name, kernel_name, n_classes, dtype, flags in variants:
-        kernel = getattr(token_kernels, kernel_name).fn
+        kernel = getattr(token_kernels, kernel_name)
         config = token_stats.launch_config(8192, n_classes)
         acc = "fp64" if dtype == "fp64" else "fp32"
         pointers = {arg: f"*{dtype}" if arg in ("logits_ptr", "grad_ptr") else "*i64" if arg == "target_ptr"
@@ -285,7 +274,7 @@ def compile_token_stats(variants: Iterable[tuple]) -> list[tuple]:
         constexprs = {arg: arg in flags for arg in kernel.arg_names if arg.isupper()}
         constexprs.update(ROWS=config.rows, BLOCK_SIZE=config.block_size, WIDE_OFFSETS=False,
                           COMPUTE_DTYPE=tl.float64 if acc == "fp64" else tl.float32)
-        if "SINGLE_PASS" in constexprs:  # the launch-time heuristic's value
+        if "SINGLE_PASS" in constexprs:  # the launcher's value
             constexprs["SINGLE_PASS"] = n_classes <= config.block_size
         scalars = {arg: "fp64" if arg in ("inv_temperature", "entropy_coef")
                    else "i64" if "stride" in arg or arg == "class_offset"
@@ -308,7 +297,7 @@ def main() -> None:
     print(f"\n{'token-statistics kernel variant':40s} {'rows':>4s} {'block':>7s} {'CTAs':>4s} {'warps':>5s} "
           f"{'regs':>5s} {'stack B':>8s}")
     for name, config, registers, spills in compile_token_stats(token_stats_variants()):
-        print(f"{name:40s} {config.rows:4d} {config.block_size:7d} {config.num_ctas:4d} {config.num_warps:5d} "
+        print(f"{name:40s} {config.rows:4d} {config.block_size:7d} {1:4d} {config.num_warps:5d} "
               f"{registers:5d} {spills:8d}")
 
 

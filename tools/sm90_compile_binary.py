@@ -70,13 +70,13 @@ def _source(variant: Variant):
                       GAMMA_INT=variant.gamma_int, GRAD_OUTPUT=variant.grad_output, WIDE_OFFSETS=False,
                       COMPUTE_DTYPE=tl.float64 if acc == "fp64" else tl.float32, **flags)
     present = {"weight_ptr": flags["HAS_WEIGHT"], "pos_weight_ptr": flags["HAS_POS_WEIGHT"],
-               "grad_output_ptr": variant.grad_output > 0, "loss_ptr": flags["STORE_LOSS"],
-               "partial_ptr": flags["REDUCE"], "grad_input_ptr": flags["GRAD_INPUT"],
+               "grad_output_ptr": variant.grad_output > 0, "loss_ptr": flags["STORE_LOSS"] or flags["REDUCE"],
+               "work_ptr": flags["REDUCE"], "grad_input_ptr": flags["GRAD_INPUT"],
                "grad_target_ptr": flags["GRAD_TARGET"]}
-    names = kernels.binary_loss_fwd_kernel.fn.arg_names
+    names = kernels.binary_loss_fwd_kernel.arg_names
     signature, attrs = {"input_ptr": f"*{variant.dtype}", "target_ptr": f"*{variant.dtype}"}, {}
     for name, here in present.items():
-        signature[name] = (f"*{acc}" if name == "partial_ptr" else f"*{variant.dtype}") if here else "constexpr"
+        signature[name] = (f"*{acc}" if name == "work_ptr" else f"*{variant.dtype}") if here else "constexpr"
         if not here:
             constexprs[name] = None
 
@@ -107,15 +107,10 @@ def compile_all(selected=None) -> list[tuple]:
     rows = []
     for variant in selected or variants():
         signature, constexprs, attrs, num_warps = _source(variant)
-        source = ASTSource(fn=kernels.binary_loss_fwd_kernel.fn, signature=signature, constexprs=constexprs,
+        source = ASTSource(fn=kernels.binary_loss_fwd_kernel, signature=signature, constexprs=constexprs,
                            attrs=attrs)
         compiled = triton.compile(source, target=sm90_compile.HOPPER, options={"num_warps": num_warps})
         rows.append((variant.name, num_warps, *sm90_compile.resource_usage(compiled.asm["cubin"])))
-    compiled = sm90_compile._compile(
-        kernels.binary_scale_grad_kernel, {"grad_ptr": "*bf16", "grad_output_ptr": "*fp32", "n_elements": "i32",
-                                           "BLOCK_SIZE": "constexpr", "COMPUTE_DTYPE": "constexpr"},
-        dict(BLOCK_SIZE=binary.SCALE_BLOCK, COMPUTE_DTYPE=tl.float32), 8)
-    rows.append(("backward scale", 8, *sm90_compile.resource_usage(compiled.asm["cubin"])))
     return rows
 
 

@@ -13,25 +13,31 @@ call fastce.cross_entropy / fastce.linear_cross_entropy directly (see fastce/dis
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from .._core import HeadOptions, LossSpec, compute_dtype
 from .._validation import (
     CLASS_INDEX_DTYPES,
     InvalidArgumentError,
     TargetDtypeError,
+    check_ignore_index,
     check_label_smoothing,
     check_linear,
+    check_not_differentiable,
+    check_positive_size,
     check_reduction,
     check_target_range,
+    check_z_loss_softcap,
     logits_placeholder,
 )
-from ..reference import compute_dtype
+from .autograd import SumGradientOverGroup, VocabParallelCrossEntropyFunction, per_rank_steps
 from .collectives import Arguments, Partition, agree, check_device, exchange_device, resolve_group
-from .spec import VocabParallelSpec
+from .._core import LossSpec
 
 __all__ = ["vocab_parallel_cross_entropy", "linear_cross_entropy"]
 
@@ -71,7 +77,6 @@ def _check_logits_and_target(logits: Tensor, target: Tensor, ignore_index: int) 
 def _check_weight(weight: Optional[Tensor], logits: Tensor, slice_end: int) -> None:
     if weight is None:
         return
-    from ..functional import _check_not_differentiable
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
     if weight.dim() != 1 or not weight.is_floating_point():
@@ -83,14 +88,13 @@ def _check_weight(weight: Optional[Tensor], logits: Tensor, slice_end: int) -> N
         raise InvalidArgumentError(
             f"weight has {weight.numel()} classes but this rank's slice ends at class {slice_end}: pass the full "
             "(V,) class weights on every rank")
-    _check_not_differentiable(weight, "weight")
+    check_not_differentiable(weight, "weight")
 
 
 def _check_options(reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float]) -> None:
-    from ..functional import _check_z_loss_softcap
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
-    _check_z_loss_softcap(z_loss, softcap)
+    check_z_loss_softcap(z_loss, softcap)
 
 
 def _partition(group, rank: int, world_size: int, args: Arguments, n_rows: int, check_local, validate: bool) -> Partition:
@@ -122,26 +126,15 @@ def _partition(group, rank: int, world_size: int, args: Arguments, n_rows: int, 
     return Partition(group, rank, world_size, vocab_start, n_classes, vocab_size)
 
 
-def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap) -> VocabParallelSpec:
-    return VocabParallelSpec(operator.index(ignore_index), reduction, float(label_smoothing), float(z_loss),
+def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap) -> LossSpec:
+    return LossSpec(operator.index(ignore_index), reduction, float(label_smoothing), float(z_loss),
                              None if softcap is None else float(softcap))
 
 
-def vocab_parallel_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    group=None,
-    vocab_start: Optional[int] = None,
-    weight: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    validate: bool = True,
-    loss_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, *, group=None, vocab_start: Optional[int] = None,
+                                 weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                                 label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+                                 validate: Union[bool, str] = True, loss_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Cross-entropy of logits split over the class dimension across the ranks of `group`.
 
     Args:
@@ -153,7 +146,7 @@ def vocab_parallel_cross_entropy(
             uneven slices, on every rank.
         weight: the full (V,) class weights, the same on every rank.
         ignore_index, reduction, label_smoothing, z_loss, softcap: as fastce.cross_entropy.
-        validate: check, before computing, that every rank's arguments are sound and agree (same
+        validate: True or "sync": check, before computing, that every rank's arguments are sound and agree (same
             rows, target, weight and options; slices tiling [0, V); class indices in range), raising
             the same error on every rank: one extra all-reduce of a few int64 per rank and one host
             sync. With False: no host sync, and a bad class index gives NaN for its row.
@@ -174,7 +167,6 @@ def vocab_parallel_cross_entropy(
 
     n_rows = logits.shape[:-1].numel() if isinstance(logits, Tensor) and logits.dim() else 0
     part = _partition(group, rank, world_size, args, n_rows, check_local, validate)
-    from .autograd import VocabParallelCrossEntropyFunction, per_rank_steps
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if weight is not None:
         weight = weight.detach().to(compute_dtype(logits.dtype)).contiguous()
@@ -184,35 +176,26 @@ def vocab_parallel_cross_entropy(
 
 
 def linear_cross_entropy(
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    *,
-    group=None,
-    vocab_start: Optional[int] = None,
-    linear_bias: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    validate: bool = True,
-    chunk_size: Optional[int] = None,
-    loss_dtype: Optional[torch.dtype] = None,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, group=None, vocab_start: Optional[int] = None,
+    linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+    validate: Union[bool, str] = True, loss_dtype: Optional[torch.dtype] = None,
+    options: Optional[HeadOptions] = None, chunk_size: Optional[int] = None,
 ) -> Tensor:
     """Cross-entropy of a column-parallel head: this rank holds rows [vocab_start, vocab_start + V_r)
     of the head (linear_weight (V_r, H), linear_bias (V_r)); input (…, H) is the same on every rank.
 
     Equals vocab_parallel_cross_entropy(input @ linear_weight.T + linear_bias, target, …) with
     gradients for input (summed over the group: one all-reduce of N·H values in the backward),
-    linear_weight and linear_bias (this rank's rows), computed in chunks of rows as
-    fastce.linear_cross_entropy is (chunk_size rows, default its rule for V_r classes): neither
-    the full logits nor this rank's slice of them exist at once. target: global class indices
-    (…), or this rank's slice (…, V_r) of probabilities. Other arguments as
-    vocab_parallel_cross_entropy; two all-reduces per chunk in the forward. chunk_size, when given,
-    must be the same on every rank.
+    linear_weight and linear_bias (this rank's rows), computed by the chunked-head engine's row walk
+    (fastce/_head.py; options=fastce.HeadOptions(chunk_rows=…) overrides its rows per chunk, the same on
+    every rank; chunk_size is a deprecated alias): neither the full logits nor this rank's slice of them
+    exist at once. target: global class indices (…), or this rank's slice (…, V_r) of probabilities.
+    Other arguments as vocab_parallel_cross_entropy; two all-reduces per chunk in the forward.
     """
+    if chunk_size is not None:  # the deprecated alias
+        options = dataclasses.replace(options or HeadOptions(), chunk_rows=chunk_size)
+    options = options or HeadOptions()
     group, rank, world_size = resolve_group(group)
     n_local = linear_weight.shape[0] if isinstance(linear_weight, Tensor) and linear_weight.dim() else 0
     is_tensor = isinstance(input, Tensor) and input.dim() > 0
@@ -231,19 +214,12 @@ def linear_cross_entropy(
             if linear_bias is not None and linear_bias.shape != (0,):
                 raise InvalidArgumentError(f"expected linear_bias shape [0], got {list(linear_bias.shape)}")
         check_device(group, input.device)
-        if chunk_size is not None and chunk_size < 1:
-            raise InvalidArgumentError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        check_positive_size("chunk_rows", options.chunk_rows)
         start = rank * n_local if vocab_start is None else operator.index(vocab_start)
         _check_weight(weight, input, start + n_local)
 
     n_rows = input.shape[:-1].numel() if is_tensor else 0
     part = _partition(group, rank, world_size, args, n_rows, check_local, validate)
-    from .autograd import (
-        SumGradientOverGroup,
-        VocabParallelCrossEntropyFunction,
-        VocabParallelLinearCrossEntropyFunction,
-        per_rank_steps,
-    )
     spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss_dtype = loss_dtype or input.dtype
     if weight is not None:
@@ -258,11 +234,9 @@ def linear_cross_entropy(
         logits = torch.nn.functional.linear(SumGradientOverGroup.apply(rows_input, group), linear_weight, linear_bias)
         loss = VocabParallelCrossEntropyFunction.apply(logits, rows_target, weight, spec, part, divisors, loss_dtype)
     else:
-        from ..linear import default_chunk_rows
-        # every rank must cut the rows alike (each chunk is two all-reduces): only numbers all ranks share,
-        # the widest slice of V when V is known, else no cap on the chunk's bytes
-        widest = -(-part.vocab_size // world_size) if part.vocab_size else 1
-        chunk_rows = chunk_size or default_chunk_rows(rows_input.shape[0], widest, rows_input.element_size())
-        loss = VocabParallelLinearCrossEntropyFunction.apply(rows_input, linear_weight, linear_bias, rows_target,
+        from . import linear  # the Triton path's engine: Triton is optional for fastce.distributed
+        chunk_rows = options.chunk_rows or linear.chunk_rows(rows_input.shape[0], part.vocab_size, world_size,
+                                                             rows_input.shape[1], rows_input.dtype)
+        loss = linear.VocabParallelLinearCrossEntropyFunction.apply(rows_input, linear_weight, linear_bias, rows_target,
                                                              weight, spec, part, divisors, chunk_rows, loss_dtype)
     return loss.reshape(row_shape) if reduction == "none" else loss

@@ -103,7 +103,7 @@ def _replicated(t: Optional[Tensor], mesh) -> Optional[Tensor]:
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, *, z_loss, softcap,
-                  inplace_backward, validate, return_lse):
+                  inplace_backward, validate, return_lse, loss_dtype=None):
     """fastce.cross_entropy of a DTensor sharded on the class dimension (see the module docstring)."""
     from torch.distributed.tensor import DTensor
     from . import vocab_parallel_cross_entropy
@@ -121,12 +121,12 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
         input.to_local().movedim(class_dim, -1), _local(target, rows_placements, mesh, "target"),
         group=mesh.get_group(mesh_dim), vocab_start=slice_start(input.shape[class_dim], mesh, mesh_dim),
         weight=_replicated(weight, mesh), ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, validate=validate)
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, validate=validate, loss_dtype=loss_dtype)
     return DTensor.from_local(loss, mesh, out_placements, run_check=False)
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, reduction, ignore_index,
-                         label_smoothing, z_loss, softcap, validate, return_lse, chunk_size):
+                         label_smoothing, z_loss, softcap, validate, return_lse, options, loss_dtype=None):
     """fastce.linear_cross_entropy with a head weight sharded on dim 0 (see the module docstring)."""
     from torch.distributed.tensor import DTensor, Replicate
     from . import linear_cross_entropy as vocab_parallel_linear_cross_entropy
@@ -158,5 +158,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
         local_input, linear_weight.to_local(), _local(target, rows_placements, mesh, "target"),
         group=mesh.get_group(mesh_dim), vocab_start=slice_start(linear_weight.shape[0], mesh, mesh_dim),
         linear_bias=local_bias, weight=_replicated(weight, mesh), ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, validate=validate, chunk_size=chunk_size)
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, validate=validate, options=options,
+        loss_dtype=loss_dtype)
     return DTensor.from_local(loss, mesh, _loss_placements(rows_placements, mesh_dim, reduction), run_check=False)

@@ -11,19 +11,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
-from .. import ops as core_ops
+from .. import _launch, softmax_losses
+from .._core import LossSpec, compute_dtype, mergeable_stride
+from .._launch import cdiv, triton_dtype
 from ..kernels.vocab_parallel import (
     vocab_parallel_finish_kernel,
     vocab_parallel_grad_kernel,
     vocab_parallel_rescale_kernel,
     vocab_parallel_stats_kernel,
 )
-from .spec import VocabParallelSpec
 from .._validation import logits_placeholder
-from ..reference import compute_dtype
+from .spec import n_stats
 
 # The per-row kernels (rescale, finish) touch a few values per row: one program per 1024 rows.
 ROW_BLOCK = 1024
@@ -53,25 +53,20 @@ def _row_strides(t: Tensor, inner_size: int) -> Optional[tuple[int, int, int]]:
     lead_sizes, lead_strides = t.shape[:-1], t.stride()[:-1]
     stride_class = t.stride(-1) if t.dim() else 1
     if inner_size == 1:
-        merged = core_ops.mergeable_stride(lead_sizes, lead_strides)
+        merged = mergeable_stride(lead_sizes, lead_strides)
         return None if merged is None else (merged, 0, stride_class)
-    inner = core_ops.mergeable_stride(lead_sizes[1:], lead_strides[1:])
+    inner = mergeable_stride(lead_sizes[1:], lead_strides[1:])
     return None if inner is None else (lead_strides[0], inner, stride_class)
 
 
-def _triton_dtype(dtype: torch.dtype):
-    import triton.language as tl
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: VocabParallelSpec,
+def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
                vocab_start: int) -> tuple[Tensor, Tensor]:
     """One read of the slice: (maxima (2, N): the local max per row twice, the first row to be
     all-reduced; stats (N·K + 1): the partial sums relative to the local max, one spare value)."""
     n_classes, n_rows = logits.shape[-1], n_rows_of(logits)
     prob_target = target.is_floating_point()
     acc = compute_dtype(logits.dtype)
-    n_stat = spec.n_stats(prob_target)
+    n_stat = n_stats(spec, prob_target)
     maxima = logits.new_empty((2, n_rows), dtype=acc)
     stats = logits.new_empty(n_rows * n_stat + 1, dtype=acc)
     if n_rows == 0:
@@ -81,8 +76,9 @@ def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: V
         target, (_, t_outer, t_inner, t_class) = class_last_layout(target)
     else:
         target, (t_outer, t_inner, t_class) = target.reshape(-1).contiguous(), (0, 0, 0)
-    config = core_ops.launch_config(n_rows, n_classes)
-    vocab_parallel_stats_kernel[(triton.cdiv(n_rows, config.rows),)](
+    config = _launch.row_launch_config(n_rows, n_classes)
+    _launch.launch(
+        vocab_parallel_stats_kernel, (cdiv(n_rows, config.rows),),
         logits, target, weight, maxima, stats,
         l_outer, l_inner, l_class, t_outer, t_inner, t_class,
         n_rows, n_classes, inner_size, vocab_start,
@@ -91,25 +87,26 @@ def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: V
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=spec.label_smoothing > 0,
         HAS_SOFTCAP=spec.softcap is not None,
         WIDE_OFFSETS=n_classes * max(abs(l_class), abs(t_class)) >= 2**31,
-        COMPUTE_DTYPE=_triton_dtype(logits.dtype), num_warps=config.num_warps)
+        COMPUTE_DTYPE=triton_dtype(logits.dtype), num_warps=config.num_warps)
     return maxima, stats
 
 
-def rescale(stats: Tensor, maxima: Tensor, weight: Optional[Tensor], spec: VocabParallelSpec, prob_target: bool,
+def rescale(stats: Tensor, maxima: Tensor, weight: Optional[Tensor], spec: LossSpec, prob_target: bool,
             vocab_start: int, n_classes: int) -> None:
     """Moves the partial sums from the local max to the all-reduced one (maxima[0]), in place, and
     writes V_r into the spare value."""
     n_rows = maxima.shape[1]
     slice_mass = weight[vocab_start:vocab_start + n_classes].sum() if weight is not None else stats
-    vocab_parallel_rescale_kernel[(max(1, triton.cdiv(n_rows, ROW_BLOCK)),)](
+    _launch.launch(
+        vocab_parallel_rescale_kernel, (max(1, cdiv(n_rows, ROW_BLOCK)),),
         stats, maxima, slice_mass, n_rows, float(n_classes),
-        BLOCK_ROWS=ROW_BLOCK, N_STATS=spec.n_stats(prob_target), PROB_TARGET=prob_target,
+        BLOCK_ROWS=ROW_BLOCK, N_STATS=n_stats(spec, prob_target), PROB_TARGET=prob_target,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=spec.label_smoothing > 0,
-        COMPUTE_DTYPE=_triton_dtype(stats.dtype))
+        COMPUTE_DTYPE=triton_dtype(stats.dtype))
 
 
 def finish(stats: Tensor, maxima: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Tensor,
-           spec: VocabParallelSpec) -> tuple[Tensor, Tensor, Tensor]:
+           spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
     """From the summed statistics: (per-row loss divided by the mean's divisors, lse, row state
     (N, 3) = [log s, A, 1 − p_y] for the backward)."""
     n_rows = maxima.shape[1]
@@ -119,17 +116,18 @@ def finish(stats: Tensor, maxima: Tensor, target: Tensor, weight: Optional[Tenso
     row_state = stats.new_empty((n_rows, 3))
     has_smoothing = spec.label_smoothing > 0
     weight_total = weight.sum() if weight is not None and has_smoothing else stats
-    vocab_parallel_finish_kernel[(max(1, triton.cdiv(n_rows, ROW_BLOCK)),)](
+    _launch.launch(
+        vocab_parallel_finish_kernel, (max(1, cdiv(n_rows, ROW_BLOCK)),),
         stats, maxima, target.reshape(-1).contiguous() if not prob_target else stats, weight, divisors,
         weight_total, loss_rows, lse, row_state,
         n_rows, weight.numel() if weight is not None else 0, spec.ignore_index, spec.label_smoothing, spec.z_loss,
-        BLOCK_ROWS=ROW_BLOCK, N_STATS=spec.n_stats(prob_target), PROB_TARGET=prob_target,
+        BLOCK_ROWS=ROW_BLOCK, N_STATS=n_stats(spec, prob_target), PROB_TARGET=prob_target,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=has_smoothing, HAS_Z_LOSS=spec.z_loss != 0,
-        MEAN=spec.reduction == "mean", COMPUTE_DTYPE=_triton_dtype(stats.dtype))
+        MEAN=spec.reduction == "mean", COMPUTE_DTYPE=triton_dtype(stats.dtype))
     return loss_rows, lse, row_state
 
 
-def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: VocabParallelSpec, vocab_start: int,
+def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, vocab_start: int,
              maxima: Tensor, row_state: Tensor, vocab_size: Tensor, divisors: Tensor,
              grad_output: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """∂loss/∂logits of this rank's slice for the upstream gradient `grad_output` (None: 1; a
@@ -149,8 +147,9 @@ def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: Voc
     g_outer, g_inner, g_class = _row_strides(grad, inner_size)  # empty_like: dense, any split works
     if grad_output is not None:
         grad_output = grad_output.reshape(-1).contiguous()
-    config = core_ops.launch_config(n_rows, n_classes)
-    vocab_parallel_grad_kernel[(triton.cdiv(n_rows, config.rows),)](
+    config = _launch.row_launch_config(n_rows, n_classes)
+    _launch.launch(
+        vocab_parallel_grad_kernel, (cdiv(n_rows, config.rows),),
         logits, target, weight, maxima, row_state, vocab_size, divisors,
         grad_output if grad_output is not None else divisors, grad,
         l_outer, l_inner, l_class, t_outer, t_inner, t_class, g_outer, g_inner, g_class,
@@ -161,20 +160,20 @@ def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: Voc
         MEAN=spec.reduction == "mean",
         GRAD_OUTPUT=0 if grad_output is None else (2 if spec.reduction == "none" else 1),
         WIDE_OFFSETS=n_classes * max(abs(l_class), abs(t_class), abs(g_class)) >= 2**31,
-        COMPUTE_DTYPE=_triton_dtype(logits.dtype), num_warps=config.num_warps)
+        COMPUTE_DTYPE=triton_dtype(logits.dtype), num_warps=config.num_warps)
     return grad
 
 
-def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: VocabParallelSpec,
+def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
                   vocab_size: Optional[int]) -> Tensor:
     """Device tensor [Σ_valid w_y, #valid rows] (the row count for probability targets), from the
     targets every rank holds: no communication. `vocab_size` None: V is not known on the host
     (uneven slices, no weight, no validation); an out-of-range class then makes its row NaN in the
     finish kernel instead."""
     placeholder = logits_placeholder(logits, n_rows_of(logits), vocab_size or 2**31 - 1)
-    return core_ops.mean_divisors(placeholder, target, weight, core_ops.LossSpec(ignore_index=spec.ignore_index))
+    return softmax_losses.statistics(placeholder, target, weight, LossSpec(ignore_index=spec.ignore_index), "none")
 
 
 def scale_gradient(grad: Tensor, grad_output: Tensor) -> None:
     """grad *= grad_output (a scalar) in place, on the device; nothing moves where it is 1."""
-    core_ops.launch_scale_gradient(grad, grad_output)
+    _launch.scale_(grad, grad_output)

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .spec import VocabParallelSpec
+from .._core import LossSpec
+from .spec import n_stats
 from ..reference import compute_dtype, softcap_logits
 
 
@@ -22,7 +23,7 @@ def _rows(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.reshape(-1, t.shape[-1]).to(dtype)
 
 
-def _hard_target(target: Tensor, n_rows: int, spec: VocabParallelSpec, vocab_size: Tensor):
+def _hard_target(target: Tensor, n_rows: int, spec: LossSpec, vocab_size: Tensor):
     y = target.reshape(n_rows).long()
     valid = y != spec.ignore_index
     bad = valid & ((y < 0) | (y >= vocab_size))
@@ -35,7 +36,7 @@ def _slice_weights(weight: Optional[Tensor], vocab_start: int, n_classes: int, l
     return weight[vocab_start:vocab_start + n_classes].to(like.dtype)
 
 
-def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: VocabParallelSpec,
+def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
                vocab_start: int) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(logits.dtype)
     n_classes = logits.shape[-1]
@@ -67,10 +68,10 @@ def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: V
     return torch.stack([local_max, local_max]), stats
 
 
-def rescale(stats: Tensor, maxima: Tensor, weight: Optional[Tensor], spec: VocabParallelSpec, prob_target: bool,
+def rescale(stats: Tensor, maxima: Tensor, weight: Optional[Tensor], spec: LossSpec, prob_target: bool,
             vocab_start: int, n_classes: int) -> None:
     n_rows = maxima.shape[1]
-    table = stats[:-1].view(n_rows, spec.n_stats(prob_target))
+    table = stats[:-1].view(n_rows, n_stats(spec, prob_target))
     global_max, local_max = maxima
     ref = torch.where(global_max == float("-inf"), 0.0, global_max)
     shift = torch.where(local_max == float("-inf"), 0.0, local_max) - ref
@@ -83,10 +84,10 @@ def rescale(stats: Tensor, maxima: Tensor, weight: Optional[Tensor], spec: Vocab
 
 
 def finish(stats: Tensor, maxima: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Tensor,
-           spec: VocabParallelSpec) -> tuple[Tensor, Tensor, Tensor]:
+           spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
     n_rows = maxima.shape[1]
     prob_target = target.is_floating_point()
-    table = stats[:-1].view(n_rows, spec.n_stats(prob_target))
+    table = stats[:-1].view(n_rows, n_stats(spec, prob_target))
     vocab_size = stats[-1]
     eps = spec.label_smoothing
     ref = torch.where(maxima[0] == float("-inf"), 0.0, maxima[0])
@@ -121,7 +122,7 @@ def finish(stats: Tensor, maxima: Tensor, target: Tensor, weight: Optional[Tenso
     return loss, torch.where(valid, lse, 0.0), torch.where(valid[:, None], state, 0.0)
 
 
-def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: VocabParallelSpec, vocab_start: int,
+def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, vocab_start: int,
              maxima: Tensor, row_state: Tensor, vocab_size: Tensor, divisors: Tensor,
              grad_output: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     acc = compute_dtype(logits.dtype)
@@ -168,7 +169,7 @@ def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: Voc
     return out.copy_(grad)
 
 
-def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: VocabParallelSpec,
+def mean_divisors(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
                   vocab_size: Optional[int]) -> Tensor:
     acc = compute_dtype(logits.dtype)
     n_rows = logits.shape[:-1].numel()

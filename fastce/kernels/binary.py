@@ -14,15 +14,15 @@ A program covers a tile of ROWS × BLOCK_SIZE elements: ROWS consecutive rows of
 d0·d1·d2 and BLOCK_SIZE elements along d3. Every tensor is read and written at its own strides
 (a broadcast weight has stride 0 where it repeats), so no input is copied or expanded.
 
-Gradient strategy as for cross-entropy: for 'mean' and 'sum' the forward writes the gradient
-for an upstream gradient of 1 beside the loss (one read of x and t, one write of the gradient),
-and binary_scale_grad_kernel rescales it in backward only when the upstream gradient is not 1.
+Gradient strategy (fastce/_launch.py): for 'mean' and 'sum' the forward writes the gradient for an
+upstream gradient of 1 beside the loss (one read of x and t, one write of the gradient) and reduces
+the loss on the device; the backward rescales it (kernels/common.py's scale_kernel) only when the
+upstream gradient is not 1.
 """
 import triton
 import triton.language as tl
 
-from .cross_entropy import _class_offsets
-from .storage import to_storage
+from .common import class_offsets, finish_loss, to_storage
 
 BCE = tl.constexpr(0)
 SOFT_MARGIN = tl.constexpr(1)
@@ -33,7 +33,7 @@ FOCAL = tl.constexpr(2)
 def _offsets(i0, i1, i2, cols, strides, WIDE_OFFSETS: tl.constexpr):
     # element (row, col) of a tensor with merged `strides`: row = (i0, i1, i2) in int64, col along d3
     row_offs = i0 * strides[0] + i1 * strides[1] + i2 * strides[2]
-    return row_offs[:, None] + _class_offsets(cols, strides[3], WIDE_OFFSETS)
+    return row_offs[:, None] + class_offsets(cols, strides[3], WIDE_OFFSETS)
 
 
 @triton.jit
@@ -113,17 +113,12 @@ def _focal_terms(x, t, alpha, gamma, HAS_ALPHA: tl.constexpr, GAMMA_INT: tl.cons
     return loss, grad_x, grad_t
 
 
-@triton.heuristics({
-    "WIDE_OFFSETS": lambda args: args["n_cols"] * max(1, *(abs(args[name][3]) for name in (
-        "input_strides", "target_strides", "weight_strides", "pos_weight_strides", "grad_output_strides",
-        "loss_strides", "grad_input_strides", "grad_target_strides"))) >= 2**31,
-})
 @triton.jit
 def binary_loss_fwd_kernel(
     # pointers
     input_ptr, target_ptr, weight_ptr, pos_weight_ptr,  # inputs; weight/pos_weight broadcast by strides
     grad_output_ptr,                                    # upstream gradient (GRAD_OUTPUT > 0)
-    loss_ptr, partial_ptr,                              # per-element loss ('none'), one partial sum per program
+    loss_ptr, work_ptr,                                 # the loss (per element, or reduced); [counter, partial sums]
     grad_input_ptr, grad_target_ptr,                    # gradients (GRAD_INPUT / GRAD_TARGET)
     # strides: a 4-tuple of element strides per tensor, over the merged dims (d0, d1, d2, d3)
     input_strides, target_strides, weight_strides, pos_weight_strides, grad_output_strides,
@@ -141,7 +136,7 @@ def binary_loss_fwd_kernel(
     HAS_ALPHA: tl.constexpr,       # focal alpha >= 0
     GAMMA_INT: tl.constexpr,       # focal gamma when it is a small integer, else -1
     STORE_LOSS: tl.constexpr,      # write the per-element loss ('none')
-    REDUCE: tl.constexpr,          # write the tile's loss sum ('mean', 'sum')
+    REDUCE: tl.constexpr,          # reduce the loss into loss_ptr ('mean', 'sum')
     MEAN: tl.constexpr,            # divide the loss sum and the gradients by n_elements
     GRAD_INPUT: tl.constexpr,      # write ∂loss/∂input
     GRAD_TARGET: tl.constexpr,     # write ∂loss/∂target
@@ -186,12 +181,11 @@ def binary_loss_fwd_kernel(
         tl.store(loss_ptr + _offsets(i0, i1, i2, cols, loss_strides, WIDE_OFFSETS),
                  to_storage(loss, loss_ptr.dtype.element_ty), mask=mask)
     if REDUCE:
-        # one partial sum per program, summed by the launcher in a fixed order: no atomics, so the
-        # loss is bitwise reproducible
+        # the programs' partial sums, added in a fixed order by the last one (bitwise reproducible)
         total = tl.sum(tl.sum(tl.where(mask, loss, 0.0), 1), 0)
         if MEAN:
             total = total / n_elements
-        tl.store(partial_ptr + pid, total)
+        finish_loss(work_ptr + 1, work_ptr, loss_ptr, total, tl.num_programs(0), 256)
 
     if GRAD_INPUT or GRAD_TARGET:
         # chain rule: every element's gradient times the upstream gradient (and 1/n for the mean)
@@ -209,22 +203,3 @@ def binary_loss_fwd_kernel(
         if GRAD_TARGET:
             tl.store(grad_target_ptr + _offsets(i0, i1, i2, cols, grad_target_strides, WIDE_OFFSETS),
                      to_storage(grad_t * scale, grad_target_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def binary_scale_grad_kernel(
-    grad_ptr, grad_output_ptr,     # a dense gradient written by the forward (in place), the scalar upstream
-    n_elements,
-    BLOCK_SIZE: tl.constexpr,      # elements per program
-    COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 gradients
-):
-    # The forward stored ∂loss/∂x for an upstream gradient of 1; the chain rule scales it by the
-    # upstream g. With g == 1 (the usual loss.backward()) nothing is read or written, which the
-    # device decides without a host sync. The gradient is dense (allocated like its input), so its
-    # n_elements values are the first n_elements of its storage, whatever their order.
-    g = tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
-    if g != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n_elements
-        grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        tl.store(grad_ptr + offs, to_storage(grad * g, grad_ptr.dtype.element_ty), mask=mask)

@@ -20,60 +20,29 @@ focal sums, and one that re-reads the row to write the gradient.
 import triton
 import triton.language as tl
 
-from .storage import to_storage
+from .common import (
+    class_offsets,
+    class_weight_of,
+    expm1,
+    finish_loss,
+    load_class_index,
+    log1p,
+    mean_scale,
+    row_offsets,
+    tanh,
+    to_storage,
+)
 
-
-@triton.jit
-def _expm1(v):
-    # exp(v) − 1 without cancellation: where |v| is small, its Taylor polynomial to v⁹ (the next
-    # term is below 1e-9 of the value at |v| < 0.5 in fp32, 3e-16 at |v| < 0.1 in fp64); beyond,
-    # exp(v) − 1 loses at most a few ulps of exp to the subtraction
-    series = v * (1.0 + v * (1 / 2 + v * (1 / 6 + v * (1 / 24 + v * (1 / 120 + v * (
-        1 / 720 + v * (1 / 5040 + v * (1 / 40320 + v * (1 / 362880)))))))))
-    small = 0.1 if v.dtype == tl.float64 else 0.5
-    return tl.where(tl.abs(v) < small, series, tl.exp(v) - 1.0)
-
-
-@triton.jit
-def _log1p(v):
-    # log(1 + v) for v ≥ 0 to a few ulps (Goldberg): log u · v / (u − 1) with u = 1 + v rounded
-    # corrects u's rounding; log itself is accurate (libdevice's, not an approximation)
-    u = 1.0 + v
-    return tl.where(u == 1.0, v, tl.log(u) * (v / (u - 1.0)))
-
-
-@triton.jit
-def _tanh(u):
-    # tanh(u) = sign(u)·t/(2 − t) with t = 1 − e^(−2|u|) = −expm1(−2|u|): relative precision
-    # for |u| ≪ 1 (1 − 2/(e^(2u) + 1) would cancel there), and exactly ±1 as u → ±∞ (no inf/inf)
-    t = -_expm1(-2.0 * tl.abs(u))
-    magnitude = t / (2.0 - t)
-    return tl.where(u < 0.0, -magnitude, magnitude)
-
-
-@triton.jit
-def _row_offsets(rows, inner_size, stride_outer, stride_inner):
-    # row r of an (N, C, d1..dk) tensor is (n, s) = (r // S, r % S) with S = d1·…·dk (int64)
-    return (rows // inner_size) * stride_outer + (rows % inner_size) * stride_inner
-
-
-@triton.jit
-def _class_offsets(cols, stride_class, WIDE_OFFSETS: tl.constexpr):
-    # int32 unless the last class sits 2^31 elements or more past its row (a huge class stride):
-    # an int64 tile costs two registers per element for as long as it is live
-    if WIDE_OFFSETS:
-        return cols[None, :].to(tl.int64) * stride_class
-    return cols[None, :] * stride_class
 
 
 @triton.jit
 def _load_logits(logits_ptr, row_offs, cols, mask, stride_class, softcap,
                  HAS_SOFTCAP: tl.constexpr, WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    x = tl.load(logits_ptr + row_offs[:, None] + _class_offsets(cols, stride_class, WIDE_OFFSETS),
+    x = tl.load(logits_ptr + row_offs[:, None] + class_offsets(cols, stride_class, WIDE_OFFSETS),
                 mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
     if HAS_SOFTCAP:
         # padded lanes stay −inf: tanh(−inf) would make them −s and give them probability
-        x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
+        x = tl.where(mask, softcap * tanh(x / softcap), float("-inf"))
     return x
 
 
@@ -88,7 +57,7 @@ def _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, c
     else:
         w = 1.0
     if PROB_TARGET:
-        t = tl.load(target_ptr + target_row_offs[:, None] + _class_offsets(cols, target_stride_class, WIDE_OFFSETS),
+        t = tl.load(target_ptr + target_row_offs[:, None] + class_offsets(cols, target_stride_class, WIDE_OFFSETS),
                     mask=mask, other=0.0).to(COMPUTE_DTYPE)
         a = w * ((1.0 - label_smoothing) * t + label_smoothing / n_classes)
     else:
@@ -138,7 +107,7 @@ def _focal_terms(x, a, ref, log_s, gamma):
     # log p / u → −1 there, and p log p → 0 as p → 0: both limits are taken explicitly.
     logp = _log_softmax(x, ref, log_s)
     p = tl.exp(logp)
-    u = -_expm1(logp)
+    u = -expm1(logp)
     u_pow = tl.where(u > 0.0, tl.exp2(gamma * tl.log2(u)), 0.0)
     log_ratio = tl.where(u > 0.0, logp / u, -1.0)
     p_log_ratio = tl.where(p > 0.0, p * log_ratio, 0.0)
@@ -224,24 +193,26 @@ def _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, foc
                      ce_scale, z_scale, upstream, lse_upstream, z_loss, softcap, PROB_TARGET, HAS_Z_LOSS,
                      HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD)
     grad = _mask_rows(grad, valid, bad_target)
-    tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
+    tl.store(grad_ptr + grad_row_offs[:, None] + class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
              to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
 
 
 @triton.jit
-def _upstream(grad_output_ptr, rows, row_in_bounds, ROWS: tl.constexpr, GRAD_OUTPUT: tl.constexpr,
+def _upstream(grad_output_ptr, rows, row_in_bounds, stride, ROWS: tl.constexpr, GRAD_OUTPUT: tl.constexpr,
               COMPUTE_DTYPE: tl.constexpr):
-    # the loss's upstream gradient of each row: none (1), one scalar, or one per row
+    # the loss's upstream gradient of each row: none (1), one scalar, or one per row (read with its
+    # stride: autograd hands out expanded and strided ones)
     if GRAD_OUTPUT == 1:
         return tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
     elif GRAD_OUTPUT == 2:
-        return tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
+        return tl.load(grad_output_ptr + rows * stride, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
     return tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
 
 
 @triton.jit
-def _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, n_classes, ignore_index, ROWS: tl.constexpr,
-                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+def _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, target_stride, n_classes, ignore_index,
+                 ROWS: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 COMPUTE_DTYPE: tl.constexpr):
     # (class index y, counted, class index out of range, w_y) of each row
     if PROB_TARGET:
         y = tl.zeros((ROWS,), dtype=tl.int64)
@@ -249,59 +220,31 @@ def _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, n_classes, ignore_
         bad_target = tl.zeros((ROWS,), dtype=tl.int1)
         w_y = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     else:
-        y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
-        valid = row_in_bounds & (y != ignore_index)
-        # only possible with validate=False: NaN for the row, and no out-of-bounds access
-        bad_target = valid & ((y < 0) | (y >= n_classes))
-        valid = valid & ~bad_target
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y, mask=valid, other=0.0).to(COMPUTE_DTYPE)
-        else:
-            w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
+        y, valid, bad_target = load_class_index(target_ptr, rows, row_in_bounds, target_stride, n_classes,
+                                                ignore_index)
+        w_y = class_weight_of(weight_ptr, y, valid, HAS_WEIGHT, COMPUTE_DTYPE)
     return y, valid, bad_target, w_y
 
 
 @triton.jit
-def _mean_scales(ce_divisor_ptr, z_divisor_ptr, ROWS: tl.constexpr, MEAN: tl.constexpr,
-                 COMPUTE_DTYPE: tl.constexpr):
-    # 1/divisor of the loss and of the z-loss for "mean" (1 otherwise). A zero divisor (every row
-    # ignored, or zero weight at every target) gives NaN, as torch's 0/0: also where the smoothing
-    # term alone would give ±inf
-    if MEAN:
-        ce_divisor = tl.load(ce_divisor_ptr).to(COMPUTE_DTYPE)
-        ce_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.where(ce_divisor == 0.0, float("nan"),
-                                                                     1.0 / ce_divisor)
-        z_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(z_divisor_ptr).to(COMPUTE_DTYPE)
-    else:
-        ce_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
-        z_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
-    return ce_scale, z_scale
-
-
-@triton.heuristics({
-    "SINGLE_PASS": lambda args: args["n_classes"] <= args["BLOCK_SIZE"],
-    "WIDE_OFFSETS": lambda args: args["n_classes"] * max(
-        abs(args[f"{t}_stride_class"]) for t in ("logits", "target", "grad")) >= 2**31,
-})
-@triton.jit
 def cross_entropy_fwd_kernel(
     # pointers
     logits_ptr, target_ptr, weight_ptr,            # inputs; weight = class weights / focal alpha
-    loss_ptr, lse_ptr, grad_ptr,                   # per-row loss and lse (fp32/fp64), gradient
-    ce_divisor_ptr, z_divisor_ptr,                 # device scalars of the "mean" reduction
-    grad_output_ptr,                               # upstream gradient of the loss (GRAD_OUTPUT > 0)
-    lse_grad_ptr,                                  # upstream gradient of the returned lse, per row
+    loss_ptr, lse_ptr, grad_ptr,                   # loss (per row, or reduced), lse per row (fp32/fp64), gradient
+    stats_ptr,                                     # [divisor of the loss, of the z-loss, -, counter, partial sums…]
+    grad_output_ptr, lse_grad_ptr,                 # upstream gradients of the loss and of the returned lse
     # strides, in elements: row r -> (r // inner_size)·outer + (r % inner_size)·inner
     logits_stride_outer, logits_stride_inner, logits_stride_class,
-    target_stride_outer, target_stride_inner, target_stride_class,  # probability targets only
+    target_stride_outer, target_stride_inner, target_stride_class,  # class indices: target_stride_outer alone
     grad_stride_outer, grad_stride_inner, grad_stride_class,
+    grad_output_stride, lse_grad_stride,           # per-row upstream gradients
     # sizes
     n_rows, n_classes, inner_size,
     # scalars: float64 on the way in (a plain Python float would reach a compiled kernel as
     # float32), cast once to COMPUTE_DTYPE below, so that fp64 kernels compute with fp64 values
     ignore_index, label_smoothing: "fp64", z_loss: "fp64", softcap: "fp64", gamma: "fp64",
     # compile-time flags
-    ROWS: tl.constexpr,            # rows per program (several when C is small)
+    ROWS: tl.constexpr,            # rows per block (a program's, or in rework mode several a program)
     BLOCK_SIZE: tl.constexpr,      # classes per tile
     SINGLE_PASS: tl.constexpr,     # the whole row fits in one tile: read it once
     WIDE_OFFSETS: tl.constexpr,    # class offsets need int64 (class stride × C ≥ 2^31)
@@ -312,236 +255,166 @@ def cross_entropy_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,     # soft-cap the logits
     FOCAL: tl.constexpr,           # focal loss with exponent gamma instead of cross-entropy
     MEAN: tl.constexpr,            # scale loss and gradient by the mean's device-side divisors
+    STORE_LOSS: tl.constexpr,      # 0: no loss; 1: the loss of each row (in loss_ptr's dtype); 2: their sum
+    STORE_LSE: tl.constexpr,       # write the lse of each row
     COMPUTE_GRAD: tl.constexpr,    # write the gradient (forward-fused or backward recompute)
     GRAD_OUTPUT: tl.constexpr,     # upstream gradient of the loss: 0 none (=1), 1 scalar, 2 one per row
     HAS_LSE_GRAD: tl.constexpr,    # the lse has an upstream gradient too (lse_grad_ptr)
     SKIP_IGNORED_ROWS: tl.constexpr,  # leave ignored rows' logits unread (the class axis is contiguous)
-    KEEP_UNIT_ROWS: tl.constexpr,  # grad_ptr holds the forward's gradient for upstream 1: programs
-                                   # whose rows all have upstream 1 and no lse gradient leave it be
+    KEEP_UNIT_ROWS: tl.constexpr,  # grad_ptr holds the forward's gradient for upstream 1: blocks whose
+                                   # rows all have upstream 1 and no lse gradient leave it be
     COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
 ):
     label_smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE)
     z_loss = tl.full((), z_loss, COMPUTE_DTYPE)
     softcap = tl.full((), softcap, COMPUTE_DTYPE)
     gamma = tl.full((), gamma, COMPUTE_DTYPE)
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_in_bounds = rows < n_rows
-
-    upstream = _upstream(grad_output_ptr, rows, row_in_bounds, ROWS, GRAD_OUTPUT, COMPUTE_DTYPE)
-    lse_upstream = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-    if HAS_LSE_GRAD:
-        lse_upstream = tl.load(lse_grad_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
-    run = True
+    if KEEP_UNIT_ROWS and GRAD_OUTPUT == 1 and not HAS_LSE_GRAD:
+        # decided on the device (no host sync): the usual loss.backward() moves nothing at all
+        if tl.load(grad_output_ptr) == 1.0:
+            return
+    # One block of ROWS rows a program; a backward that rewrites the forward's gradient (KEEP_UNIT_ROWS) runs
+    # few programs, each over the blocks pid, pid + grid, …
     if KEEP_UNIT_ROWS:
-        # decided on the device (no host sync): the usual loss.backward() moves nothing here; any
-        # other upstream gradient recomputes the program's rows from the logits, so that a
-        # low-precision gradient is rounded once (scaling the stored one would round it twice)
-        rework = row_in_bounds & ((upstream != 1.0) | (lse_upstream != 0.0))
-        run = tl.max(rework.to(tl.int32), 0) > 0
-    if run:
-        logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
-        target_row_offs = _row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
-        grad_row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
-
-        y, valid, bad_target, w_y = _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, n_classes,
-                                                 ignore_index, ROWS, PROB_TARGET, HAS_WEIGHT, COMPUTE_DTYPE)
-
-        # Ignored rows' logits are skipped where the class axis is the contiguous one (a per-row mask
-        # keeps the loads along it wide); where the rows are ((N, C, d…) inputs), a per-row mask
-        # would split the loads into scalars, so every row in bounds is read.
-        read_rows = valid if SKIP_IGNORED_ROWS else row_in_bounds
-
-        ce_scale, z_scale = _mean_scales(ce_divisor_ptr, z_divisor_ptr, ROWS, MEAN, COMPUTE_DTYPE)
-
-        m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
-        s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        s_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        weighted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        target_logit = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        cols = tl.arange(0, BLOCK_SIZE)
-
-        # Pass 1: online log-sum-exp and target sums. A single-pass row stays in registers (x, and
-        # a for probability targets; a hard target's mass is rebuilt for the gradient).
-        if SINGLE_PASS:
-            x, a, mask = _load_tile(cols, valid, read_rows, logits_ptr, logits_row_offs, logits_stride_class,
-                                    target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
-                                    label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                                    WIDE_OFFSETS, COMPUTE_DTYPE)
-            m, s, s_other, mass, weighted_sum, target_logit = _online_update(
-                x, a, mask, cols[None, :] == y[:, None], m, s, s_other, mass, weighted_sum, target_logit,
-                PROB_TARGET or HAS_SMOOTHING, not PROB_TARGET)
-        else:
-            for start in range(0, n_classes, BLOCK_SIZE):
-                x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
-                                        logits_stride_class, target_ptr, target_row_offs, target_stride_class,
-                                        weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
-                                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
-                m, s, s_other, mass, weighted_sum, target_logit = _online_update(
-                    x, a, mask, (start + cols)[None, :] == y[:, None], m, s, s_other, mass, weighted_sum,
-                    target_logit, PROB_TARGET or HAS_SMOOTHING, not PROB_TARGET)
-
-        ref = tl.where(m == float("-inf"), 0.0, m)
-        log_s = tl.log(s)
-        if not PROB_TARGET:
-            # When the target holds the row's max, s = 1 + Σ_{c≠y} e^(x_c − ref) and −log p_y = log s
-            # is tiny for a confident row: log1p of the non-target sum keeps its digits, where log of
-            # s = 1 + 1e-5 would keep two.
-            log_s = tl.where(target_logit == ref, _log1p(s_other), log_s)
-            if not HAS_SMOOTHING:
-                mass = w_y
-                weighted_sum = w_y * (target_logit - ref)
-        lse = ref + log_s
-        target_miss = s_other / s  # 1 − p_y for hard targets
-        # CE = Σ a (lse − x) = A·(lse − ref) − Σ a (x − ref): no large numbers cancel
-        loss = mass * log_s - weighted_sum
-
-        # Pass 2 (focal only): the loss and Σ a h(p) (and the same without the target class)
-        # need p, hence the final lse.
-        focal_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        focal_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        if FOCAL:
-            if SINGLE_PASS:
-                loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
-                loss = tl.sum(loss_terms, 1)
-                focal_sum = tl.sum(a_h, 1)
-                focal_other = tl.sum(tl.where(cols[None, :] == y[:, None], 0.0, a_h), 1)
-            else:
-                loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-                for start in range(0, n_classes, BLOCK_SIZE):
-                    x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
-                                            logits_stride_class, target_ptr, target_row_offs, target_stride_class,
-                                            weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
-                                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
-                    loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
-                    loss += tl.sum(loss_terms, 1)
-                    focal_sum += tl.sum(a_h, 1)
-                    focal_other += tl.sum(tl.where((start + cols)[None, :] == y[:, None], 0.0, a_h), 1)
-
-        z_term = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        if HAS_Z_LOSS:
-            z_term = tl.where(valid, z_loss * lse * lse, 0.0)
-        loss = tl.where(valid, loss, 0.0)
-        # ignored rows: 0·(1/divisor) is NaN when every row is ignored, as torch's 0/0
-        row_loss = loss * ce_scale + z_term * z_scale
-        row_loss = tl.where(bad_target, float("nan"), row_loss)
-        tl.store(loss_ptr + rows, row_loss, mask=row_in_bounds)
-        tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_in_bounds)
-
-        # Last pass: the gradient, from registers for a single-pass row.
-        if COMPUTE_GRAD:
-            if SINGLE_PASS:
-                if not PROB_TARGET:
-                    # rebuilt from (y, w): cheaper than keeping a second row-sized tile live in registers
-                    a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols,
-                                     valid[:, None] & (cols < n_classes)[None, :], y, w_y, label_smoothing,
-                                     n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, WIDE_OFFSETS, COMPUTE_DTYPE)
-                _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, focal_other, ce_scale,
-                                z_scale, upstream, lse_upstream, valid, bad_target, row_in_bounds, grad_ptr,
-                                grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma, PROB_TARGET,
-                                HAS_Z_LOSS, HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD, WIDE_OFFSETS)
-            else:
-                # Second read of the row. One row per program and about one program per SM in flight
-                # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so
-                # the re-read is served from cache rather than HBM.
-                for start in range(0, n_classes, BLOCK_SIZE):
-                    x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
-                                            logits_stride_class, target_ptr, target_row_offs, target_stride_class,
-                                            weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
-                                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
-                    _store_gradient(x, a, start + cols, y, ref, log_s, target_miss, mass, focal_sum, focal_other,
-                                    ce_scale, z_scale, upstream, lse_upstream, valid, bad_target, row_in_bounds,
-                                    grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma,
-                                    PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD, WIDE_OFFSETS)
-
-
-@triton.heuristics({
-    "WIDE_OFFSETS": lambda args: args["n_classes"] * abs(args["grad_stride_class"]) >= 2**31,
-})
-@triton.jit
-def cross_entropy_bwd_kernel(
-    grad_ptr, grad_output_ptr,                        # gradient written by the forward (in place), upstream
-    grad_stride_outer, grad_stride_inner, grad_stride_class,
-    n_rows, n_classes, inner_size,
-    ROWS: tl.constexpr,                 # rows per program
-    BLOCK_SIZE: tl.constexpr,           # classes per tile
-    PER_ROW: tl.constexpr,              # grad_output has one value per row ('none'), else a scalar
-    COMPUTE_DTYPE: tl.constexpr,        # fp32, or fp64 for float64 gradients
-    WIDE_OFFSETS: tl.constexpr,         # class offsets need int64 (class stride × C ≥ 2^31)
-):
-    # The forward stored ∂L/∂x for an upstream gradient of 1; the chain rule scales each row by
-    # its upstream g. Rows with g == 1 (the usual loss.backward()) are not touched at all, which
-    # the device decides here without a host sync.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_in_bounds = rows < n_rows
-    if PER_ROW:
-        g = tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=1.0).to(COMPUTE_DTYPE)
+        first, last, step = tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)
     else:
-        g = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
-    needs_scaling = row_in_bounds & (g != 1.0)
-    if tl.max(needs_scaling.to(tl.int32), 0) > 0:
-        row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
-        cols = tl.arange(0, BLOCK_SIZE)
-        for start in range(0, n_classes, BLOCK_SIZE):
-            block_cols = start + cols
-            mask = needs_scaling[:, None] & (block_cols < n_classes)[None, :]
-            ptrs = grad_ptr + row_offs[:, None] + _class_offsets(block_cols, grad_stride_class, WIDE_OFFSETS)
-            grad = tl.load(ptrs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            tl.store(ptrs, to_storage(grad * g[:, None], grad_ptr.dtype.element_ty), mask=mask)
+        first, last, step = 0, 1, 1  # constant bounds: the loop folds into straight-line code
+    total = tl.zeros((), dtype=COMPUTE_DTYPE)
+    for index in range(first, last, step):
+        block = index if KEEP_UNIT_ROWS else tl.program_id(0)
+        rows = tl.cast(block, tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_in_bounds = rows < n_rows
+        upstream = _upstream(grad_output_ptr, rows, row_in_bounds, grad_output_stride, ROWS, GRAD_OUTPUT,
+                             COMPUTE_DTYPE)
+        lse_upstream = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+        if HAS_LSE_GRAD:
+            lse_upstream = tl.load(lse_grad_ptr + rows * lse_grad_stride, mask=row_in_bounds,
+                                   other=0.0).to(COMPUTE_DTYPE)
+        run = True
+        if KEEP_UNIT_ROWS:
+            # any upstream gradient other than 1 recomputes the block's rows from the logits, so that a
+            # low-precision gradient is rounded once (scaling the stored one would round it twice)
+            rework = row_in_bounds & ((upstream != 1.0) | (lse_upstream != 0.0))
+            run = tl.max(rework.to(tl.int32), 0) > 0
+        if run:
+            logits_row_offs = row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
+            target_row_offs = row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
+            grad_row_offs = row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
 
+            y, valid, bad_target, w_y = _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, target_stride_outer,
+                                                     n_classes, ignore_index, ROWS, PROB_TARGET, HAS_WEIGHT, COMPUTE_DTYPE)
 
-@triton.jit
-def _in_range_flag(n_bad):
-    # 1 when no class index was out of range, else 0 (what torch._assert_async checks on the device)
-    return tl.where(n_bad == 0, 1.0, 0.0)
+            # Ignored rows' logits are skipped where the class axis is the contiguous one (a per-row mask
+            # keeps the loads along it wide); where the rows are ((N, C, d…) inputs), a per-row mask
+            # would split the loads into scalars, so every row in bounds is read.
+            read_rows = valid if SKIP_IGNORED_ROWS else row_in_bounds
+            ce_scale = mean_scale(stats_ptr, ROWS, MEAN, COMPUTE_DTYPE)
+            z_scale = mean_scale(stats_ptr + 1, ROWS, MEAN, COMPUTE_DTYPE)
 
+            m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
+            s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            s_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            weighted_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            target_logit = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            cols = tl.arange(0, BLOCK_SIZE)
 
-@triton.jit
-def target_stats_kernel(
-    target_ptr, weight_ptr, stats_ptr,   # stats_ptr[3p:3p+3] = (Σ w_y, #valid rows, #out-of-range rows)
-    n_rows, n_classes, ignore_index,     # of program p's rows; with FINISH, slot 2 is the in-range flag
-    rows_per_program,                    # a multiple of BLOCK_SIZE
-    BLOCK_SIZE: tl.constexpr,            # targets per step
-    HAS_WEIGHT: tl.constexpr,            # class weights at weight_ptr (else w_y = 1: Σ w_y = #valid rows)
-    FINISH: tl.constexpr,                # a single program: write the final statistics
-    COMPUTE_DTYPE: tl.constexpr,         # fp32, or fp64 for float64 inputs
-):
-    # First level of the mean's divisors (and of the device-side range check): program p sums
-    # rows [p·R, (p+1)·R) in a fixed order; sum_stats_kernel adds the programs' sums in a fixed
-    # order. No atomics: the mean is bitwise reproducible, and 4M targets take 1024 programs.
-    first = tl.program_id(0).to(tl.int64) * rows_per_program
-    weight_sum = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE_DTYPE)
-    count = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE_DTYPE)
-    n_bad = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE_DTYPE)
-    for start in range(0, rows_per_program, BLOCK_SIZE):
-        rows = first + start + tl.arange(0, BLOCK_SIZE)
-        in_bounds = rows < n_rows
-        y = tl.load(target_ptr + rows, mask=in_bounds, other=ignore_index).to(tl.int64)
-        valid = in_bounds & (y != ignore_index)
-        in_range = (y >= 0) & (y < n_classes)
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y, mask=valid & in_range, other=0.0).to(COMPUTE_DTYPE)
-        else:
-            w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
-        # an out-of-range class (validate=False) poisons the mean with NaN instead of reading memory
-        weight_sum += tl.where(valid & ~in_range, float("nan"), w_y)
-        count += tl.where(valid, 1.0, 0.0)
-        n_bad += tl.where(valid & ~in_range, 1.0, 0.0)
-    out = stats_ptr + tl.program_id(0) * 3
-    tl.store(out, tl.sum(weight_sum, 0))
-    tl.store(out + 1, tl.sum(count, 0))
-    tl.store(out + 2, _in_range_flag(tl.sum(n_bad, 0)) if FINISH else tl.sum(n_bad, 0))
+            # Pass 1: online log-sum-exp and target sums. A single-pass row stays in registers (x, and
+            # a for probability targets; a hard target's mass is rebuilt for the gradient).
+            if SINGLE_PASS:
+                x, a, mask = _load_tile(cols, valid, read_rows, logits_ptr, logits_row_offs, logits_stride_class,
+                                        target_ptr, target_row_offs, target_stride_class, weight_ptr, y, w_y, n_classes,
+                                        label_smoothing, softcap, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                                        WIDE_OFFSETS, COMPUTE_DTYPE)
+                m, s, s_other, mass, weighted_sum, target_logit = _online_update(
+                    x, a, mask, cols[None, :] == y[:, None], m, s, s_other, mass, weighted_sum, target_logit,
+                    PROB_TARGET or HAS_SMOOTHING, not PROB_TARGET)
+            else:
+                for start in range(0, n_classes, BLOCK_SIZE):
+                    x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
+                                            logits_stride_class, target_ptr, target_row_offs, target_stride_class,
+                                            weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
+                                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                    m, s, s_other, mass, weighted_sum, target_logit = _online_update(
+                        x, a, mask, (start + cols)[None, :] == y[:, None], m, s, s_other, mass, weighted_sum,
+                        target_logit, PROB_TARGET or HAS_SMOOTHING, not PROB_TARGET)
 
+            ref = tl.where(m == float("-inf"), 0.0, m)
+            log_s = tl.log(s)
+            if not PROB_TARGET:
+                # When the target holds the row's max, s = 1 + Σ_{c≠y} e^(x_c − ref) and −log p_y = log s
+                # is tiny for a confident row: log1p of the non-target sum keeps its digits, where log of
+                # s = 1 + 1e-5 would keep two.
+                log_s = tl.where(target_logit == ref, log1p(s_other), log_s)
+                if not HAS_SMOOTHING:
+                    mass = w_y
+                    weighted_sum = w_y * (target_logit - ref)
+            lse = ref + log_s
+            target_miss = s_other / s  # 1 − p_y for hard targets
+            # CE = Σ a (lse − x) = A·(lse − ref) − Σ a (x − ref): no large numbers cancel
+            loss = mass * log_s - weighted_sum
 
-@triton.jit
-def sum_stats_kernel(
-    partials_ptr, stats_ptr,     # the first level's (Σ w_y, #valid, #out-of-range) per program -> the totals
-    n_partials,
-    BLOCK_SIZE: tl.constexpr,    # ≥ n_partials
-):
-    # Second level: one program adds the first level's sums in a fixed order.
-    index = tl.arange(0, BLOCK_SIZE)
-    mask = index < n_partials
-    tl.store(stats_ptr, tl.sum(tl.load(partials_ptr + 3 * index, mask=mask, other=0.0), 0))
-    tl.store(stats_ptr + 1, tl.sum(tl.load(partials_ptr + 3 * index + 1, mask=mask, other=0.0), 0))
-    tl.store(stats_ptr + 2, _in_range_flag(tl.sum(tl.load(partials_ptr + 3 * index + 2, mask=mask, other=0.0), 0)))
+            # Pass 2 (focal only): the loss and Σ a h(p) (and the same without the target class)
+            # need p, hence the final lse.
+            focal_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            focal_other = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            if FOCAL:
+                if SINGLE_PASS:
+                    loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
+                    loss = tl.sum(loss_terms, 1)
+                    focal_sum = tl.sum(a_h, 1)
+                    focal_other = tl.sum(tl.where(cols[None, :] == y[:, None], 0.0, a_h), 1)
+                else:
+                    loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+                    for start in range(0, n_classes, BLOCK_SIZE):
+                        x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
+                                                logits_stride_class, target_ptr, target_row_offs, target_stride_class,
+                                                weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
+                                                HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                        loss_terms, a_h, _ = _focal_terms(x, a, ref, log_s, gamma)
+                        loss += tl.sum(loss_terms, 1)
+                        focal_sum += tl.sum(a_h, 1)
+                        focal_other += tl.sum(tl.where((start + cols)[None, :] == y[:, None], 0.0, a_h), 1)
+
+            z_term = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+            if HAS_Z_LOSS:
+                z_term = tl.where(valid, z_loss * lse * lse, 0.0)
+            loss = tl.where(valid, loss, 0.0)
+            # ignored rows: 0·(1/divisor) is NaN when every row is ignored, as torch's 0/0
+            row_loss = loss * ce_scale + z_term * z_scale
+            row_loss = tl.where(bad_target, float("nan"), row_loss)
+            if STORE_LOSS == 1:
+                tl.store(loss_ptr + rows, to_storage(row_loss, loss_ptr.dtype.element_ty), mask=row_in_bounds)
+            if STORE_LSE:
+                tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_in_bounds)
+
+            # Last pass: the gradient, from registers for a single-pass row.
+            if COMPUTE_GRAD:
+                if SINGLE_PASS:
+                    if not PROB_TARGET:
+                        # rebuilt from (y, w): cheaper than keeping a second row-sized tile live in registers
+                        a = _target_mass(target_ptr, target_row_offs, target_stride_class, weight_ptr, cols,
+                                         valid[:, None] & (cols < n_classes)[None, :], y, w_y, label_smoothing,
+                                         n_classes, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, WIDE_OFFSETS, COMPUTE_DTYPE)
+                    _store_gradient(x, a, cols, y, ref, log_s, target_miss, mass, focal_sum, focal_other, ce_scale,
+                                    z_scale, upstream, lse_upstream, valid, bad_target, row_in_bounds, grad_ptr,
+                                    grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma, PROB_TARGET,
+                                    HAS_Z_LOSS, HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD, WIDE_OFFSETS)
+                else:
+                    # Second read of the row. One row per program and about one program per SM in flight
+                    # keep the rows being re-read (≤ 132 × 512 KiB at 256k bf16) inside the 50 MB L2, so
+                    # the re-read is served from cache rather than HBM.
+                    for start in range(0, n_classes, BLOCK_SIZE):
+                        x, a, mask = _load_tile(start + cols, valid, read_rows, logits_ptr, logits_row_offs,
+                                                logits_stride_class, target_ptr, target_row_offs, target_stride_class,
+                                                weight_ptr, y, w_y, n_classes, label_smoothing, softcap, PROB_TARGET,
+                                                HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+                        _store_gradient(x, a, start + cols, y, ref, log_s, target_miss, mass, focal_sum, focal_other,
+                                        ce_scale, z_scale, upstream, lse_upstream, valid, bad_target, row_in_bounds,
+                                        grad_ptr, grad_row_offs, grad_stride_class, n_classes, z_loss, softcap, gamma,
+                                        PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, FOCAL, HAS_LSE_GRAD, WIDE_OFFSETS)
+            row_loss = tl.where(row_in_bounds, row_loss, 0.0)
+            if STORE_LOSS == 2:
+                total += tl.sum(row_loss, 0)
+    if STORE_LOSS == 2:
+        finish_loss(stats_ptr + 4, stats_ptr + 3, loss_ptr, total, tl.num_programs(0), 256)

@@ -14,13 +14,10 @@ whose helpers do the arithmetic, so both paths compute the same gradient:
 import triton
 import triton.language as tl
 
-from .cross_entropy import _expm1, _gradient, _load_logits, _mask_rows, _mean_scales, _row_targets, _target_mass, _upstream
-from .storage import to_storage
+from .common import expm1, mean_scale, to_storage
+from .cross_entropy import _gradient, _load_logits, _mask_rows, _row_targets, _target_mass, _upstream
 
 
-@triton.heuristics({
-    "WIDE_OFFSETS": lambda args: args["n_classes"] * abs(args["target_stride_class"]) >= 2**31,
-})
 @triton.jit
 def linear_vocab_slice_grad_kernel(
     # pointers
@@ -28,10 +25,10 @@ def linear_vocab_slice_grad_kernel(
     target_ptr, weight_ptr,            # class indices (N) or probabilities (N, C); class weights (C)
     lse_ptr, mass_ptr,                 # per-row log-sum-exp (forward) and target mass A (probability targets)
     weight_sum_ptr,                    # Σ_c w_c, a device scalar (hard targets with smoothing and weights)
-    ce_divisor_ptr, z_divisor_ptr,     # device scalars of the "mean" reduction
+    stats_ptr,                         # [divisor of the loss, divisor of the z-loss] of the "mean" reduction
     grad_output_ptr,                   # upstream gradient (GRAD_OUTPUT > 0)
-    # strides, in elements
-    logits_stride_row, target_stride_row, target_stride_class,
+    # strides, in elements (class indices: target_stride_row alone)
+    logits_stride_row, target_stride_row, target_stride_class, grad_output_stride,
     # sizes
     n_rows, n_slice_classes, class_start, n_classes,
     # scalars
@@ -59,8 +56,8 @@ def linear_vocab_slice_grad_kernel(
     row_in_bounds = rows < n_rows
     in_slice = local_cols < n_slice_classes
 
-    y, valid, bad_target, w_y = _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, n_classes, ignore_index,
-                                             ROWS, PROB_TARGET, HAS_WEIGHT, COMPUTE_DTYPE)
+    y, valid, bad_target, w_y = _row_targets(target_ptr, weight_ptr, rows, row_in_bounds, target_stride_row, n_classes,
+                                             ignore_index, ROWS, PROB_TARGET, HAS_WEIGHT, COMPUTE_DTYPE)
     if PROB_TARGET:
         mass = tl.load(mass_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
     else:
@@ -72,8 +69,9 @@ def linear_vocab_slice_grad_kernel(
             else:
                 smoothing_mass = label_smoothing  # (ε/C)·C
             mass += tl.where(valid, smoothing_mass, 0.0)
-    ce_scale, z_scale = _mean_scales(ce_divisor_ptr, z_divisor_ptr, ROWS, MEAN, COMPUTE_DTYPE)
-    upstream = _upstream(grad_output_ptr, rows, row_in_bounds, ROWS, GRAD_OUTPUT, COMPUTE_DTYPE)
+    ce_scale = mean_scale(stats_ptr, ROWS, MEAN, COMPUTE_DTYPE)
+    z_scale = mean_scale(stats_ptr + 1, ROWS, MEAN, COMPUTE_DTYPE)
+    upstream = _upstream(grad_output_ptr, rows, row_in_bounds, grad_output_stride, ROWS, GRAD_OUTPUT, COMPUTE_DTYPE)
 
     mask = valid[:, None] & in_slice[None, :]
     logits_row_offs = rows * logits_stride_row
@@ -86,7 +84,7 @@ def linear_vocab_slice_grad_kernel(
     p = tl.exp(shifted)
     is_target = cols[None, :] == y[:, None]
     # 1 − p_y = −expm1(log p_y), exact to fp32 as p_y → 1 (only read where the target sits in this slice)
-    target_miss = tl.sum(tl.where(is_target & mask, -_expm1(shifted), 0.0), 1)
+    target_miss = tl.sum(tl.where(is_target & mask, -expm1(shifted), 0.0), 1)
     no_focal = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     grad = _gradient(x, a, p, lse, is_target, target_miss, mass, no_focal, no_focal, ce_scale, z_scale, upstream,
                      no_focal, z_loss, softcap, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, False, False)
@@ -95,9 +93,6 @@ def linear_vocab_slice_grad_kernel(
              mask=row_in_bounds[:, None] & in_slice[None, :])
 
 
-@triton.heuristics({
-    "WIDE_OFFSETS": lambda args: args["n_classes"] * abs(args["target_stride_class"]) >= 2**31,
-})
 @triton.jit
 def linear_target_mass_kernel(
     target_ptr, weight_ptr, mass_ptr,      # probabilities (N, C), class weights (C), A per row (out)
@@ -123,18 +118,3 @@ def linear_target_mass_kernel(
                                      rows, total, label_smoothing, n_classes, True, HAS_WEIGHT, False, WIDE_OFFSETS,
                                      COMPUTE_DTYPE), 1)
     tl.store(mass_ptr + rows, total, mask=row_in_bounds)
-
-
-@triton.jit
-def linear_accumulate_kernel(
-    total_ptr, part_ptr,       # total (fp32/fp64) += part (the input dtype), elementwise, in place
-    n_elements,
-    BLOCK_SIZE: tl.constexpr,  # elements per program
-):
-    # The token walk's ∂W and ∂b sums across chunks: each chunk's GEMM product (rounded once to the
-    # input dtype) is added in fp32, reading it and the total once and writing the total once.
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offsets < n_elements
-    total = tl.load(total_ptr + offsets, mask=mask)
-    part = tl.load(part_ptr + offsets, mask=mask).to(total.dtype)
-    tl.store(total_ptr + offsets, total + part, mask=mask)

@@ -23,8 +23,7 @@ program for the gradient, as the cross-entropy kernel's).
 import triton
 import triton.language as tl
 
-from .cross_entropy import _class_offsets
-from .storage import to_storage
+from .common import class_offsets, load_class_index, to_storage
 
 # rows of the (3, N) statistics tensor
 STAT_REF = tl.constexpr(0)
@@ -34,20 +33,11 @@ N_STATS = 3
 
 
 @triton.jit
-def _target_rows(target_ptr, rows, row_in_bounds, n_classes, ignore_index):
-    # (y, rows that count, rows whose y is outside [0, V): NaN for them, and no out-of-bounds access)
-    y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
-    valid = row_in_bounds & (y != ignore_index)
-    bad_target = valid & ((y < 0) | (y >= n_classes))
-    return y, valid & ~bad_target, bad_target
-
-
-@triton.jit
 def _scaled_logits(logits_ptr, row_offs, cols, valid, n_classes, stride_class, inv_temperature,
                    WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
     # z = x / T; padded lanes and ignored rows read nothing and stay −inf (probability 0)
     mask = valid[:, None] & (cols < n_classes)[None, :]
-    x = tl.load(logits_ptr + row_offs[:, None] + _class_offsets(cols, stride_class, WIDE_OFFSETS),
+    x = tl.load(logits_ptr + row_offs[:, None] + class_offsets(cols, stride_class, WIDE_OFFSETS),
                 mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
     return x * inv_temperature
 
@@ -94,15 +84,10 @@ def _store_gradient(z, cols, local_target, ref, log_s, target_miss, entropy, a, 
         grad += tl.where(cols[None, :] == local_target[:, None], target_miss[:, None], -p) * a[:, None]
     grad = tl.where(valid[:, None], grad * inv_temperature, 0.0)
     grad = tl.where(bad_target[:, None], float("nan"), grad)
-    tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
+    tl.store(grad_ptr + grad_row_offs[:, None] + class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
              to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
 
 
-@triton.heuristics({
-    "SINGLE_PASS": lambda args: args["n_classes"] <= args["BLOCK_SIZE"],
-    "WIDE_OFFSETS": lambda args: args["n_classes"] * max(
-        abs(args["logits_stride_class"]), abs(args["grad_stride_class"])) >= 2**31,
-})
 @triton.jit
 def token_stats_fwd_kernel(
     # pointers
@@ -110,8 +95,9 @@ def token_stats_fwd_kernel(
     logprob_ptr, entropy_ptr, stats_ptr,    # outputs: (N), (N) if HAS_ENTROPY, (3, N) if STORE_STATS
     advantages_ptr, divisor_ptr,            # POLICY_LOSS: advantage per row; the mean's divisor (MEAN)
     loss_ptr, grad_ptr,                     # POLICY_LOSS: loss per row (N); gradient (N, V) if STORE_GRAD
-    # strides, in elements
-    logits_stride_row, logits_stride_class, stats_stride, grad_stride_row, grad_stride_class,
+    # strides, in elements (the 1-D class indices and advantages are read with theirs)
+    logits_stride_row, logits_stride_class, stats_stride, grad_stride_row, grad_stride_class, target_stride,
+    advantages_stride,
     # sizes
     n_rows, n_classes,
     # scalars: float64 on the way in (a plain Python float would reach a compiled kernel as float32),
@@ -134,7 +120,7 @@ def token_stats_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
     row_offs = rows * logits_stride_row
-    y, valid, bad_target = _target_rows(target_ptr, rows, row_in_bounds, n_classes, ignore_index)
+    y, valid, bad_target = load_class_index(target_ptr, rows, row_in_bounds, target_stride, n_classes, ignore_index)
 
     m = tl.full((ROWS,), float("-inf"), dtype=COMPUTE_DTYPE)
     s = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
@@ -178,7 +164,7 @@ def token_stats_fwd_kernel(
         # are known here, so the gradient (_store_gradient's derivation)
         #   ∂ℓ/∂x_j = (1/T) [a (δ_jy − p_j) − b p_j (log p_j + H)] = (w/T) [A (p_j − δ_jy) + c p_j (log p_j + H)]
         # is written in this pass, for an upstream gradient of 1 (the backward rescales it by a scalar).
-        advantage = tl.load(advantages_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+        advantage = tl.load(advantages_ptr + rows * advantages_stride, mask=valid, other=0.0).to(COMPUTE_DTYPE)
         w = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
         if MEAN:
             # every row ignored: w = 1/0 and the loss rows 0·inf = NaN, as a mean over nothing (0/0)
@@ -204,18 +190,15 @@ def token_stats_fwd_kernel(
                                     grad_stride_class, True, HAS_ENTROPY, WIDE_OFFSETS)
 
 
-@triton.heuristics({
-    "WIDE_OFFSETS": lambda args: args["n_classes"] * max(
-        abs(args["logits_stride_class"]), abs(args["grad_stride_class"])) >= 2**31,
-})
 @triton.jit
 def token_stats_bwd_kernel(
     # pointers
     logits_ptr, target_ptr, stats_ptr, entropy_ptr,   # inputs: logits (N, V), class indices, forward's
     grad_logprob_ptr, grad_entropy_ptr,                # statistics and entropy; upstream gradients (N)
     grad_ptr,                                          # output: ∂L/∂logits (N, V); may alias logits
-    # strides, in elements
-    logits_stride_row, logits_stride_class, grad_stride_row, grad_stride_class, stats_stride,
+    # strides, in elements (class indices and upstream gradients: 1-D, read with their strides)
+    logits_stride_row, logits_stride_class, grad_stride_row, grad_stride_class, stats_stride, target_stride,
+    grad_logprob_stride, grad_entropy_stride,
     # sizes: the logits hold classes [class_offset, class_offset + n_classes) of each row
     n_rows, n_classes, class_offset,
     # scalars (inv_temperature: float64 on the way in, as in the forward)
@@ -233,7 +216,8 @@ def token_stats_bwd_kernel(
     inv_temperature = tl.full((), inv_temperature, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
-    y, valid, bad_target = _target_rows(target_ptr, rows, row_in_bounds, n_classes_total, ignore_index)
+    y, valid, bad_target = load_class_index(target_ptr, rows, row_in_bounds, target_stride, n_classes_total,
+                                            ignore_index)
     ref = tl.load(stats_ptr + STAT_REF * stats_stride + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
     log_s = tl.load(stats_ptr + STAT_LOG_SUM * stats_stride + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
     a = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
@@ -241,11 +225,11 @@ def token_stats_bwd_kernel(
     b = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     entropy = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     if HAS_GRAD_LOGPROB:
-        a = tl.load(grad_logprob_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+        a = tl.load(grad_logprob_ptr + rows * grad_logprob_stride, mask=valid, other=0.0).to(COMPUTE_DTYPE)
         target_miss = tl.load(stats_ptr + STAT_TARGET_MISS * stats_stride + rows, mask=valid,
                               other=0.0).to(COMPUTE_DTYPE)
     if HAS_GRAD_ENTROPY:
-        b = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+        b = tl.load(grad_entropy_ptr + rows * grad_entropy_stride, mask=valid, other=0.0).to(COMPUTE_DTYPE)
         entropy = tl.load(entropy_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
     logits_row_offs = rows * logits_stride_row
     grad_row_offs = rows * grad_stride_row

@@ -30,8 +30,8 @@ would lose every digit of a loss of ~10 in Σ w x' − A·lse).
 import triton
 import triton.language as tl
 
-from .cross_entropy import _class_offsets, _load_logits, _mask_rows, _row_offsets
-from .storage import to_storage
+from .common import class_offsets, load_class_index, mean_scale, row_offsets, to_storage
+from .cross_entropy import _load_logits, _mask_rows
 
 
 @triton.jit
@@ -45,29 +45,14 @@ def _class_weights(weight_ptr, global_cols, in_slice, HAS_WEIGHT: tl.constexpr, 
 @triton.jit
 def _hard_target(target_ptr, weight_ptr, rows, row_in_bounds, vocab_size, n_weights, ignore_index,
                  HAS_WEIGHT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    # (y, valid, bad, w_y): a class index outside [0, V) that is not ignore_index (possible only with
-    # validate=False) makes its row NaN and is never used to read memory
-    y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
-    valid = row_in_bounds & (y != ignore_index)
-    bad = valid & ((y < 0) | (y.to(COMPUTE_DTYPE) >= vocab_size))
-    valid = valid & ~bad
+    # (y, valid, bad, w_y) of the global class indices; V (vocab_size) is a device value here, known
+    # only after the statistics' all-reduce (y is compared with it in the compute dtype)
+    y, valid, bad = load_class_index(target_ptr, rows, row_in_bounds, 1, vocab_size, ignore_index)
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + y, mask=valid & (y < n_weights), other=0.0).to(COMPUTE_DTYPE)
     else:
         w_y = tl.where(valid, 1.0, 0.0).to(COMPUTE_DTYPE)
     return y, valid, bad, w_y
-
-
-@triton.jit
-def _mean_scales(divisors_ptr, ROWS: tl.constexpr, MEAN: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    # 1/divisor of the loss and of the z-loss for "mean" (device scalars: no host sync), else 1
-    if MEAN:
-        ce_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(divisors_ptr).to(COMPUTE_DTYPE)
-        z_scale = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + 1.0 / tl.load(divisors_ptr + 1).to(COMPUTE_DTYPE)
-    else:
-        ce_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
-        z_scale = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
-    return ce_scale, z_scale
 
 
 @triton.jit
@@ -120,11 +105,11 @@ def vocab_parallel_stats_kernel(
     softcap = tl.full((), softcap, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
-    logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
+    logits_row_offs = row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
     if PROB_TARGET:
         valid = row_in_bounds
         y_local = tl.full((ROWS,), -1, dtype=tl.int64)
-        target_row_offs = _row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
+        target_row_offs = row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
     else:
         y = tl.load(target_ptr + rows, mask=row_in_bounds, other=ignore_index).to(tl.int64)
         valid = row_in_bounds & (y != ignore_index)  # ignored rows are not read
@@ -151,7 +136,7 @@ def vocab_parallel_stats_kernel(
         if PROB_TARGET or HAS_SMOOTHING:
             w = tl.where(mask, _class_weights(weight_ptr, vocab_start + cols, in_slice, HAS_WEIGHT, COMPUTE_DTYPE), 0.0)
         if PROB_TARGET:
-            t = tl.load(target_ptr + target_row_offs[:, None] + _class_offsets(cols, target_stride_class, WIDE_OFFSETS),
+            t = tl.load(target_ptr + target_row_offs[:, None] + class_offsets(cols, target_stride_class, WIDE_OFFSETS),
                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
             target_sum, target_mass = _shifted_sum(target_sum, target_mass, ref_old, ref_new, w * t, x)
         else:
@@ -254,7 +239,8 @@ def vocab_parallel_finish_kernel(
     # CE = A·(lse − REF) − Σ a (x' − REF): no large numbers cancel
     loss = tl.where(valid, mass * log_s - weighted_sum, 0.0)
     lse = ref + log_s
-    ce_scale, z_scale = _mean_scales(divisors_ptr, BLOCK_ROWS, MEAN, COMPUTE_DTYPE)
+    ce_scale = mean_scale(divisors_ptr, BLOCK_ROWS, MEAN, COMPUTE_DTYPE)
+    z_scale = mean_scale(divisors_ptr + 1, BLOCK_ROWS, MEAN, COMPUTE_DTYPE)
     row_loss = loss * ce_scale  # 0·(1/0) is NaN when every row is ignored, as torch's 0/0
     if HAS_Z_LOSS:
         row_loss += tl.where(valid, z_loss * lse * lse, 0.0) * z_scale
@@ -295,11 +281,11 @@ def vocab_parallel_grad_kernel(
     softcap = tl.full((), softcap, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
-    logits_row_offs = _row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
-    grad_row_offs = _row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
+    logits_row_offs = row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
+    grad_row_offs = row_offsets(rows, inner_size, grad_stride_outer, grad_stride_inner)
     vocab_size = tl.load(vocab_size_ptr).to(COMPUTE_DTYPE)
     if PROB_TARGET:
-        target_row_offs = _row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
+        target_row_offs = row_offsets(rows, inner_size, target_stride_outer, target_stride_inner)
         valid = row_in_bounds
         bad = tl.zeros((ROWS,), dtype=tl.int1)
         y = tl.full((ROWS,), -1, dtype=tl.int64)
@@ -314,7 +300,8 @@ def vocab_parallel_grad_kernel(
     mass = tl.load(state + 1, mask=row_in_bounds, other=0.0)
     target_miss = tl.load(state + 2, mask=row_in_bounds, other=0.0)
     lse = ref + log_s
-    ce_scale, z_scale = _mean_scales(divisors_ptr, ROWS, MEAN, COMPUTE_DTYPE)
+    ce_scale = mean_scale(divisors_ptr, ROWS, MEAN, COMPUTE_DTYPE)
+    z_scale = mean_scale(divisors_ptr + 1, ROWS, MEAN, COMPUTE_DTYPE)
     if GRAD_OUTPUT == 1:
         upstream = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE) + tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
     elif GRAD_OUTPUT == 2:
@@ -333,7 +320,7 @@ def vocab_parallel_grad_kernel(
         if PROB_TARGET or HAS_SMOOTHING:
             w = _class_weights(weight_ptr, global_cols, in_slice, HAS_WEIGHT, COMPUTE_DTYPE)
         if PROB_TARGET:
-            t = tl.load(target_ptr + target_row_offs[:, None] + _class_offsets(cols, target_stride_class, WIDE_OFFSETS),
+            t = tl.load(target_ptr + target_row_offs[:, None] + class_offsets(cols, target_stride_class, WIDE_OFFSETS),
                         mask=mask, other=0.0).to(COMPUTE_DTYPE)
             a = w * ((1.0 - label_smoothing) * t)
         else:
@@ -357,5 +344,5 @@ def vocab_parallel_grad_kernel(
             capped = x / softcap
             grad = grad * (1.0 - capped * capped)
         grad = _mask_rows(grad, valid, bad)
-        tl.store(grad_ptr + grad_row_offs[:, None] + _class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
+        tl.store(grad_ptr + grad_row_offs[:, None] + class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
                  to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & in_slice[None, :])
