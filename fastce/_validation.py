@@ -270,6 +270,8 @@ def check_broadcastable(factor: Optional[Tensor], input: Tensor, name: str) -> N
         return
     if not isinstance(factor, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(factor).__name__}")
+    if factor.is_complex():
+        raise TargetDtypeError(f"{name} must be a real tensor, got {factor.dtype}")
     if factor.device != input.device:
         raise InvalidArgumentError(f"{name} is on {factor.device} but input is on {input.device}")
     try:

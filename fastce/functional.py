@@ -339,7 +339,10 @@ def linear_cross_entropy(
         raise InvalidArgumentError("walk='vocab' slices a contiguous class dimension: a K-dimensional "
                                    "linear_weight takes walk='tokens'")
     validate = validation_mode(validate, input.device)
-    if _runs_reference(input, target, n_classes, ignore_index, validate):
+    # a K-dimensional head with no positions (out_features holding 0) has no logits at all: the
+    # reference's empty loss (NaN mean, 0 sum) and zero gradients, as torch's
+    no_positions = linear_weight.shape[1:-1].numel() == 0
+    if _runs_reference(input, target, n_classes, ignore_index, validate) or no_positions:
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
@@ -349,7 +352,7 @@ def linear_cross_entropy(
     _, _, linear, _ = _families()
     loss, lse = linear.run(input, linear_weight, linear_bias, target, weight, spec, walk=head_options.walk,
                            chunk_rows=head_options.chunk_rows, slice_classes=head_options.slice_classes,
-                           validate=validate, out_dtype=loss_dtype or input.dtype)
+                           validate=validate, out_dtype=loss_dtype or input.dtype, return_lse=return_lse)
     return (loss, lse) if return_lse else loss
 
 

@@ -117,9 +117,11 @@ def _loss_rows(rows: slice, positions: int) -> slice:
 
 
 def row_walk(call: _Call, spec: LossSpec, stats: Tensor, plan: Plan, needs: Needs, *,
-             grad_output: Optional[Tensor] = None, out: Optional[tuple[Tensor, Tensor]] = None):
-    """The forward's walk, per-row loss and lse into `out`, or the backward's, with the upstream gradient
-    `grad_output` folded in; and the gradients `needs` asks for."""
+             grad_output: Optional[Tensor] = None, lse_grad: Optional[Tensor] = None,
+             out: Optional[tuple[Tensor, Tensor]] = None):
+    """The forward's walk, per-row loss and lse into `out`, or the backward's, with the upstream gradients
+    `grad_output` of the loss and `lse_grad` of the lse (one per loss row, or None) folded in; and the
+    gradients `needs` asks for."""
     positions = plan.positions
     per_row_upstream = grad_output is not None and spec.reduction == "none"
 
@@ -133,8 +135,8 @@ def row_walk(call: _Call, spec: LossSpec, stats: Tensor, plan: Plan, needs: Need
                                           lse=lse[of_rows], grad=grad, reduce=False)
         else:
             softmax_losses.launch_backward(view, target, call.class_weight, spec, stats, grad,
-                                           grad_output[of_rows] if per_row_upstream else grad_output, None,
-                                           keep_unit_rows=False)
+                                           grad_output[of_rows] if per_row_upstream else grad_output,
+                                           None if lse_grad is None else lse_grad[of_rows], keep_unit_rows=False)
         return grad is not None
 
     return _head.row_walk(call.head, plan.chunk_rows, visit, needs)
@@ -158,28 +160,29 @@ def _probability_target_mass(call: _Call, spec: LossSpec) -> Tensor:
 
 @functools.lru_cache(maxsize=1024)
 def _slice_launch(n_rows: int, width: int, start: int, n_classes: int, logits_stride: int, target_strides: tuple,
-                  grad_output_stride: int, prob_target: bool, has_weight: bool, spec: LossSpec,
-                  dtype: torch.dtype) -> Launch:
+                  grad_output_stride: int, lse_grad_stride: Optional[int], prob_target: bool, has_weight: bool,
+                  spec: LossSpec, dtype: torch.dtype) -> Launch:
     block = min(SLICE_BLOCK, next_power_of_2(width))
     rows_per_program = max(1, min(SLICE_TILE // block, next_power_of_2(n_rows)))
     return Launch(
         linear_vocab_slice_grad_kernel, (cdiv(n_rows, rows_per_program), cdiv(width, block)),
         ("logits_ptr", "target_ptr", "weight_ptr", "lse_ptr", "mass_ptr", "weight_sum_ptr", "stats_ptr",
-         "grad_output_ptr"), num_warps=SLICE_WARPS,
+         "grad_output_ptr", "lse_grad_ptr"), num_warps=SLICE_WARPS,
         logits_stride_row=logits_stride, target_stride_row=target_strides[0], target_stride_class=target_strides[1],
-        grad_output_stride=grad_output_stride, n_rows=n_rows, n_slice_classes=width, class_start=start,
+        grad_output_stride=grad_output_stride, lse_grad_stride=lse_grad_stride or 0, n_rows=n_rows, n_slice_classes=width, class_start=start,
         n_classes=n_classes, ignore_index=spec.ignore_index, label_smoothing=spec.label_smoothing,
         z_loss=spec.z_loss, softcap=spec.softcap if spec.softcap is not None else 1.0, ROWS=rows_per_program,
         BLOCK_SIZE=block, WIDE_OFFSETS=n_classes * abs(target_strides[1]) >= 2**31, PROB_TARGET=prob_target,
         HAS_WEIGHT=has_weight, HAS_SMOOTHING=spec.label_smoothing > 0, HAS_Z_LOSS=spec.z_loss != 0,
         HAS_SOFTCAP=spec.softcap is not None, MEAN=spec.reduction == "mean",
-        GRAD_OUTPUT=2 if spec.reduction == "none" else 1, COMPUTE_DTYPE=triton_dtype(dtype))
+        GRAD_OUTPUT=2 if spec.reduction == "none" else 1, HAS_LSE_GRAD=lse_grad_stride is not None,
+        COMPUTE_DTYPE=triton_dtype(dtype))
 
 
 def vocab_walk(call: _Call, spec: LossSpec, stats: Tensor, lse: Tensor, plan: Plan, grad_output: Tensor,
-               needs: Needs) -> tuple:
-    """∂W and ∂b slice by slice of the vocabulary, for the upstream gradient `grad_output` (a scalar, or
-    one value per row for 'none'), from the forward's per-row lse."""
+               needs: Needs, lse_grad: Optional[Tensor] = None) -> tuple:
+    """∂W and ∂b slice by slice of the vocabulary, for the upstream gradients `grad_output` (a scalar, or
+    one value per row for 'none') and `lse_grad` (one per row, or None), from the forward's per-row lse."""
     n_rows, n_classes = call.input.shape[0], call.weight.shape[0]
     prob_target = call.target.is_floating_point()
     grad_output = per_row(grad_output) if spec.reduction == "none" else grad_output.reshape(())
@@ -192,9 +195,11 @@ def vocab_walk(call: _Call, spec: LossSpec, stats: Tensor, lse: Tensor, plan: Pl
 
     def visit(logits: Tensor, classes: slice) -> bool:
         launch = _slice_launch(n_rows, logits.shape[1], classes.start, n_classes, logits.stride(0), target_strides,
-                               grad_output.stride(0) if grad_output.dim() else 0, prob_target,
+                               grad_output.stride(0) if grad_output.dim() else 0,
+                               None if lse_grad is None else lse_grad.stride(0), prob_target,
                                call.class_weight is not None, spec, call.input.dtype)
-        launch(logits, call.target, class_weight, lse, mass, weight_sum, stats, grad_output)
+        launch(logits, call.target, class_weight, lse, mass, weight_sum, stats, grad_output,
+               stats if lse_grad is None else lse_grad)
         return True
 
     return _head.vocab_walk(call.head, plan.slice_classes, visit, needs)
@@ -241,20 +246,24 @@ def forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
     return out[0], out[1], stats
 
 
-def _backward_fake(input, linear_weight, linear_bias, target, weight, stats, lse, grad_output, spec, plan, needs):
+def _backward_fake(input, linear_weight, linear_bias, target, weight, stats, lse, grad_output, lse_grad, spec, plan,
+                   needs):
     shapes = (input.shape, linear_weight.shape, linear_weight.shape[:1])
     return [input.new_empty(shape if needed else (0,)) for shape, needed in zip(shapes, needs)]
 
 
 @kernel_op("linear_cross_entropy_backward", _backward_fake)
 def backward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-             weight: Optional[Tensor], stats: Tensor, lse: Tensor, grad_output: Tensor, spec: LossSpec, plan: Plan,
-             needs: Needs) -> list[Tensor]:
-    """(∂input, ∂W, ∂b) among `needs` (an empty tensor elsewhere) for `grad_output`: the forward's, scaled
-    in place, where it made them; the rest computed afresh, ∂input by the row walk, ∂W and ∂b by the
-    plan's walk."""
+             weight: Optional[Tensor], stats: Tensor, lse: Tensor, grad_output: Tensor, lse_grad: Optional[Tensor],
+             spec: LossSpec, plan: Plan, needs: Needs) -> list[Tensor]:
+    """(∂input, ∂W, ∂b) among `needs` (an empty tensor elsewhere) for the upstream gradients of the loss
+    and of the lse (one per loss row, or None): the forward's, scaled in place, where it made them and the
+    lse has none; the rest computed afresh, ∂input by the row walk, ∂W and ∂b by the plan's walk."""
     call = _Call(input, linear_weight, linear_bias, target, weight)
     kept = take_gradients(stats)
+    if lse_grad is not None:
+        kept = None  # made for the loss alone: every gradient is recomputed with both upstreams folded in
+        lse_grad = per_row(lse_grad)
     results = list(kept) if kept is not None else [None, None, None]
     made = made_in_forward(plan, spec.reduction, needs) if kept is not None else NOTHING
     for i, was_made in enumerate(made):
@@ -264,44 +273,53 @@ def backward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]
     if missing.input or (plan.walk == ROWS and (missing.weight or missing.bias)):
         walked = Needs(missing.input, missing.weight and plan.walk == ROWS, missing.bias and plan.walk == ROWS)
         upstream = per_row(grad_output) if spec.reduction == "none" else grad_output.reshape(())
-        for i, grad in enumerate(row_walk(call, spec, stats, plan, walked, grad_output=upstream)):
+        for i, grad in enumerate(row_walk(call, spec, stats, plan, walked, grad_output=upstream, lse_grad=lse_grad)):
             if walked[i]:
                 results[i] = grad
     if plan.walk == VOCAB and (missing.weight or missing.bias):
         _, grad_weight, grad_bias = vocab_walk(call, spec, stats, lse, plan, grad_output,
-                                               Needs(False, missing.weight, missing.bias))
+                                               Needs(False, missing.weight, missing.bias), lse_grad)
         results[1:] = [grad_weight if missing.weight else results[1], grad_bias if missing.bias else results[2]]
     return [g if g is not None else input.new_empty(0) for g in results]
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """apply(input (N, H), weight (V·D, H), bias (V·D) or None, target, class weights, spec, plan,
-    validate, out_dtype) -> (loss, lse per loss row); gradients for input, weight and bias."""
+    validate, out_dtype, return_lse) -> (loss, lse per loss row); gradients for input, weight and bias
+    (the lse differentiable where the caller asked for it)."""
 
     @staticmethod
     def forward(ctx, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                weight: Optional[Tensor], spec: LossSpec, plan: Plan, validate: str, out_dtype: torch.dtype):
+                weight: Optional[Tensor], spec: LossSpec, plan: Plan, validate: str, out_dtype: torch.dtype,
+                return_lse: bool):
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.plan = spec, plan
         ctx.needs = Needs(*ctx.needs_input_grad[:3])
         loss_rows, lse, stats = forward(input, linear_weight, linear_bias, target, weight, spec, plan,
                                         made_in_forward(plan, spec.reduction, ctx.needs), validate)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.return_lse = return_lse
+        if not return_lse:
+            ctx.mark_non_differentiable(lse)
         return reduce_rows(loss_rows, spec.reduction, loss_rows.shape, out_dtype), lse
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        no_grads = (None,) * 6  # target, weight, spec, plan, validate, out_dtype
-        if grad_loss is None:
+    def backward(ctx, grad_loss, grad_lse):
+        no_grads = (None,) * 7  # target, weight, spec, plan, validate, out_dtype, return_lse
+        if not ctx.return_lse:
+            grad_lse = None  # (a compiled graph passes zeros for it)
+        if grad_loss is None and grad_lse is None:
             return (None, None, None, *no_grads)
-        grads = backward(*ctx.saved_tensors, grad_loss, ctx.spec, ctx.plan, ctx.needs)
+        if grad_loss is None:  # only the lse is used
+            lse = ctx.saved_tensors[6]
+            grad_loss = lse.new_zeros(()) if ctx.spec.reduction != "none" else lse.new_zeros(()).expand(lse.shape)
+        grads = backward(*ctx.saved_tensors, grad_loss, grad_lse, ctx.spec, ctx.plan, ctx.needs)
         return (*(g if need else None for g, need in zip(grads, ctx.needs)), *no_grads)
 
 
 def run(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
         weight: Optional[Tensor], spec: LossSpec, *, walk: Optional[str], chunk_rows: Optional[int],
-        slice_classes: Optional[int], validate: str, out_dtype: torch.dtype):
+        slice_classes: Optional[int], validate: str, out_dtype: torch.dtype, return_lse: bool = False):
     """(loss, lse) for checked arguments (`validate`: the class-index check's mode): input (…, H) with
     linear_weight (V, H), or input (N, H) with linear_weight (V, d1, …, dk, H), the K-dimensional loss over
     positions (d1, …, dk)."""
@@ -310,8 +328,8 @@ def run(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], tar
     positions = math.prod(out_features)
     n_classes = linear_weight.shape[0]
     loss_shape = input.shape[:-1] + out_features
-    input = input.reshape(-1, in_features)
-    n_rows = input.shape[0]
+    n_rows = input.shape[:-1].numel()
+    input = input.reshape(n_rows, in_features)  # explicit sizes: a head may have no features
     if target.is_floating_point():  # (N, V, d…) probabilities: rows stay whole, positions trail
         target = target.reshape(n_rows, n_classes, positions) if positions > 1 else target.reshape(n_rows, n_classes)
     else:
@@ -320,9 +338,11 @@ def run(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], tar
         weight = weight.to(compute_dtype(input.dtype)).contiguous()
     plan = make_plan(n_rows, n_classes, in_features, input.dtype, positions, walk=walk, chunk_rows=chunk_rows,
                      slice_classes=slice_classes)
-    head = (input, linear_weight.reshape(-1, in_features), None if linear_bias is None else linear_bias.reshape(-1))
+    head = (input, linear_weight.reshape(n_classes * positions, in_features),
+            None if linear_bias is None else linear_bias.reshape(-1))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in head):
-        loss, lse = LinearCrossEntropyFunction.apply(*head, target, weight, spec, plan, validate, out_dtype)
+        loss, lse = LinearCrossEntropyFunction.apply(*head, target, weight, spec, plan, validate, out_dtype,
+                                                     return_lse)
     else:  # no gradient work at all: the kernel writes no gradient, no gradient GEMMs run
         loss_rows, lse, _ = forward(*head, target, weight, spec, plan, NOTHING, validate)
         loss = reduce_rows(loss_rows, spec.reduction, loss_rows.shape, out_dtype)

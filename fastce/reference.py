@@ -154,10 +154,12 @@ def linear_cross_entropy(
     K-dimensional loss over logits (N, C, d1, …, dk)); per-row outputs are shaped like the target's
     class indices."""
     n_classes, out_features, in_features = linear_weight.shape[0], linear_weight.shape[1:-1], input.shape[-1]
-    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, in_features),
+    n_rows = input.shape[:-1].numel()
+    logits = torch.nn.functional.linear(input.reshape(n_rows, in_features),
+                                        linear_weight.reshape(linear_weight.shape[:-1].numel(), in_features),
                                         None if linear_bias is None else linear_bias.reshape(-1))
     loss_shape = input.shape[:-1] + out_features
-    logits = logits.reshape(-1, n_classes, *out_features)
+    logits = logits.reshape(n_rows, n_classes, *out_features)
     is_probabilities = target.shape == input.shape[:-1] + linear_weight.shape[:-1]
     rows_target = target.reshape(logits.shape) if is_probabilities else target.reshape(logits.shape[:1] + out_features)
     loss, lse = cross_entropy(logits, rows_target, weight, ignore_index, reduction, label_smoothing,
@@ -267,7 +269,7 @@ def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, 
     (shaped like target). With return_stats, also (logprob, entropy), detached."""
     logprob, entropy = token_logprobs(logits, target, temperature=temperature, ignore_index=ignore_index,
                                       return_entropy=True)
-    valid = target != ignore_index
+    valid = target.long() != ignore_index  # compared in uint8, -100 would match the class index 156
     per_token = -(advantages.to(logprob.dtype) * logprob + entropy_coef * entropy)
     per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
     if reduction == "mean":

@@ -27,8 +27,9 @@ def linear_vocab_slice_grad_kernel(
     weight_sum_ptr,                    # Σ_c w_c, a device scalar (hard targets with smoothing and weights)
     stats_ptr,                         # [divisor of the loss, divisor of the z-loss] of the "mean" reduction
     grad_output_ptr,                   # upstream gradient (GRAD_OUTPUT > 0)
+    lse_grad_ptr,                      # upstream gradient of the returned lse, per row (HAS_LSE_GRAD)
     # strides, in elements (class indices: target_stride_row alone)
-    logits_stride_row, target_stride_row, target_stride_class, grad_output_stride,
+    logits_stride_row, target_stride_row, target_stride_class, grad_output_stride, lse_grad_stride,
     # sizes
     n_rows, n_slice_classes, class_start, n_classes,
     # scalars
@@ -45,6 +46,7 @@ def linear_vocab_slice_grad_kernel(
     HAS_SOFTCAP: tl.constexpr,     # soft-cap the logits
     MEAN: tl.constexpr,            # scale by the mean's device-side divisors
     GRAD_OUTPUT: tl.constexpr,     # upstream gradient: 0 none (=1), 1 scalar, 2 one per row
+    HAS_LSE_GRAD: tl.constexpr,    # the lse has an upstream gradient too: + g_lse·p_j
     COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
 ):
     label_smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE)
@@ -86,8 +88,11 @@ def linear_vocab_slice_grad_kernel(
     # 1 − p_y = −expm1(log p_y), exact to fp32 as p_y → 1 (only read where the target sits in this slice)
     target_miss = tl.sum(tl.where(is_target & mask, -expm1(shifted), 0.0), 1)
     no_focal = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    lse_upstream = no_focal
+    if HAS_LSE_GRAD:
+        lse_upstream = tl.load(lse_grad_ptr + rows * lse_grad_stride, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
     grad = _gradient(x, a, p, lse, is_target, target_miss, mass, no_focal, no_focal, ce_scale, z_scale, upstream,
-                     no_focal, z_loss, softcap, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, False, False)
+                     lse_upstream, z_loss, softcap, PROB_TARGET, HAS_Z_LOSS, HAS_SOFTCAP, False, HAS_LSE_GRAD)
     grad = _mask_rows(grad, valid, bad_target)
     tl.store(logits_ptr + logits_row_offs[:, None] + local_cols[None, :], to_storage(grad, logits_ptr.dtype.element_ty),
              mask=row_in_bounds[:, None] & in_slice[None, :])
