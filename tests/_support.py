@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastce import reference
+from fastce import _launch, reference
 
 # where the tests run the kernels: the GPU where there is one, else the CPU (the interpreter)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -312,37 +312,17 @@ def focal_fns(alpha=None, **kw):
 
 @contextlib.contextmanager
 def count_kernel_launches():
-    """Count Triton kernel launches (interpreter or compiled) inside the block.
+    """Count fastce's Triton kernel launches inside the block, interpreted or compiled.
 
-    Yields a list that receives the name of each launched kernel."""
-    launched = []
-    patched = []
-    try:
-        from triton.runtime.jit import JITFunction
-        patched.append(JITFunction)
-    except Exception:  # pragma: no cover - triton missing
-        pass
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        patched.append(InterpretedFunction)
-    except Exception:  # pragma: no cover
-        pass
-    originals = [(cls, cls.run) for cls in patched]
-
-    def wrap(orig):
-        def run(self, *args, **kwargs):
-            if not kwargs.get("warmup", False):
-                launched.append(getattr(getattr(self, "fn", None), "__name__", "?"))
-            return orig(self, *args, **kwargs)
-        return run
-
-    for cls, orig in originals:
-        cls.run = wrap(orig)
+    Yields a list that receives the name of each launched kernel. Every fastce kernel is launched
+    through ``fastce._launch.Launch``, which logs to ``launch_log``; counting there (rather than at
+    ``JITFunction.run``) also sees the GPU's direct launches, which bypass Triton's launch path."""
+    launched, saved = [], _launch.launch_log
+    _launch.launch_log = launched
     try:
         yield launched
     finally:
-        for cls, orig in originals:
-            cls.run = orig
+        _launch.launch_log = saved
 
 
 def snapshot(*tensors):
