@@ -434,9 +434,9 @@ def sigmoid_focal_loss(
 # Token statistics for RL and post-training (DESIGN §7.2): per-token log-probabilities and entropy
 
 
-def _check_token_call(function: str, target: Tensor, n_classes: int, ignore_index, validate, device) -> tuple:
+def _check_token_call(function: str, ignore_index, validate, device) -> tuple:
     """(ignore_index as an int, the validation mode) of a token-statistics call, after cross_entropy's
-    ignore_index rule; on the reference path the class indices are checked here."""
+    ignore_index rule."""
     ignore_index = check_ignore_index(ignore_index, function)
     validate = validation_mode(validate, device)
     return ignore_index, validate
@@ -463,8 +463,7 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, 
     check_token_logits(logits)
     check_token_target(target, logits.shape[:-1], logits.device)
     check_temperature(temperature)
-    ignore_index, validate = _check_token_call("token_logprobs", target, logits.shape[-1], ignore_index, validate,
-                                               logits.device)
+    ignore_index, validate = _check_token_call("token_logprobs", ignore_index, validate, logits.device)
     if not uses_triton(logits):
         _validate_on_reference_path(target, logits.shape[-1], ignore_index, validate)
         return reference.token_logprobs(logits, target, temperature=temperature, ignore_index=ignore_index,
@@ -491,8 +490,8 @@ def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor,
     check_linear(hidden, linear_weight, linear_bias, target, None)
     check_token_target(target, hidden.shape[:-1], hidden.device)
     check_temperature(temperature)
-    ignore_index, validate = _check_token_call("linear_token_logprobs", target, linear_weight.shape[0], ignore_index,
-                                               validate, hidden.device)
+    ignore_index, validate = _check_token_call("linear_token_logprobs", ignore_index, validate,
+                                               hidden.device)
     if not uses_triton(hidden):
         _validate_on_reference_path(target, linear_weight.shape[0], ignore_index, validate)
         return reference.linear_token_logprobs(hidden, linear_weight, target, linear_bias=linear_bias,
@@ -531,8 +530,8 @@ def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, 
     check_reduction(reduction)
     check_temperature(temperature)
     check_finite("entropy_coef", float(entropy_coef))
-    ignore_index, validate = _check_token_call("policy_gradient_loss", target, logits.shape[-1], ignore_index,
-                                               validate, logits.device)
+    ignore_index, validate = _check_token_call("policy_gradient_loss", ignore_index, validate,
+                                               logits.device)
     if advantages.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("fastce.policy_gradient_loss does not differentiate with respect to advantages, which "
                            "are constants of the policy-gradient estimator: pass advantages.detach()")

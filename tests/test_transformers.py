@@ -500,7 +500,7 @@ TOKEN_MODELS = ["llama", "llama-tied", "cohere", "granite", "phi", "gpt2"]  # pl
 
 @pytest.mark.parametrize("name", [model for model in AVAILABLE_MODELS if model.values[0] in TOKEN_MODELS])
 def test_token_logprobs_and_entropy_equal_the_stock_logits_and_train_the_same(name, path):
-    from fastce.integrations.transformers import token_logprobs
+    from fastce.integrations.transformers import causal_lm_token_logprobs
     model = _tiny_model(name)
     batch = _batch()
     keep = SEQ - 3  # the completion: the last positions, as GRPO keeps them
@@ -514,7 +514,7 @@ def test_token_logprobs_and_entropy_equal_the_stock_logits_and_train_the_same(na
         return log_probs.detach(), entropy.detach(), {n: p.grad for n, p in model.named_parameters()}
 
     def fused():
-        output = token_logprobs(model, batch["input_ids"], labels, attention_mask=batch["attention_mask"],
+        output = causal_lm_token_logprobs(model, batch["input_ids"], labels, attention_mask=batch["attention_mask"],
                                 logits_to_keep=keep, temperature=0.7, return_entropy=True)
         return output["log_probs"], output.entropy
 
@@ -536,8 +536,8 @@ def test_token_logprobs_and_entropy_equal_the_stock_logits_and_train_the_same(na
 
 
 def test_token_logprobs_refuses_soft_capped_logits():
-    from fastce.integrations.transformers import token_logprobs
+    from fastce.integrations.transformers import causal_lm_token_logprobs
     if not hasattr(transformers, "Gemma2ForCausalLM"):
         pytest.skip(f"transformers {transformers.__version__} has no Gemma2ForCausalLM")
     with pytest.raises(TypeError, match="final_logit_softcapping"):
-        token_logprobs(_tiny_model("gemma2"), _batch()["input_ids"])
+        causal_lm_token_logprobs(_tiny_model("gemma2"), _batch()["input_ids"])

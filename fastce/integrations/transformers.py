@@ -56,7 +56,7 @@ try:
 except ImportError:  # torch built without distributed: no DTensor can exist
     DTensor = ()
 
-__all__ = ["causal_lm_loss", "apply_fastce", "register", "unregister", "token_logprobs", "TokenLogprobsOutput"]
+__all__ = ["causal_lm_loss", "apply_fastce", "register", "unregister", "causal_lm_token_logprobs", "TokenLogprobsOutput"]
 
 # transformers' own loss, as imported before register() replaces it
 _STOCK_LOSS = loss_utils.ForCausalLMLoss
@@ -90,9 +90,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int,
     targets = _next_token_targets(labels, shift_labels, ignore_index, logits.device)
     logits = logits.reshape(-1, vocab_size)
     normalisation = _normalisation(num_items_in_batch, vocab_size, logits.device)
-    loss, lse = fastce.cross_entropy(logits, targets, ignore_index=ignore_index, return_lse=True, **normalisation)
-    return _float32_loss(loss, lse, targets, ignore_index, normalisation.get("weight"),
-                         lambda rows: logits.gather(1, rows[:, None]).reshape(-1))
+    return fastce.cross_entropy(logits, targets, ignore_index=ignore_index, loss_dtype=torch.float32, **normalisation)
 
 
 def _next_token_targets(labels: Tensor, shift_labels: Optional[Tensor], ignore_index: int, device) -> Tensor:
@@ -112,26 +110,6 @@ def _normalisation(num_items_in_batch: Union[None, int, Tensor], n_classes: int,
     if isinstance(num_items_in_batch, Tensor):
         num_items_in_batch = num_items_in_batch.to(device)
     return dict(reduction="sum", weight=torch.ones(n_classes, device=device) / num_items_in_batch)
-
-
-def _float32_loss(loss: Tensor, lse: Tensor, targets: Tensor, ignore_index: int, weight: Optional[Tensor],
-                  target_logits: Callable[[Tensor], Tensor]) -> Tensor:
-    """fastce's loss (the mean, or the sum weighted by `weight`, as _normalisation asked) as a float32 tensor.
-
-    fastce returns the loss in the logits' dtype: for bf16/fp16 that rounds the batch's loss to 8 (11)
-    bits. So its value is recomputed in fp32 from the per-row fp32 log-sum-exp and the target's
-    logit z_y (loss_i = lse_i − z_y, `target_logits(rows)` giving z_y for each row's target), while
-    the gradient stays the kernel's.
-    """
-    if loss.dtype not in (torch.float16, torch.bfloat16):
-        return loss.float()
-    with torch.no_grad():
-        valid = targets != ignore_index
-        rows = torch.where(valid, targets, 0)
-        per_row = torch.where(valid, lse - target_logits(rows).float(), 0.0)
-        value = per_row.sum() / valid.sum() if weight is None else (per_row * weight[rows]).sum()
-    loss = loss.float()
-    return loss + (value - loss.detach())
 
 
 def _head_operands(model: PreTrainedModel, hidden: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[float]]:
@@ -166,17 +144,8 @@ def _fused_head_loss(model: PreTrainedModel, hidden: Tensor, labels: Tensor,
     device_type = hidden.device.type
     normalisation = _normalisation(num_items_in_batch, weight.shape[0], hidden.device)
     with torch.autocast(device_type, enabled=False):
-        loss, lse = fastce.linear_cross_entropy(hidden, weight, targets, linear_bias=bias, ignore_index=ignore_index,
-                                                softcap=softcap, return_lse=True, **normalisation)
-
-    def target_logits(rows: Tensor) -> Tensor:
-        # one dot product per row, rounded once to the input dtype as the head's GEMM rounds the logits
-        products = (hidden[:, None, :], weight[rows][:, :, None])
-        z = torch.bmm(*products) if bias is None else torch.baddbmm(bias[rows][:, None, None], *products)
-        z = z.reshape(-1).float()
-        return z if softcap is None else softcap * torch.tanh(z / softcap)
-
-    return _float32_loss(loss, lse, targets, ignore_index, normalisation.get("weight"), target_logits)
+        return fastce.linear_cross_entropy(hidden, weight, targets, linear_bias=bias, ignore_index=ignore_index,
+                                           softcap=softcap, loss_dtype=torch.float32, **normalisation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +160,7 @@ class TokenLogprobsOutput(ModelOutput):
     entropy: Optional[Tensor] = None
 
 
-def token_logprobs(model: PreTrainedModel, input_ids: Tensor, labels: Optional[Tensor] = None, *,
+def causal_lm_token_logprobs(model: PreTrainedModel, input_ids: Tensor, labels: Optional[Tensor] = None, *,
                    shift_labels: Optional[Tensor] = None, logits_to_keep: Union[int, Tensor] = 0,
                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                    **model_kwargs) -> TokenLogprobsOutput:
@@ -226,6 +195,9 @@ def token_logprobs(model: PreTrainedModel, input_ids: Tensor, labels: Optional[T
     log_probs, entropy = outputs if return_entropy else (outputs, None)
     return TokenLogprobsOutput(log_probs=log_probs.reshape(row_shape),
                                entropy=None if entropy is None else entropy.reshape(row_shape))
+
+
+token_logprobs = causal_lm_token_logprobs  # deprecated alias: the earlier name shadowed fastce.token_logprobs
 
 
 # ---------------------------------------------------------------------------------------------
