@@ -98,25 +98,16 @@ class Measurement:
         self._live_storages: Dict[int, int] = {}  # data_ptr -> bytes, of storages created inside
 
     # ---- totals -------------------------------------------------------------------------
-    @property
-    def triton_read(self) -> int:
-        return sum(k.read for k in self.kernels.values())
+    def _sum(self, table: str, *fields: str) -> int:
+        return sum(getattr(entry, field) for entry in getattr(self, table).values() for field in fields)
 
-    @property
-    def triton_write(self) -> int:
-        return sum(k.write for k in self.kernels.values())
-
-    @property
-    def triton_unique(self) -> int:
-        return sum(k.unique_read + k.unique_write for k in self.kernels.values())
-
-    @property
-    def torch_read(self) -> int:
-        return sum(o.read for o in self.ops.values())
-
-    @property
-    def torch_write(self) -> int:
-        return sum(o.write for o in self.ops.values())
+    triton_read = property(lambda self: self._sum("kernels", "read"))
+    triton_write = property(lambda self: self._sum("kernels", "write"))
+    triton_unique = property(lambda self: self._sum("kernels", "unique_read", "unique_write"))
+    triton_launches = property(lambda self: self._sum("kernels", "launches"))
+    torch_read = property(lambda self: self._sum("ops", "read"))
+    torch_write = property(lambda self: self._sum("ops", "write"))
+    syncs = property(lambda self: self._sum("ops", "syncs"))
 
     @property
     def total_bytes(self) -> int:
@@ -125,14 +116,6 @@ class Measurement:
     @property
     def unique_bytes(self) -> int:
         return self.triton_unique + self.torch_read + self.torch_write
-
-    @property
-    def syncs(self) -> int:
-        return sum(o.syncs for o in self.ops.values())
-
-    @property
-    def triton_launches(self) -> int:
-        return sum(k.launches for k in self.kernels.values())
 
     @property
     def torch_calls(self) -> int:
