@@ -11,6 +11,7 @@ fastce.reference in float64.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -19,13 +20,14 @@ import time
 import traceback
 import warnings
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CASES: dict[str, tuple[Callable, tuple[int, ...]]] = {}
 
@@ -606,3 +608,119 @@ def torchtitan_adapter(ctx):
         local, labels, global_valid_tokens)
     assert metrics == {}
     assert_close_dtype(scaled, expected / global_valid_tokens, torch.float32, "torchtitan scaled")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases of issue 23 (tests/test_regressions.py also runs each in a group of its own). Last in this file:
+# before a fix, a rank left waiting in a collective takes the group down, and every case after it.
+
+
+class _FailOnceAfterTheExchange(TorchDispatchMode):
+    """On this rank, the first torch operator run after the `after`-th collective of the call (1: the
+    argument exchange of validate=True) raises, once, as a kernel or an allocation failing there would.
+    A dispatch mode (public torch API), so it holds whatever fastce's internals look like."""
+
+    MESSAGE = "injected failure after the argument exchange"
+
+    def __init__(self, after: int = 1):
+        super().__init__()
+        self.after, self.collectives, self.failed = after, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            self.collectives += 1
+        elif self.collectives >= self.after and not self.failed:
+            self.failed = True
+            raise RuntimeError(self.MESSAGE)
+        return func(*args, **(kwargs or {}))
+
+
+def _error_chain(error: BaseException) -> str:
+    text = []
+    while error is not None:
+        text.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return " <- ".join(text)
+
+
+@case(2)
+def a_rank_failing_after_the_argument_exchange_fails_every_rank(ctx):
+    """A rank whose computation fails right after the ranks agreed on their arguments (at the first torch
+    operator after the exchange, whatever it is): every rank raises, none is left waiting in a collective,
+    and the group's next call works; both forms, on the kernels and on the pure-PyTorch path."""
+    import fastce
+    import fastce.distributed as fd
+    from _support import assert_close_dtype
+    failing_rank = ctx.world_size - 1
+    n_classes = 6 * ctx.world_size
+    logits = torch.randn(5, n_classes)
+    hidden, head = torch.randn(5, 4), torch.randn(n_classes, 4)
+    target = torch.randint(0, n_classes, (5,))
+    width = n_classes // ctx.world_size
+    mine = slice(ctx.rank * width, (ctx.rank + 1) * width)
+    calls = {
+        "vocab_parallel_cross_entropy": lambda: fd.vocab_parallel_cross_entropy(logits[:, mine], target),
+        "linear_cross_entropy": lambda: fd.linear_cross_entropy(hidden, head[mine], target),
+    }
+    for path, name in itertools.product(("kernels", "reference"), calls):
+        where = f"{path}, {name}, rank {failing_rank} failing after the exchange"
+        mode = _FailOnceAfterTheExchange() if ctx.rank == failing_rank else nullcontext()
+        with reference_path() if path == "reference" else nullcontext():
+            try:
+                with mode:
+                    calls[name]()
+            except Exception as error:  # noqa: BLE001 - any exception is a report; the failing rank's names it
+                if ctx.rank == failing_rank:
+                    assert _FailOnceAfterTheExchange.MESSAGE in _error_chain(error), f"{where}: {_error_chain(error)}"
+            else:
+                raise AssertionError(f"{where}: rank {ctx.rank} returned a loss")
+            if ctx.rank == failing_rank:
+                assert mode.failed, f"{where}: the injected failure did not happen"
+            # the ranks' collectives are still in step: the next call gives the whole logits' loss
+            assert_close_dtype(fd.vocab_parallel_cross_entropy(logits[:, mine], target),
+                               fastce.reference.cross_entropy(logits.double(), target), torch.float32,
+                               f"{where}: the next call")
+
+
+@case(2)
+def empty_slice_on_the_reference_path(ctx):
+    """Item 3: a rank holding no classes (slices of widths (0, V) and (V, 0)) on the pure-PyTorch path (and
+    on the kernels, which handle it): every rank returns the loss of the whole logits and its slice's
+    gradient, for both forms, against fastce.reference in float64."""
+    import fastce
+    import fastce.distributed as fd
+    from _support import assert_close_dtype
+    n_rows, n_classes, in_features = 5, 7, 4
+    logits = torch.randn(n_rows, n_classes, dtype=torch.float64).float()
+    hidden = torch.randn(n_rows, in_features, dtype=torch.float64).float()
+    head = torch.randn(n_classes, in_features, dtype=torch.float64).float()
+    bias = torch.randn(n_classes, dtype=torch.float64).float()
+    target = torch.randint(0, n_classes, (n_rows,))
+    target[1] = -100
+    for path in ("kernels", "reference"):
+        for empty_rank in range(ctx.world_size):
+            owner = 1 - empty_rank
+            mine = slice(0, n_classes if ctx.rank == owner else 0)
+            where = f"{path}, rank {empty_rank} empty"
+            with (reference_path() if path == "reference" else nullcontext()):
+                local = logits[:, mine].clone().requires_grad_()
+                loss = fd.vocab_parallel_cross_entropy(local, target, vocab_start=0, reduction="sum")
+                grad_output = torch.tensor(1.3)
+                loss.backward(grad_output)
+                leaves = [t.clone().requires_grad_() for t in (hidden, head[mine], bias[mine])]
+                linear_loss = fd.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
+                                                      vocab_start=0, reduction="sum")
+                linear_loss.backward(grad_output)
+            whole = logits.double().requires_grad_()
+            expected = fastce.reference.cross_entropy(whole, target, reduction="sum")
+            expected.backward(grad_output.double())
+            assert_close_dtype(loss, expected, torch.float32, f"{where}: loss")
+            assert_close_dtype(local.grad, whole.grad[:, mine], torch.float32, f"{where}: slice gradient")
+            heads = [t.double().requires_grad_() for t in (hidden, head, bias)]
+            expected = fastce.reference.linear_cross_entropy(heads[0], heads[1], target, linear_bias=heads[2],
+                                                             reduction="sum")
+            expected.backward(grad_output.double())
+            assert_close_dtype(linear_loss, expected, torch.float32, f"{where}: linear loss")
+            for what, ours, theirs in zip(("∂input", "∂W slice", "∂b slice"), leaves,
+                                          (heads[0].grad, heads[1].grad[mine], heads[2].grad[mine])):
+                assert_close_dtype(ours.grad, theirs, torch.float32, f"{where}: {what}")
