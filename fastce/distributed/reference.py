@@ -13,14 +13,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._core import LossSpec
-from .spec import n_stats
+from .._core import LossSpec, TokenStatsSpec
+from .spec import has_entropy, inv_temperature, n_stats
 from ..reference import compute_dtype, softcap_logits
 
 
-
 def _rows(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.reshape(-1, t.shape[-1]).to(dtype)
+    # (N, V_r), also for a slice without classes (where reshape(-1, 0) cannot tell N)
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1]).to(dtype)
+
+
+def _logits(logits: Tensor, spec: LossSpec, token: Optional[TokenStatsSpec]) -> Tensor:
+    # x' (soft-capped), or z = x / T for the token statistics, in the compute dtype
+    x = softcap_logits(_rows(logits, compute_dtype(logits.dtype)), spec.softcap)
+    return x if token is None else x * inv_temperature(token)
 
 
 def _hard_target(target: Tensor, n_rows: int, spec: LossSpec, vocab_size: Tensor):
@@ -36,11 +42,11 @@ def _slice_weights(weight: Optional[Tensor], vocab_start: int, n_classes: int, l
     return weight[vocab_start:vocab_start + n_classes].to(like.dtype)
 
 
-def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
-               vocab_start: int) -> tuple[Tensor, Tensor]:
+def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, vocab_start: int,
+               token: Optional[TokenStatsSpec] = None) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(logits.dtype)
     n_classes = logits.shape[-1]
-    x = softcap_logits(_rows(logits, acc), spec.softcap)
+    x = _logits(logits, spec, token)
     n_rows = x.shape[0]
     prob_target = target.is_floating_point()
     if prob_target:
@@ -64,18 +70,24 @@ def statistics(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: L
     if spec.label_smoothing > 0:
         factor = torch.where(valid[:, None], w, 0.0)
         columns.append(torch.where(factor != 0, factor * shifted, 0.0).sum(1))
+    if has_entropy(token):  # E = Σ_{c≠y} e^(z − ref)(z − ref), 0·log 0 = 0
+        e = torch.where(is_target, 0.0, shifted.exp())
+        columns.append(torch.where(e > 0, e * shifted, 0.0).sum(1))
     stats = torch.cat([torch.stack(columns, 1).reshape(-1), x.new_zeros(1)])
     return torch.stack([local_max, local_max]), stats
 
 
 def rescale(stats: Tensor, maxima: Tensor, weight: Optional[Tensor], spec: LossSpec, prob_target: bool,
-            vocab_start: int, n_classes: int) -> None:
+            vocab_start: int, n_classes: int, token: Optional[TokenStatsSpec] = None) -> None:
     n_rows = maxima.shape[1]
-    table = stats[:-1].view(n_rows, n_stats(spec, prob_target))
+    table = stats[:-1].view(n_rows, n_stats(spec, prob_target, token))
     global_max, local_max = maxima
     ref = torch.where(global_max == float("-inf"), 0.0, global_max)
     shift = torch.where(local_max == float("-inf"), 0.0, local_max) - ref
-    table[:, 0] *= (local_max - ref).exp()
+    factor = (local_max - ref).exp()
+    if has_entropy(token):
+        table[:, -1] = factor * (table[:, -1] + shift * table[:, 0])
+    table[:, 0] *= factor
     if prob_target:
         table[:, 1] += shift * table[:, 2]
     if spec.label_smoothing > 0:
@@ -83,11 +95,11 @@ def rescale(stats: Tensor, maxima: Tensor, weight: Optional[Tensor], spec: LossS
     stats[-1] = n_classes
 
 
-def finish(stats: Tensor, maxima: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Tensor,
-           spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
+def finish(stats: Tensor, maxima: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
+           spec: LossSpec, token: Optional[TokenStatsSpec] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
     n_rows = maxima.shape[1]
     prob_target = target.is_floating_point()
-    table = stats[:-1].view(n_rows, n_stats(spec, prob_target))
+    table = stats[:-1].view(n_rows, n_stats(spec, prob_target, token))
     vocab_size = stats[-1]
     eps = spec.label_smoothing
     ref = torch.where(maxima[0] == float("-inf"), 0.0, maxima[0])
@@ -118,25 +130,48 @@ def finish(stats: Tensor, maxima: Tensor, target: Tensor, weight: Optional[Tenso
         z = torch.where(valid, spec.z_loss * lse * lse, 0.0)
         loss = loss + (z / divisors[1] if spec.reduction == "mean" else z)
     loss = torch.where(bad, float("nan"), loss)
-    state = torch.stack([log_s, mass, target_miss], 1)
-    return loss, torch.where(valid, lse, 0.0), torch.where(valid[:, None], state, 0.0)
+    state = torch.where(valid[:, None], torch.stack([log_s, mass, target_miss], 1), 0.0)
+    if token is None:
+        return loss, torch.where(valid, lse, 0.0), state
+    logprob = torch.where(bad, float("nan"), torch.where(valid, target_shift - log_s, 0.0))
+    entropy = None
+    if has_entropy(token):  # H = log s − (E + e^(Y − REF)(Y − REF)) / s
+        e_target = target_shift.exp()
+        shifted_sum = table[:, -1] + torch.where(e_target > 0, e_target * target_shift, 0.0)
+        entropy = torch.where(bad, float("nan"), torch.where(valid, log_s - shifted_sum / s_all, 0.0))
+    return logprob, entropy, state
 
 
 def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, vocab_start: int,
-             maxima: Tensor, row_state: Tensor, vocab_size: Tensor, divisors: Tensor,
-             grad_output: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+             maxima: Tensor, row_state: Tensor, vocab_size: Tensor, divisors: Optional[Tensor],
+             grad_output: Optional[Tensor] = None, out: Optional[Tensor] = None,
+             token: Optional[TokenStatsSpec] = None, entropy: Optional[Tensor] = None,
+             grad_entropy: Optional[Tensor] = None) -> Tensor:
     acc = compute_dtype(logits.dtype)
     n_classes = logits.shape[-1]
-    x = softcap_logits(_rows(logits, acc), spec.softcap)
+    x = _logits(logits, spec, token)
     n_rows = x.shape[0]
     prob_target = target.is_floating_point()
     vocab_size = vocab_size[0]
     eps = spec.label_smoothing
     ref = torch.where(maxima[0] == float("-inf"), 0.0, maxima[0])
     log_s, mass, target_miss = row_state.unbind(1)
-    p = ((x - ref[:, None]) - log_s[:, None]).exp()
+    log_p = (x - ref[:, None]) - log_s[:, None]
+    p = log_p.exp()
     w = _slice_weights(weight, vocab_start, n_classes, x)
-    if prob_target:
+    if token is not None:
+        # fastce/kernels/token_stats.py's token_gradient: (1/T)[a (δ_jy − p_j) − b p_j (log p_j + H)]
+        y, valid, bad = _hard_target(target, n_rows, spec, vocab_size)
+        is_target = (torch.arange(n_classes, device=x.device) + vocab_start) == y[:, None]
+        grad = torch.zeros_like(x)
+        if grad_output is not None:
+            a = grad_output.reshape(-1).to(acc)[:, None]
+            grad = grad + torch.where(is_target, target_miss[:, None], -p) * a
+        if grad_entropy is not None:
+            b = grad_entropy.reshape(-1).to(acc)[:, None]
+            grad = grad - torch.where(p > 0, p * (log_p + entropy[:, None]), 0.0) * b
+        grad = grad * inv_temperature(token)
+    elif prob_target:
         valid = torch.ones(n_rows, dtype=torch.bool, device=x.device)
         bad = ~valid
         a = w * (1 - eps) * _rows(target, acc)
@@ -157,7 +192,7 @@ def gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: Los
     if spec.z_loss:
         z_scale = 1 / divisors[1] if spec.reduction == "mean" else 1.0
         grad = grad + (2 * spec.z_loss * lse * z_scale)[:, None] * p
-    if grad_output is not None:
+    if grad_output is not None and token is None:
         upstream = grad_output.reshape(-1).to(acc)
         grad = grad * (upstream[:, None] if spec.reduction == "none" else upstream)
     if spec.softcap is not None:

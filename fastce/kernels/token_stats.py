@@ -11,7 +11,7 @@ Forward: one online pass over the row (max, s, s without the target, Σ e (z −
 outputs and the per-row statistics the backward needs: ref, log s and 1 − p_y (= Σ_{j≠y} e_j / s,
 exact where p_y → 1, where 1 − exp(log p_y) would keep few digits).
 Backward: given the upstream gradients of the two outputs, the gradient of each logit depends on the
-row only through those statistics (derivation at _store_gradient), so one pass reads every logit once
+row only through those statistics (derivation at token_gradient), so one pass reads every logit once
 and writes its gradient, in tiles, with no reduction over the row: rows of any length stream, and a
 vocabulary slice of a row can be processed on its own (the linear form does).
 Policy-gradient loss (POLICY_LOSS, fastce.policy_gradient_loss): the forward also writes the row's
@@ -63,9 +63,8 @@ def _merge_tile(z, is_target, m, s, s_other, shifted_sum, z_target, HAS_ENTROPY:
 
 
 @triton.jit
-def _store_gradient(z, cols, local_target, ref, log_s, target_miss, entropy, a, b, valid, bad_target,
-                    row_in_bounds, n_classes, inv_temperature, grad_ptr, grad_row_offs, grad_stride_class,
-                    HAS_A: tl.constexpr, HAS_B: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+def token_gradient(z, is_target, ref, log_s, target_miss, entropy, a, b, inv_temperature,
+                   HAS_A: tl.constexpr, HAS_B: tl.constexpr):
     # The gradient of a·logprob + b·H with respect to a tile of the row's logits x (z = x/T), for the
     # row's weights a and b (a = ∂L/∂logprob, b = ∂L/∂H), with ∂p_c/∂z_j = p_c(δ_cj − p_j):
     #   ∂log p_y/∂z_j = δ_jy − p_j
@@ -73,16 +72,28 @@ def _store_gradient(z, cols, local_target, ref, log_s, target_miss, entropy, a, 
     #           = −p_j (log p_j + 1) + p_j (1 − H) = −p_j (log p_j + H)
     #   ∂L/∂x_j = (1/T) [a (δ_jy − p_j) − b p_j (log p_j + H)]
     # Every term is per element given the row's (ref, log s, 1 − p_y, H, a, b): no reduction over the
-    # row. At the target a (1 − p_y) takes the forward's exact 1 − p_y; p_j log p_j → 0 as p_j → 0
-    # (−inf logits) is taken explicitly. `local_target` is y's column in this tile's numbering.
+    # row, so a tile of a vocabulary slice (fastce.distributed) is processed on its own. At the target
+    # a (1 − p_y) takes the forward's exact 1 − p_y; p_j log p_j → 0 as p_j → 0 (−inf logits) is taken
+    # explicitly. `is_target` marks y's column in the tile.
     logp = (z - ref[:, None]) - log_s[:, None]
     p = tl.exp(logp)
     grad = tl.zeros(z.shape, dtype=z.dtype)
     if HAS_B:
         grad -= tl.where(p > 0.0, p * (logp + entropy[:, None]), 0.0) * b[:, None]
     if HAS_A:
-        grad += tl.where(cols[None, :] == local_target[:, None], target_miss[:, None], -p) * a[:, None]
-    grad = tl.where(valid[:, None], grad * inv_temperature, 0.0)
+        grad += tl.where(is_target, target_miss[:, None], -p) * a[:, None]
+    return grad * inv_temperature
+
+
+@triton.jit
+def _store_gradient(z, cols, local_target, ref, log_s, target_miss, entropy, a, b, valid, bad_target,
+                    row_in_bounds, n_classes, inv_temperature, grad_ptr, grad_row_offs, grad_stride_class,
+                    HAS_A: tl.constexpr, HAS_B: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+    # token_gradient of a tile (`local_target`: y's column in this tile's numbering), stored: 0 on
+    # ignored rows, NaN on rows whose class index is out of range
+    grad = token_gradient(z, cols[None, :] == local_target[:, None], ref, log_s, target_miss, entropy, a, b,
+                          inv_temperature, HAS_A, HAS_B)
+    grad = tl.where(valid[:, None], grad, 0.0)
     grad = tl.where(bad_target[:, None], float("nan"), grad)
     tl.store(grad_ptr + grad_row_offs[:, None] + class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
              to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & (cols < n_classes)[None, :])
@@ -161,7 +172,7 @@ def token_stats_fwd_kernel(
         # The row's loss, with advantage A, entropy coefficient c and w = 1/(non-ignored rows) for
         # "mean", 1 otherwise:  ℓ = −w (A·log p_y + c·H). Its weights on the two statistics,
         #   a = ∂ℓ/∂logprob = −w A,  b = ∂ℓ/∂H = −w c,
-        # are known here, so the gradient (_store_gradient's derivation)
+        # are known here, so the gradient (token_gradient's derivation)
         #   ∂ℓ/∂x_j = (1/T) [a (δ_jy − p_j) − b p_j (log p_j + H)] = (w/T) [A (p_j − δ_jy) + c p_j (log p_j + H)]
         # is written in this pass, for an upstream gradient of 1 (the backward rescales it by a scalar).
         advantage = tl.load(advantages_ptr + rows * advantages_stride, mask=valid, other=0.0).to(COMPUTE_DTYPE)

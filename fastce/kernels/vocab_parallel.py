@@ -24,6 +24,14 @@ A = Σ_c a_c, so every rank can contribute sums over its own classes. One step o
    divided by the mean's divisors, as the fused kernel does), lse, A and 1 − p_y.
 The backward is local: vocab_parallel_grad_kernel reads the slice once and writes its gradient once.
 
+Token statistics (fastce.distributed.vocab_parallel_token_logprobs; notation of
+fastce/kernels/token_stats.py) are the same steps on z = x / T (HAS_TEMPERATURE): the log-probability
+is −CE of an unweighted, unsmoothed row, (Y − REF) − log s; the entropy (HAS_ENTROPY) takes one more
+sum, E = Σ_{c≠y} e^(z_c − ref_r)(z_c − ref_r) (the target left out, as in S; moved to REF with S:
+e^(ref_r − REF)·(E + (ref_r − REF)·S)), and the finish adds the target's term back:
+H = log s − (E + e^(Y − REF)(Y − REF)) / s. Their gradient (TOKEN_STATS) is token_gradient's, from the
+same per-row values and the upstream gradients of both outputs.
+
 Sums are shifted by the row's reference so that no large numbers cancel (x' ~ 1e4 in fp32
 would lose every digit of a loss of ~10 in Σ w x' − A·lse).
 """
@@ -32,6 +40,7 @@ import triton.language as tl
 
 from .common import class_offsets, load_class_index, mean_scale, row_offsets, to_storage
 from .cross_entropy import _load_logits, _mask_rows
+from .token_stats import token_gradient
 
 
 @triton.jit
@@ -56,16 +65,19 @@ def _hard_target(target_ptr, weight_ptr, rows, row_in_bounds, vocab_size, n_weig
 
 
 @triton.jit
-def _slice_tile(start, valid, n_classes, logits_ptr, logits_row_offs, logits_stride_class, softcap,
-                BLOCK_SIZE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-                COMPUTE_DTYPE: tl.constexpr):
-    # (local columns, which of them lie in this rank's slice, the valid rows' mask, logits) of the
-    # tile at `start`: the statistics and the gradient walk the slice alike
+def _slice_tile(start, valid, n_classes, logits_ptr, logits_row_offs, logits_stride_class, softcap, inv_temperature,
+                BLOCK_SIZE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    # (local columns, which of them lie in this rank's slice, the valid rows' mask, logits x', or
+    # z = x / T with a temperature) of the tile at `start`: the statistics and the gradient walk the
+    # slice alike; padded lanes stay −inf
     cols = start + tl.arange(0, BLOCK_SIZE)
     in_slice = cols < n_classes
     mask = valid[:, None] & in_slice[None, :]
     x = _load_logits(logits_ptr, logits_row_offs, cols, mask, logits_stride_class, softcap,
                      HAS_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+    if HAS_TEMPERATURE:
+        x = x * inv_temperature
     return cols, in_slice, mask, x
 
 
@@ -90,19 +102,22 @@ def vocab_parallel_stats_kernel(
     n_rows, n_classes, inner_size, vocab_start,    # n_classes = V_r, the slice's width
     # scalars: float64 on the way in (a Python float would reach a compiled kernel as float32), cast
     # once to COMPUTE_DTYPE, so that fp64 kernels compute with fp64 values
-    ignore_index, softcap: "fp64",
+    ignore_index, softcap: "fp64", inv_temperature: "fp64",
     # compile-time flags
     ROWS: tl.constexpr,            # rows per program
     BLOCK_SIZE: tl.constexpr,      # classes per tile
-    N_STATS: tl.constexpr,         # statistics per row (2 + PROB_TARGET + HAS_SMOOTHING)
+    N_STATS: tl.constexpr,         # statistics per row (2 + PROB_TARGET + HAS_SMOOTHING + HAS_ENTROPY)
     PROB_TARGET: tl.constexpr,     # target is the (…, V_r) slice of probabilities
     HAS_WEIGHT: tl.constexpr,      # class weights at weight_ptr
     HAS_SMOOTHING: tl.constexpr,   # label_smoothing > 0: also U
     HAS_SOFTCAP: tl.constexpr,     # soft-cap the logits
+    HAS_TEMPERATURE: tl.constexpr,  # z = x / T (token statistics)
+    HAS_ENTROPY: tl.constexpr,     # also E, in the last slot (token statistics: no U, no probabilities)
     WIDE_OFFSETS: tl.constexpr,    # class offsets need int64
     COMPUTE_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
 ):
     softcap = tl.full((), softcap, COMPUTE_DTYPE)
+    inv_temperature = tl.full((), inv_temperature, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
     logits_row_offs = row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
@@ -121,10 +136,11 @@ def vocab_parallel_stats_kernel(
     target_mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     smooth_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
     smooth_mass = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    entropy_sum = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)  # E
     for start in range(0, n_classes, BLOCK_SIZE):
         cols, in_slice, mask, x = _slice_tile(start, valid, n_classes, logits_ptr, logits_row_offs,
-                                              logits_stride_class, softcap, BLOCK_SIZE, HAS_SOFTCAP,
-                                              WIDE_OFFSETS, COMPUTE_DTYPE)
+                                              logits_stride_class, softcap, inv_temperature, BLOCK_SIZE,
+                                              HAS_SOFTCAP, HAS_TEMPERATURE, WIDE_OFFSETS, COMPUTE_DTYPE)
         # (a padded lane past the slice may carry the next rank's first class number: not a target)
         is_target = (cols[None, :] == y_local[:, None]) & in_slice[None, :]
         # online log-sum-exp with ref = m, or 0 while m is −inf (no −inf − −inf)
@@ -132,7 +148,13 @@ def vocab_parallel_stats_kernel(
         ref_old = tl.where(m == float("-inf"), 0.0, m)
         ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         e = tl.exp(x - ref_new[:, None])
-        s = s * tl.exp(m - ref_new) + tl.sum(tl.where(is_target, 0.0, e), 1)
+        rescale = tl.exp(m - ref_new)
+        if HAS_ENTROPY:
+            # Σ e (z − ref), moved from ref_old to ref_new as token_stats' _merge_tile does; e·(z − ref)
+            # is 0 where e is 0 (0·log 0 = 0 at −inf logits and padded lanes)
+            entropy_sum = rescale * (entropy_sum + s * (ref_old - ref_new)) + \
+                tl.sum(tl.where(is_target | (e == 0.0), 0.0, e * (x - ref_new[:, None])), 1)
+        s = s * rescale + tl.sum(tl.where(is_target, 0.0, e), 1)
         if PROB_TARGET or HAS_SMOOTHING:
             w = tl.where(mask, _class_weights(weight_ptr, vocab_start + cols, in_slice, HAS_WEIGHT, COMPUTE_DTYPE), 0.0)
         if PROB_TARGET:
@@ -154,6 +176,8 @@ def vocab_parallel_stats_kernel(
         tl.store(out + 2, target_mass, mask=row_in_bounds)
     if HAS_SMOOTHING:
         tl.store(out + N_STATS - 1, smooth_sum, mask=row_in_bounds)
+    if HAS_ENTROPY:
+        tl.store(out + N_STATS - 1, entropy_sum, mask=row_in_bounds)
 
 
 @triton.jit
@@ -163,7 +187,7 @@ def vocab_parallel_rescale_kernel(
     slice_mass_ptr,            # Σ_slice w (device scalar; HAS_WEIGHT only, else slice_width)
     n_rows, slice_width,       # slice_width = V_r as a float, appended to the statistics
     BLOCK_ROWS: tl.constexpr, N_STATS: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_ENTROPY: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     in_bounds = rows < n_rows
@@ -173,7 +197,13 @@ def vocab_parallel_rescale_kernel(
     # Σ e^(x − ref_r)·e^(ref_r − REF); a rank whose classes are all −inf (m_r = −inf) has S = 0
     shift = tl.where(local_max == float("-inf"), 0.0, local_max) - ref
     ptrs = stats_ptr + rows * N_STATS
-    tl.store(ptrs, tl.load(ptrs, mask=in_bounds) * tl.exp(local_max - ref), mask=in_bounds)
+    s = tl.load(ptrs, mask=in_bounds)
+    factor = tl.exp(local_max - ref)
+    tl.store(ptrs, s * factor, mask=in_bounds)
+    if HAS_ENTROPY:
+        # Σ e^(z − REF)(z − REF) = e^(ref_r − REF)·(E + (ref_r − REF)·S), both relative to ref_r
+        tl.store(ptrs + N_STATS - 1, factor * (tl.load(ptrs + N_STATS - 1, mask=in_bounds) + shift * s),
+                 mask=in_bounds)
     if PROB_TARGET:
         # Σ f (x − REF) = Σ f (x − ref_r) + (ref_r − REF)·Σ f
         tl.store(ptrs + 1, tl.load(ptrs + 1, mask=in_bounds) + shift * tl.load(ptrs + 2, mask=in_bounds),
@@ -198,9 +228,13 @@ def vocab_parallel_finish_kernel(
     weight_total_ptr,          # Σ_c w_c over all V classes (HAS_WEIGHT; else V)
     loss_ptr, lse_ptr,         # out: per-row loss (divided by the mean's divisor), lse (0 where ignored)
     row_state_ptr,             # out: (N, 3) [log s, A, 1 − p_y] for the backward
+    entropy_ptr,               # out: (N) entropy (HAS_ENTROPY)
     n_rows, n_weights, ignore_index, label_smoothing: "fp64", z_loss: "fp64",  # fp64 in, as above
     BLOCK_ROWS: tl.constexpr, N_STATS: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, MEAN: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, MEAN: tl.constexpr,
+    TOKEN_STATS: tl.constexpr,     # loss_ptr gets the log-probability log p_y instead of the loss
+    HAS_ENTROPY: tl.constexpr,     # ... and entropy_ptr the entropy (token statistics)
+    COMPUTE_DTYPE: tl.constexpr,
 ):
     label_smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE)
     z_loss = tl.full((), z_loss, COMPUTE_DTYPE)
@@ -244,6 +278,17 @@ def vocab_parallel_finish_kernel(
     row_loss = loss * ce_scale  # 0·(1/0) is NaN when every row is ignored, as torch's 0/0
     if HAS_Z_LOSS:
         row_loss += tl.where(valid, z_loss * lse * lse, 0.0) * z_scale
+    if TOKEN_STATS:
+        # log p_y = (z_y − REF) − log s: the negated loss of a row without weights or smoothing,
+        # written as fastce/kernels/token_stats.py writes it (z_y − REF is exact near the max)
+        row_loss = tl.where(valid, target_shift - log_s, 0.0)
+    if HAS_ENTROPY:
+        # H = log s − Σ_c e^(z_c − REF)(z_c − REF) / s, E having left the target out (as S did)
+        e_target = tl.exp(target_shift)
+        shifted_sum = tl.load(stats + N_STATS - 1, mask=in_bounds, other=0.0) + \
+            tl.where(e_target > 0.0, e_target * target_shift, 0.0)
+        entropy = tl.where(valid, log_s - shifted_sum / s_all, 0.0)
+        tl.store(entropy_ptr + rows, tl.where(bad, float("nan"), entropy), mask=in_bounds)
     tl.store(loss_ptr + rows, tl.where(bad, float("nan"), row_loss), mask=in_bounds)
     tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=in_bounds)
     state = row_state_ptr + rows * 3
@@ -260,7 +305,8 @@ def vocab_parallel_grad_kernel(
     row_state_ptr,             # (N, 3) [log s, A, 1 − p_y] from the finish kernel
     vocab_size_ptr,            # V (the last summed statistic)
     divisors_ptr,              # mean's divisors (MEAN)
-    grad_output_ptr,           # upstream gradient (GRAD_OUTPUT > 0)
+    grad_output_ptr,           # upstream gradient (GRAD_OUTPUT > 0; TOKEN_STATS: the log-probability's)
+    entropy_ptr, grad_entropy_ptr,  # TOKEN_STATS and HAS_GRAD_ENTROPY: the entropy, its upstream gradient
     grad_ptr,                  # out: ∂loss/∂(this rank's logits); may alias logits_ptr
     # strides, in elements
     logits_stride_outer, logits_stride_inner, logits_stride_class,
@@ -269,16 +315,20 @@ def vocab_parallel_grad_kernel(
     # sizes
     n_rows, n_classes, inner_size, vocab_start, n_weights,
     # scalars (fp64 in, as above)
-    ignore_index, label_smoothing: "fp64", z_loss: "fp64", softcap: "fp64",
+    ignore_index, label_smoothing: "fp64", z_loss: "fp64", softcap: "fp64", inv_temperature: "fp64",
     # compile-time flags
     ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr,
-    GRAD_OUTPUT: tl.constexpr,     # upstream gradient: 0 none (=1), 1 scalar, 2 one per row
+    GRAD_OUTPUT: tl.constexpr,     # upstream gradient: 0 none (=1; TOKEN_STATS: 0), 1 scalar, 2 one per row
+    TOKEN_STATS: tl.constexpr,     # the gradient of Σ a·logprob + b·H (a at grad_output_ptr) instead of the loss
+    HAS_GRAD_ENTROPY: tl.constexpr,  # ... with b at grad_entropy_ptr
+    HAS_TEMPERATURE: tl.constexpr,   # z = x / T
     WIDE_OFFSETS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
     label_smoothing = tl.full((), label_smoothing, COMPUTE_DTYPE)
     z_loss = tl.full((), z_loss, COMPUTE_DTYPE)
     softcap = tl.full((), softcap, COMPUTE_DTYPE)
+    inv_temperature = tl.full((), inv_temperature, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
     logits_row_offs = row_offsets(rows, inner_size, logits_stride_outer, logits_stride_inner)
@@ -308,41 +358,52 @@ def vocab_parallel_grad_kernel(
         upstream = tl.load(grad_output_ptr + rows, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
     else:
         upstream = tl.full((ROWS,), 1.0, dtype=COMPUTE_DTYPE)
+    grad_entropy = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    entropy = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    if HAS_GRAD_ENTROPY:
+        grad_entropy = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+        entropy = tl.load(entropy_ptr + rows, mask=valid, other=0.0).to(COMPUTE_DTYPE)
 
     for start in range(0, n_classes, BLOCK_SIZE):
         cols, in_slice, mask, x = _slice_tile(start, valid, n_classes, logits_ptr, logits_row_offs,
-                                              logits_stride_class, softcap, BLOCK_SIZE, HAS_SOFTCAP,
-                                              WIDE_OFFSETS, COMPUTE_DTYPE)
-        # p = e^((x' − REF) − log s): x' − REF is exact near the max, where x' − lse would carry lse's rounding
-        p = tl.exp((x - ref[:, None]) - log_s[:, None])
+                                              logits_stride_class, softcap, inv_temperature, BLOCK_SIZE,
+                                              HAS_SOFTCAP, HAS_TEMPERATURE, WIDE_OFFSETS, COMPUTE_DTYPE)
         global_cols = vocab_start + cols
         is_target = (global_cols[None, :] == y[:, None]) & in_slice[None, :]
-        if PROB_TARGET or HAS_SMOOTHING:
-            w = _class_weights(weight_ptr, global_cols, in_slice, HAS_WEIGHT, COMPUTE_DTYPE)
-        if PROB_TARGET:
-            t = tl.load(target_ptr + target_row_offs[:, None] + class_offsets(cols, target_stride_class, WIDE_OFFSETS),
-                        mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            a = w * ((1.0 - label_smoothing) * t)
+        if TOKEN_STATS:
+            grad = token_gradient(x, is_target, ref, log_s, target_miss, entropy, upstream, grad_entropy,
+                                  inv_temperature, GRAD_OUTPUT == 2, HAS_GRAD_ENTROPY)
         else:
-            a = tl.where(is_target, (1.0 - label_smoothing) * w_y[:, None], 0.0)
-        if HAS_SMOOTHING:
-            a += label_smoothing / vocab_size * w
-        a = tl.where(mask, a, 0.0)
-        # Cross-entropy: ∂/∂x'_j Σ_c a_c (lse − x'_c) = A·p_j − a_j   (∂lse/∂x'_j = p_j), rounded once.
-        # At a hard target, A·p − a = (A − a)·p − a·(1 − p) with 1 − p_y = Σ_{c≠y} p_c from the forward:
-        # exact even at p_y = 0.9999, where 1 − p would keep 3 digits in fp32.
-        grad = p * mass[:, None] - a
-        if not PROB_TARGET:
-            grad = tl.where(is_target, (mass[:, None] - a) * p - a * target_miss[:, None], grad)
-        grad = grad * ce_scale[:, None]
-        if HAS_Z_LOSS:
-            # z-loss: ∂(z·lse²)/∂x'_j = 2 z lse p_j
-            grad += (2.0 * z_loss * lse * z_scale)[:, None] * p
-        grad = grad * upstream[:, None]
-        if HAS_SOFTCAP:
-            # x' = s tanh(x/s) ⇒ ∂x'/∂x = 1 − tanh² = 1 − (x'/s)²
-            capped = x / softcap
-            grad = grad * (1.0 - capped * capped)
+            # p = e^((x' − REF) − log s): x' − REF is exact near the max, where x' − lse would carry
+            # lse's rounding
+            p = tl.exp((x - ref[:, None]) - log_s[:, None])
+            if PROB_TARGET or HAS_SMOOTHING:
+                w = _class_weights(weight_ptr, global_cols, in_slice, HAS_WEIGHT, COMPUTE_DTYPE)
+            if PROB_TARGET:
+                t = tl.load(target_ptr + target_row_offs[:, None]
+                            + class_offsets(cols, target_stride_class, WIDE_OFFSETS), mask=mask, other=0.0)
+                t = t.to(COMPUTE_DTYPE)
+                a = w * ((1.0 - label_smoothing) * t)
+            else:
+                a = tl.where(is_target, (1.0 - label_smoothing) * w_y[:, None], 0.0)
+            if HAS_SMOOTHING:
+                a += label_smoothing / vocab_size * w
+            a = tl.where(mask, a, 0.0)
+            # Cross-entropy: ∂/∂x'_j Σ_c a_c (lse − x'_c) = A·p_j − a_j (∂lse/∂x'_j = p_j), rounded once.
+            # At a hard target, A·p − a = (A − a)·p − a·(1 − p) with 1 − p_y = Σ_{c≠y} p_c from the
+            # forward: exact even at p_y = 0.9999, where 1 − p would keep 3 digits in fp32.
+            grad = p * mass[:, None] - a
+            if not PROB_TARGET:
+                grad = tl.where(is_target, (mass[:, None] - a) * p - a * target_miss[:, None], grad)
+            grad = grad * ce_scale[:, None]
+            if HAS_Z_LOSS:
+                # z-loss: ∂(z·lse²)/∂x'_j = 2 z lse p_j
+                grad += (2.0 * z_loss * lse * z_scale)[:, None] * p
+            grad = grad * upstream[:, None]
+            if HAS_SOFTCAP:
+                # x' = s tanh(x/s) ⇒ ∂x'/∂x = 1 − tanh² = 1 − (x'/s)²
+                capped = x / softcap
+                grad = grad * (1.0 - capped * capped)
         grad = _mask_rows(grad, valid, bad)
         tl.store(grad_ptr + grad_row_offs[:, None] + class_offsets(cols, grad_stride_class, WIDE_OFFSETS),
                  to_storage(grad, grad_ptr.dtype.element_ty), mask=row_in_bounds[:, None] & in_slice[None, :])
