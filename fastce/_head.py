@@ -247,21 +247,27 @@ class _Sum:
 Visit = Callable[[Tensor, slice], bool]
 
 
+def chunks(n_rows: int, chunk_rows: int) -> list[slice]:
+    """The row walk's chunks of n_rows rows: an empty batch is one empty chunk."""
+    chunk_rows = max(1, min(chunk_rows, n_rows))
+    return [slice(start, min(start + chunk_rows, n_rows)) for start in range(0, max(n_rows, 1), chunk_rows)]
+
+
 def row_walk(head: Head, chunk_rows: int, visit: Visit, needs: Needs = NOTHING) -> tuple:
     """Over chunks of rows: the chunk's logits into one reused buffer, then visit(logits, rows), which may
     overwrite them with their gradient (and says so); returns (∂input, ∂W, ∂b) as `needs` asks, None
     elsewhere. An empty batch is one empty chunk (visit still runs: collectives stay in step)."""
     n_rows, n_classes = head.input.shape[0], head.weight.shape[0]
     chunk_rows = max(1, min(chunk_rows, n_rows))
-    n_chunks = max(1, cdiv(n_rows, chunk_rows))
+    pieces = chunks(n_rows, chunk_rows)
+    n_chunks = len(pieces)
     buffer = head.input.new_empty(chunk_rows if n_rows else 0, n_classes)
     grad_input = torch.empty_like(head.input) if needs.input else None
     grad_weight = _Sum(head.weight, tuple(head.weight.shape), n_chunks == 1,
                        chunk_rows * n_classes // max(head.weight.shape[1], 1)) if needs.weight else None
     grad_bias = _Sum(head.weight, (n_classes,), n_chunks == 1, n_classes) if needs.bias else None
     ones = head.input.new_ones(1, chunk_rows) if needs.bias else None
-    for start in range(0, max(n_rows, 1), chunk_rows):
-        rows = slice(start, min(start + chunk_rows, n_rows))
+    for rows in pieces:
         logits = chunk_logits(head, rows, buffer[: rows.stop - rows.start])
         if not visit(logits, rows) or not any(needs):
             continue

@@ -8,14 +8,15 @@ Each rank of `group` (default: the world) holds a slice of the class dimension (
 last), consecutive slices in rank order unless `vocab_start` says where each begins. Every rank
 gets what fastce.cross_entropy returns on the concatenated logits, and the gradient of its own
 slice. Communication: two all-reduces per forward (the row max; then one packed sum of the row
-statistics), none in the backward of the loss; no host sync with validate=False. DTensor users
-call fastce.cross_entropy / fastce.linear_cross_entropy directly (see fastce/distributed/dtensor.py).
+statistics), none in the backward of the loss (the linear form: one of ∂input); no host sync with
+validate=False. DTensor users call fastce.cross_entropy /
+fastce.linear_cross_entropy directly (see fastce/distributed/dtensor.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -35,23 +36,33 @@ from .._validation import (
     check_z_loss_softcap,
     logits_placeholder,
 )
-from .autograd import SumGradientOverGroup, VocabParallelCrossEntropyFunction, per_rank_steps
-from .collectives import Arguments, Partition, agree, check_device, exchange_device, resolve_group
-from .._core import LossSpec
+from .autograd import (
+    SumGradientOverGroup,
+    VocabParallelCrossEntropyFunction,
+    forward_messages,
+    per_rank_steps,
+)
+from .collectives import Arguments, Partition, RankFailedError, Schedule, agree, check_device, exchange_device, \
+    resolve_group
+from .spec import n_stats
 
-__all__ = ["vocab_parallel_cross_entropy", "linear_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "linear_cross_entropy", "RankFailedError"]
 
 # what a local check raises: caught under validate=True so that every rank raises together
 _ARGUMENT_ERRORS = (TypeError, ValueError, RuntimeError, IndexError)
 
 
-def _check_logits_and_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+def _check_logits(logits: Tensor) -> None:
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise TargetDtypeError(f"expected floating point logits, but got {logits.dtype}")
     if logits.dim() == 0:
         raise InvalidArgumentError("logits must have a class dimension (last): expected (…, V_r), got a 0-dim tensor")
+
+
+def _check_logits_and_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+    _check_logits(logits)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
     if target.device != logits.device:
@@ -72,6 +83,19 @@ def _check_logits_and_target(logits: Tensor, target: Tensor, ignore_index: int) 
         raise InvalidArgumentError(
             f"expected target of shape {list(logits.shape[:-1])} (the logits' shape without the class dimension, "
             f"which is last), got {list(target.shape)}")
+
+
+def _check_head(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+                ignore_index: Optional[int]) -> None:
+    """check_linear, also for this rank's slice of the head without classes (uneven slices, or a DTensor
+    head with fewer rows than ranks)."""
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() == 0 or linear_weight.shape[0]:
+        check_linear(input, linear_weight, linear_bias, target, ignore_index)
+        return
+    check_linear(input, linear_weight.new_empty(()).expand(1, linear_weight.shape[-1]), None,
+                 target[..., :1] if target.is_floating_point() else target, ignore_index)
+    if linear_bias is not None and linear_bias.shape != (0,):
+        raise InvalidArgumentError(f"expected linear_bias shape [0], got {list(linear_bias.shape)}")
 
 
 def _check_weight(weight: Optional[Tensor], logits: Tensor, slice_end: int) -> None:
@@ -97,16 +121,18 @@ def _check_options(reduction: str, label_smoothing: float, z_loss: float, softca
     check_z_loss_softcap(z_loss, softcap)
 
 
-def _partition(group, rank: int, world_size: int, args: Arguments, n_rows: int, check_local, validate: bool) -> Partition:
+def _partition(group, rank: int, world_size: int, args: Arguments, n_rows: int, check_local, validate: bool,
+               function: str) -> tuple[Partition, Arguments]:
     """Runs this rank's checks (`check_local`, no sync) and, with validate, the exchange that makes
-    every rank agree (raising the same error everywhere); returns where this rank's slice lies."""
+    every rank agree (raising the same error everywhere); returns where this rank's slice lies, and the
+    arguments with vocab_start and ignore_index as ints."""
     local_error = None
     try:
         check_local()
         vocab_start = None if args.vocab_start is None else operator.index(args.vocab_start)
         if vocab_start is not None and vocab_start < 0:
             raise InvalidArgumentError(f"vocab_start must be a class index >= 0, got {vocab_start}")
-        args = args._replace(vocab_start=vocab_start)
+        args = args._replace(vocab_start=vocab_start, ignore_index=check_ignore_index(args.ignore_index, function))
     except _ARGUMENT_ERRORS as error:
         if not validate:
             raise
@@ -116,19 +142,35 @@ def _partition(group, rank: int, world_size: int, args: Arguments, n_rows: int, 
         vocab_size = agree(group, rank, world_size, exchange_device(group, args.logits), args, n_rows, local_error)
         if vocab_size == 0:
             raise InvalidArgumentError("fastce.distributed: the logits have no classes on any rank")
-        if not args.target.is_floating_point():
-            check_target_range(args.target, vocab_size, args.ignore_index)  # the same verdict on every rank
     elif args.weight is not None:
         vocab_size = args.weight.numel()
     else:
         vocab_size = world_size * n_classes if args.vocab_start is None else None
     vocab_start = rank * n_classes if args.vocab_start is None else args.vocab_start
-    return Partition(group, rank, world_size, vocab_start, n_classes, vocab_size)
+    return Partition(group, rank, world_size, vocab_start, n_classes, vocab_size), args
+
+
+def _computed(compute: Callable, schedule: Schedule, part: Partition, args: Arguments, validate):
+    """compute() (the call's forward, its all-reduces by `schedule`) kept in step with the other ranks: a
+    failure here still issues the rest of the schedule (fastce/distributed/collectives.py); with validate,
+    the class indices are checked first (the same verdict on every rank) and a rank that failed makes
+    every rank raise after the last all-reduce."""
+    with schedule.keeping_step():
+        if validate and not args.target.is_floating_point():
+            check_target_range(args.target, part.vocab_size, args.ignore_index)
+        result = compute()
+    if validate:
+        schedule.raise_if_a_rank_failed()
+    return result
+
+
+def _forward_schedule(part: Partition, like: Tensor, messages: list) -> Schedule:
+    return Schedule(part.group, messages, compute_dtype(like.dtype), like.device)
 
 
 def _spec(ignore_index, reduction, label_smoothing, z_loss, softcap) -> LossSpec:
     return LossSpec(operator.index(ignore_index), reduction, float(label_smoothing), float(z_loss),
-                             None if softcap is None else float(softcap))
+                    None if softcap is None else float(softcap))
 
 
 def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, *, group=None, vocab_start: Optional[int] = None,
@@ -148,8 +190,10 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, *, group=None, 
         ignore_index, reduction, label_smoothing, z_loss, softcap: as fastce.cross_entropy.
         validate: True or "sync": check, before computing, that every rank's arguments are sound and agree (same
             rows, target, weight and options; slices tiling [0, V); class indices in range), raising
-            the same error on every rank: one extra all-reduce of a few int64 per rank and one host
-            sync. With False: no host sync, and a bad class index gives NaN for its row.
+            the same error on every rank (one extra all-reduce of a few int64 per rank, two host syncs),
+            and raise on every rank when one fails while computing (one more host sync, after the last
+            all-reduce: fastce/distributed/collectives.py). With False: no host sync, a bad class index
+            gives NaN for its row, and a rank failing while computing gives NaN on the others.
         loss_dtype: dtype of the returned loss (default: the logits' dtype, as torch).
 
     Returns what fastce.cross_entropy returns on the concatenated logits (moved to torch's class
@@ -165,14 +209,22 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, *, group=None, 
         start = rank * logits.shape[-1] if vocab_start is None else operator.index(vocab_start)
         _check_weight(weight, logits, start + logits.shape[-1])
 
-    n_rows = logits.shape[:-1].numel() if isinstance(logits, Tensor) and logits.dim() else 0
-    part = _partition(group, rank, world_size, args, n_rows, check_local, validate)
-    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    if weight is not None:
-        weight = weight.detach().to(compute_dtype(logits.dtype)).contiguous()
-    divisors = per_rank_steps(logits).mean_divisors(logits, target, weight, spec, part.vocab_size)
-    return VocabParallelCrossEntropyFunction.apply(logits, target, weight, spec, part, divisors,
-                                                   loss_dtype or logits.dtype)
+    n_rows = _rows_of(logits)
+    part, args = _partition(group, rank, world_size, args, n_rows, check_local, validate, "vocab_parallel_cross_entropy")
+    spec = _spec(args.ignore_index, reduction, label_smoothing, z_loss, softcap)
+    schedule = _forward_schedule(part, logits, forward_messages(n_rows, n_stats(spec, target.is_floating_point())))
+
+    def compute():
+        class_weight = None if weight is None else weight.detach().to(compute_dtype(logits.dtype)).contiguous()
+        divisors = per_rank_steps(logits).mean_divisors(logits, target, class_weight, spec, part.vocab_size)
+        return VocabParallelCrossEntropyFunction.apply(logits, target, class_weight, spec, part, divisors,
+                                                       loss_dtype or logits.dtype, schedule)
+
+    return _computed(compute, schedule, part, args, validate)
+
+
+def _rows_of(logits) -> int:
+    return logits.shape[:-1].numel() if isinstance(logits, Tensor) and logits.dim() else 0
 
 
 def linear_cross_entropy(
@@ -191,7 +243,8 @@ def linear_cross_entropy(
     (fastce/_head.py; options=fastce.HeadOptions(chunk_rows=…) overrides its rows per chunk, the same on
     every rank; chunk_size is a deprecated alias): neither the full logits nor this rank's slice of them
     exist at once. target: global class indices (…), or this rank's slice (…, V_r) of probabilities.
-    Other arguments as vocab_parallel_cross_entropy; two all-reduces per chunk in the forward.
+    Other arguments as vocab_parallel_cross_entropy; two all-reduces per chunk in the forward (the
+    gradient, written in the forward, needs each chunk's global statistics).
     """
     if chunk_size is not None:  # the deprecated alias
         options = dataclasses.replace(options or HeadOptions(), chunk_rows=chunk_size)
@@ -206,37 +259,41 @@ def linear_cross_entropy(
 
     def check_local():
         _check_options(reduction, label_smoothing, z_loss, softcap)
-        if n_local:
-            check_linear(input, linear_weight, linear_bias, target, ignore_index)
-        else:  # an empty slice (uneven slices, or a DTensor head with fewer rows than ranks)
-            check_linear(input, linear_weight.new_empty(()).expand(1, linear_weight.shape[-1]), None,
-                         target[..., :1] if target.is_floating_point() else target, ignore_index)
-            if linear_bias is not None and linear_bias.shape != (0,):
-                raise InvalidArgumentError(f"expected linear_bias shape [0], got {list(linear_bias.shape)}")
+        _check_head(input, linear_weight, linear_bias, target, ignore_index)
         check_device(group, input.device)
         check_positive_size("chunk_rows", options.chunk_rows)
         start = rank * n_local if vocab_start is None else operator.index(vocab_start)
         _check_weight(weight, input, start + n_local)
 
     n_rows = input.shape[:-1].numel() if is_tensor else 0
-    part = _partition(group, rank, world_size, args, n_rows, check_local, validate)
-    spec = _spec(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    loss_dtype = loss_dtype or input.dtype
-    if weight is not None:
-        weight = weight.detach().to(compute_dtype(input.dtype)).contiguous()
-    row_shape = input.shape[:-1]
-    rows_input = input.reshape(-1, input.shape[-1])
-    rows_target = target.reshape(-1, n_local) if target.is_floating_point() else target.reshape(-1)
+    part, args = _partition(group, rank, world_size, args, n_rows, check_local, validate, "linear_cross_entropy")
+    spec = _spec(args.ignore_index, reduction, label_smoothing, z_loss, softcap)
+    prob_target = target.is_floating_point()
     steps = per_rank_steps(input)
-    divisors = steps.mean_divisors(logits_like, target, weight, spec, part.vocab_size)
     if steps.__name__.endswith(".reference"):
-        # the CPU path without Triton: this rank's slice of the logits, through torch's autograd
-        logits = torch.nn.functional.linear(SumGradientOverGroup.apply(rows_input, group), linear_weight, linear_bias)
-        loss = VocabParallelCrossEntropyFunction.apply(logits, rows_target, weight, spec, part, divisors, loss_dtype)
+        messages = forward_messages(n_rows, n_stats(spec, prob_target))
     else:
         from . import linear  # the Triton path's engine: Triton is optional for fastce.distributed
-        chunk_rows = options.chunk_rows or linear.chunk_rows(rows_input.shape[0], part.vocab_size, world_size,
-                                                             rows_input.shape[1], rows_input.dtype)
-        loss = linear.VocabParallelLinearCrossEntropyFunction.apply(rows_input, linear_weight, linear_bias, rows_target,
-                                                             weight, spec, part, divisors, chunk_rows, loss_dtype)
-    return loss.reshape(row_shape) if reduction == "none" else loss
+        chunk_rows = options.chunk_rows or linear.chunk_rows(n_rows, part.vocab_size, world_size, input.shape[-1],
+                                                             input.dtype)
+        messages = linear.cross_entropy_messages(n_rows, chunk_rows, spec, prob_target)
+    schedule = _forward_schedule(part, input, messages)
+
+    def compute():
+        class_weight = None if weight is None else weight.detach().to(compute_dtype(input.dtype)).contiguous()
+        rows_input = input.reshape(-1, input.shape[-1])
+        rows_target = target.reshape(-1, n_local) if prob_target else target.reshape(-1)
+        divisors = steps.mean_divisors(logits_like, target, class_weight, spec, part.vocab_size)
+        if steps.__name__.endswith(".reference"):
+            # the CPU path without Triton: this rank's slice of the logits, through torch's autograd
+            logits = torch.nn.functional.linear(SumGradientOverGroup.apply(rows_input, group), linear_weight,
+                                                linear_bias)
+            return VocabParallelCrossEntropyFunction.apply(logits, rows_target, class_weight, spec, part, divisors,
+                                                           loss_dtype or input.dtype, schedule)
+        return linear.VocabParallelLinearCrossEntropyFunction.apply(
+            rows_input, linear_weight, linear_bias, rows_target, class_weight, spec, part, divisors, chunk_rows,
+            loss_dtype or input.dtype, schedule)
+
+    loss = _computed(compute, schedule, part, args, validate)
+    return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._core import LossSpec, once_differentiable, reduce_rows, uses_triton
-from .collectives import Partition, all_reduce_max, all_reduce_sum
+from .._core import LossSpec, TokenStatsSpec, once_differentiable, reduce_rows, uses_triton
+from .collectives import MAX, SUM, Partition, Schedule
 
 
 def per_rank_steps(t: Tensor):
@@ -36,15 +36,29 @@ def per_rank_steps(t: Tensor):
     return reference
 
 
+def forward_messages(n_rows: int, n_stat: int) -> list[tuple[str, int]]:
+    """The forward's all-reduces (a Schedule's messages) for n_rows rows of n_stat statistics each."""
+    return [(MAX, n_rows), (SUM, n_rows * n_stat + 1)]
+
+
 def forward_statistics(steps, logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
-                       part: Partition, divisors: Tensor):
-    """(per-row loss, maxima, row state, V as a 1-element tensor): the forward's two all-reduces."""
-    maxima, stats = steps.statistics(logits, target, weight, spec, part.vocab_start)
-    all_reduce_max(maxima[0], part.group)  # 1: the row max (N values)
-    steps.rescale(stats, maxima, weight, spec, target.is_floating_point(), part.vocab_start, part.n_classes)
-    all_reduce_sum(stats, part.group)  # 2: every row statistic, and V, in one message
-    loss_rows, _, row_state = steps.finish(stats, maxima, target, weight, divisors, spec)
-    return loss_rows, maxima, row_state, stats[-1:]
+                       part: Partition, divisors: Optional[Tensor], schedule: Schedule,
+                       token: Optional[TokenStatsSpec] = None):
+    """(finish's values: per-row loss, lse, row state, or with `token` log-probability, entropy or None,
+    row state; then maxima and V as a 1-element tensor): the forward's two all-reduces."""
+    maxima, stats = steps.statistics(logits, target, weight, spec, part.vocab_start, token)
+    return reduce_statistics(steps, maxima, stats, target, weight, spec, part, divisors, schedule, token)
+
+
+def reduce_statistics(steps, maxima: Tensor, stats: Tensor, target: Tensor, weight: Optional[Tensor],
+                      spec: LossSpec, part: Partition, divisors: Optional[Tensor], schedule: Schedule,
+                      token: Optional[TokenStatsSpec] = None):
+    """forward_statistics from this rank's statistics of every row (statistics' two results)."""
+    schedule.all_reduce(MAX, maxima[0])  # 1: the row max (N values)
+    steps.rescale(stats, maxima, weight, spec, target.is_floating_point(), part.vocab_start, part.n_classes, token)
+    schedule.all_reduce(SUM, stats)  # 2: every row statistic, and V, in one message
+    first, second, row_state = steps.finish(stats, maxima, target, weight, divisors, spec, token)
+    return first, second, row_state, maxima, stats[-1:]
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
@@ -53,11 +67,11 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec,
-                part: Partition, divisors: Tensor, loss_dtype: torch.dtype):
+                part: Partition, divisors: Tensor, loss_dtype: torch.dtype, schedule: Schedule):
         ctx.set_materialize_grads(False)
         ctx.steps, ctx.spec, ctx.part = per_rank_steps(logits), spec, part
-        loss_rows, maxima, row_state, vocab_size = forward_statistics(ctx.steps, logits, target, weight, spec, part,
-                                                                      divisors)
+        loss_rows, _, row_state, maxima, vocab_size = forward_statistics(ctx.steps, logits, target, weight, spec,
+                                                                         part, divisors, schedule)
         ctx.save_for_backward(logits, target, weight, divisors, maxima, row_state, vocab_size)
         return reduce_rows(loss_rows, spec.reduction, logits.shape[:-1], loss_dtype)
 
@@ -65,11 +79,11 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @once_differentiable  # the gradient is not itself differentiable: a clear error on double backward
     def backward(ctx, grad_loss):
         if grad_loss is None:
-            return (None,) * 7
+            return (None,) * 8
         logits, target, weight, divisors, maxima, row_state, vocab_size = ctx.saved_tensors
         grad = ctx.steps.gradient(logits, target, weight, ctx.spec, ctx.part.vocab_start, maxima, row_state,
                                   vocab_size, divisors, grad_output=grad_loss)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 class SumGradientOverGroup(torch.autograd.Function):
@@ -83,6 +97,8 @@ class SumGradientOverGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        all_reduce_sum(grad, ctx.group)
+        schedule = Schedule(ctx.group, [(SUM, grad.numel())], grad.dtype, grad.device)
+        with schedule.keeping_step():
+            grad = grad.contiguous().clone()
+            schedule.all_reduce(SUM, grad)
         return grad, None

@@ -1,6 +1,7 @@
 """Communication of fastce.distributed: plain torch.distributed collectives (NCCL, gloo, whatever
-the group runs), and the exchange that lets every rank agree on its arguments before any of them
-computes (validate=True).
+the group runs), the exchange that lets every rank agree on its arguments before any of them
+computes (validate=True), and the schedule that keeps the ranks in step when one of them fails
+while computing.
 
 Why every rank must reach the same verdict: a rank that raises while the others go on into an
 all-reduce leaves them waiting for it forever. So with validate=True each rank runs its local
@@ -8,9 +9,19 @@ checks, catches what they raise, and the ranks then swap one small table (one al
 few int64 per rank, one host sync) that carries each rank's verdict and what must agree (rows,
 target, class weights, options, slices); every rank reads the same table and raises the same
 error, or none does.
+
+After the exchange a rank can still fail on its own (a kernel, an allocation). Each pass of a call
+(its forward, its backward) therefore declares its all-reduces up front (a Schedule: every rank
+computes the same one from the agreed shapes); a rank whose work raises inside
+Schedule.keeping_step() issues the all-reduces it has not reached, sending NaN, and then raises its
+error. The others never wait: the NaN reaches every row of their results (the last value of each
+summed message, a count, turns NaN too), and with validate=True they read that value after the
+pass's last all-reduce (one host sync) and raise as well. A failure after a pass's last all-reduce
+raises on its rank alone (nobody waits for it).
 """
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import NamedTuple, Optional, Sequence
 
@@ -66,12 +77,60 @@ def exchange_device(group, t) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def all_reduce_max(t: Tensor, group) -> None:
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-
-
 def all_reduce_sum(t: Tensor, group) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+# ---------------------------------------------------------------------------------------------
+# The all-reduces of one pass, kept in step when a rank fails
+
+MAX, SUM = "max", "sum"
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the group failed while computing this call (its own error is raised there)."""
+
+
+class Schedule:
+    """The all-reduces of one pass of a call, in the order every rank issues them: (MAX or SUM, number
+    of values) each, of `dtype` on `device`. SUM messages end with a count (V, or anything finite) that
+    only a failing rank's NaN makes NaN."""
+
+    def __init__(self, group, messages: Sequence[tuple[str, int]], dtype: torch.dtype, device: torch.device):
+        self.group, self.messages, self.dtype, self.device = group, list(messages), dtype, device
+        self.issued = 0
+        self.last_count: Optional[Tensor] = None
+
+    def all_reduce(self, op: str, t: Tensor) -> None:
+        expected = self.messages[self.issued] if self.issued < len(self.messages) else None
+        # every rank computes the same schedule: a mismatch is fastce's bug, raised on every rank alike
+        assert expected == (op, t.numel()), f"fastce.distributed: all-reduce {(op, t.numel())}, scheduled {expected}"
+        self.issued += 1
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == MAX else dist.ReduceOp.SUM, group=self.group)
+        if op == SUM and t.numel():
+            self.last_count = t.view(-1)[-1:]
+
+    @contextlib.contextmanager
+    def keeping_step(self):
+        """Runs the pass's work; where it raises, issues the rest of the schedule (NaN sent in each SUM,
+        −inf in each MAX) before the error leaves, so that no rank waits for this one."""
+        try:
+            yield self
+        except Exception:
+            self._issue_rest()
+            raise
+
+    def _issue_rest(self) -> None:
+        for op, numel in self.messages[self.issued:]:
+            fill = float("nan") if op == SUM else float("-inf")
+            self.all_reduce(op, torch.full((numel,), fill, dtype=self.dtype, device=self.device))
+
+    def raise_if_a_rank_failed(self) -> None:
+        """After the last all-reduce (validate=True): one host sync; RankFailedError on every rank
+        that is still computing when another failed."""
+        if self.last_count is not None and bool(torch.isnan(self.last_count).any()):
+            raise RankFailedError("fastce.distributed: a rank of the group failed while computing this call (its "
+                                  "error is raised there); no rank returns a result")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,10 +211,14 @@ def agree(group, rank: int, world_size: int, device: torch.device, args: Optiona
     classes of all slices together. One all-reduce and one host sync."""
     table = torch.zeros((world_size, len(_FIELDS)), dtype=torch.int64, device=device)
     if local_error is None:
-        described = _describe(args, n_rows)
-        table[rank, 1:] = torch.stack([torch.as_tensor(described[f], dtype=torch.int64, device=device)
-                                       for f in _FIELDS[1:]])
-    else:
+        try:  # (what fails here, before the all-reduce, is this rank's verdict too)
+            described = _describe(args, n_rows)
+            table[rank, 1:] = torch.stack([torch.as_tensor(described[f], dtype=torch.int64, device=device)
+                                           for f in _FIELDS[1:]])
+        except Exception as error:  # noqa: BLE001 - raised below, after every rank has its verdict
+            local_error = error
+    if local_error is not None:
+        table[rank] = 0
         table[rank, 0] = 1
     all_reduce_sum(table, group)
     rows = [dict(zip(_FIELDS, values)) for values in table.tolist()]
