@@ -288,7 +288,7 @@ def vocab_walk(head: Head, slice_classes: int, visit: Visit, needs: Needs) -> tu
     `needs` asks (∂W and ∂b complete per slice, ∂input summed over slices in fp32)."""
     n_rows, in_features = head.input.shape
     n_classes = head.weight.shape[0]
-    if n_rows == 0:
+    if n_rows == 0 or n_classes == 0:  # (a head without classes: a vocabulary-parallel rank's empty slice)
         return _zero_gradients(head, needs)
     width = max(1, min(slice_classes, n_classes))
     storage = head.input.new_empty(n_rows * width)
@@ -308,6 +308,21 @@ def vocab_walk(head: Head, slice_classes: int, visit: Visit, needs: Needs) -> tu
         if needs.input:
             grad_input.add_mm(logits, head.weight[classes])             # ∂input += ∂logits · W_slice
     return _result(grad_input), grad_weight, grad_bias
+
+
+def walk_gradients(head: Head, plan: WalkPlan, needs: Needs, visit_rows: Visit, visit_slice: Visit) -> tuple:
+    """(∂input, ∂W, ∂b) as `needs` asks (None elsewhere), each by the walk `plan` gives it: the row walk
+    with visit_rows, the vocabulary walk with visit_slice, each visit writing its piece's gradient over
+    the piece's logits (a family whose gradient needs only per-row values, known from its forward)."""
+    results = [None, None, None]
+    for walk, run, size, visit in ((ROWS, row_walk, plan.chunk_rows, visit_rows),
+                                   (VOCAB, vocab_walk, plan.slice_classes, visit_slice)):
+        walked = Needs(needs.input and plan.input_walk == walk, *(need and plan.weight_walk == walk
+                                                                  for need in needs[1:]))
+        if any(walked):
+            grads = run(head, size, visit, walked)
+            results = [g if made else r for g, r, made in zip(grads, results, walked)]
+    return tuple(results)
 
 
 def _result(total: Optional[_Sum]) -> Optional[Tensor]:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _head, _launch
 from ._core import PolicyGradientSpec, TokenStatsSpec, compute_dtype, once_differentiable, per_row, reduce_rows
-from ._head import NOTHING, ROWS, VOCAB, Head, Needs, WalkPlan
+from ._head import Head, Needs, WalkPlan
 from ._launch import Launch, cdiv, keep_gradients, kernel_op, take_gradients, triton_dtype
 from ._validation import VALIDATE_NONE
 from .kernels.token_stats import N_STATS, token_stats_bwd_kernel, token_stats_fwd_kernel
@@ -259,13 +259,14 @@ def policy_backward(logits: Tensor, target: Tensor, advantages: Tensor, stats: T
 
 
 def plan(n_rows: int, n_classes: int, in_features: int, dtype: torch.dtype, *,
-         chunk_rows: Optional[int] = None) -> WalkPlan:
+         chunk_rows: Optional[int] = None, per_row_values: int = PER_ROW_VALUES) -> WalkPlan:
     """The engine's rule for this head (fastce/_head.py): both gradients are made in the backward, whose
     upstream gradients exist only then. An explicit chunk_rows sets the chunk, and slices of the same
-    number of logits."""
+    number of logits. per_row_values: the per-row values a step keeps (the vocabulary-parallel form's
+    are more)."""
     slice_classes = None if chunk_rows is None else max(1, chunk_rows * n_classes // max(n_rows, 1))
     return _head.plan_walks(n_rows, n_classes, in_features, dtype, input_grad_in_forward=False,
-                            per_row_bytes=PER_ROW_VALUES * compute_dtype(dtype).itemsize, chunk_rows=chunk_rows,
+                            per_row_bytes=per_row_values * compute_dtype(dtype).itemsize, chunk_rows=chunk_rows,
                             slice_classes=slice_classes)
 
 
@@ -315,14 +316,8 @@ def linear_backward(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional
     """(∂hidden, ∂W, ∂b) among `needs` (an empty tensor elsewhere), by the walks of `walks`: each walk
     recomputes its pieces' logits and writes their gradient over them (the backward kernel needs only the
     forward's row statistics, so a vocabulary slice is processed on its own)."""
-    head = Head(hidden, linear_weight, linear_bias)
     n_classes = linear_weight.shape[0]
     grad_logprob, grad_entropy = _per_row(grad_logprob), _per_row(grad_entropy)
-    results = [None, None, None]
-    by_walk = {ROWS: Needs(needs.input and walks.input_walk == ROWS, *(need and walks.weight_walk == ROWS
-                                                                       for need in needs[1:])),
-               VOCAB: Needs(needs.input and walks.input_walk == VOCAB, *(need and walks.weight_walk == VOCAB
-                                                                         for need in needs[1:]))}
 
     def visit_rows(logits: Tensor, rows: slice) -> bool:
         launch_backward(logits, target[rows], stats[:, rows], entropy[rows] if entropy.numel() else entropy,
@@ -335,13 +330,8 @@ def linear_backward(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional
                         class_offset=classes.start, n_classes_total=n_classes)
         return True
 
-    if any(by_walk[ROWS]):
-        grads = _head.row_walk(head, walks.chunk_rows, visit_rows, by_walk[ROWS])
-        results = [g if walked else r for g, r, walked in zip(grads, results, by_walk[ROWS])]
-    if any(by_walk[VOCAB]):
-        grads = _head.vocab_walk(head, walks.slice_classes, visit_slice, by_walk[VOCAB])
-        results = [g if walked else r for g, r, walked in zip(grads, results, by_walk[VOCAB])]
-    return [hidden.new_empty(0) if g is None else g for g in results]
+    grads = _head.walk_gradients(Head(hidden, linear_weight, linear_bias), walks, needs, visit_rows, visit_slice)
+    return [hidden.new_empty(0) if g is None else g for g in grads]
 
 
 # ---------------------------------------------------------------------------------------------
