@@ -132,9 +132,27 @@ def assert_same_on_every_rank(value: Tensor, what: str) -> None:
     assert torch.equal(high, flat) and torch.equal(-low, flat), f"{what} differs between ranks"
 
 
+# torch.distributed's collectives as fastce.profiling names them (c10d's operators), by kind
+_COLLECTIVE_KINDS = {"allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce",
+                     "allgather_": "all_gather", "_allgather_base_": "all_gather",
+                     "allgather_coalesced_": "all_gather", "allgather_into_tensor_coalesced_": "all_gather",
+                     "reduce_scatter_": "reduce_scatter", "_reduce_scatter_base_": "reduce_scatter",
+                     "reduce_scatter_tensor_coalesced_": "reduce_scatter", "broadcast_": "broadcast",
+                     "alltoall_": "all_to_all", "alltoall_base_": "all_to_all", "gather_": "gather",
+                     "scatter_": "scatter", "reduce_": "reduce", "send": "send", "recv_": "recv", "barrier": "barrier"}
+
+
+def collective_calls(measurement) -> dict[str, int]:
+    """{kind: calls} of the collectives in a measurement ({"all_reduce": 2}: two all-reduces, nothing else)."""
+    calls: dict[str, int] = {}
+    for name, op in measurement.ops.items():
+        if name in _COLLECTIVE_KINDS:
+            calls[_COLLECTIVE_KINDS[name]] = calls.get(_COLLECTIVE_KINDS[name], 0) + op.calls
+    return calls
+
+
 def collectives(measurement) -> int:
-    return sum(op.calls for name, op in measurement.ops.items() if name.startswith(("allreduce", "allgather",
-                                                                                   "broadcast", "reduce_scatter")))
+    return sum(collective_calls(measurement).values())
 
 
 def expect_error(error_type, match: str, fn) -> None:
@@ -608,6 +626,318 @@ def torchtitan_adapter(ctx):
         local, labels, global_valid_tokens)
     assert metrics == {}
     assert_close_dtype(scaled, expected / global_valid_tokens, torch.float32, "torchtitan scaled")
+
+
+# ---------------------------------------------------------------------------------------------
+# Token statistics (DESIGN §7.6): against fastce.token_logprobs / linear_token_logprobs /
+# policy_gradient_loss on the concatenated logits (one process) and fastce.reference in float64
+
+
+def token_slices(ctx: Rank, n_classes: int, uneven) -> list[tuple[int, int]]:
+    """Rank.slices, or with uneven="empty" every class on the last rank (the others hold none)."""
+    if uneven == "empty":
+        return [(0, 0)] * (ctx.world_size - 1) + [(0, n_classes)]
+    return ctx.slices(n_classes, uneven)
+
+
+def _token_loss(outputs, weights):
+    """Σ w·output over the outputs that have a weight (the upstream gradients of the statistics)."""
+    return sum((w.to(o.dtype) * o).sum() for w, o in zip(weights, outputs) if w is not None)
+
+
+def _low_precision_roundings(dtype) -> int:
+    # two gradients, each computed in fp32 and rounded once, may lie an ulp apart
+    return 2 if dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def check_token_stats(ctx: Rank, rows_shape=(7,), n_classes=29, dtype=torch.float32, *, uneven=False,
+                      temperature=1.0, ignore_frac=0.3, outputs="both"):
+    """fd.vocab_parallel_token_logprobs on every rank and each slice's gradient of Σ w·logprob + v·entropy
+    (the outputs named by `outputs`: "logprob" alone, without return_entropy; "entropy" alone; "both")
+    against fastce.token_logprobs on the concatenated logits and fastce.reference in float64."""
+    import fastce
+    import fastce.distributed as fd
+    from _support import assert_close_dtype
+    if not uneven:
+        n_classes -= n_classes % ctx.world_size
+    logits, target, _ = _full_inputs(rows_shape, n_classes, dtype, False, ignore_frac, False)
+    start, width = token_slices(ctx, n_classes, uneven)[ctx.rank]
+    return_entropy = outputs != "logprob"
+    weights = [torch.randn(rows_shape, dtype=torch.float64) if outputs in (name, "both") else None
+               for name in ("logprob", "entropy")]
+
+    def run(fn, x, **kwargs):
+        leaf = x.detach().clone().requires_grad_()
+        out = fn(leaf, target, temperature=temperature, return_entropy=return_entropy, **kwargs)
+        out = out if return_entropy else (out, None)
+        _token_loss(out, weights).backward()
+        return out, leaf.grad
+
+    (logprob, entropy), grad = run(fd.vocab_parallel_token_logprobs, logits[..., start:start + width],
+                                   vocab_start=start if uneven else None)
+    one_process, one_grad = run(fastce.token_logprobs, logits)
+    exact, exact_grad = run(fastce.reference.token_logprobs, logits.double())
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ignored = target == -100
+    for name, ours, one, want in zip(("logprob", "entropy"), (logprob, entropy), one_process, exact):
+        if ours is None:
+            continue
+        assert ours.dtype == out_dtype and ours.shape == target.shape, name
+        assert_close_dtype(ours, want, out_dtype, f"{name} vs float64")
+        assert_close_dtype(ours, one.double(), out_dtype, f"{name} vs fastce.token_logprobs")
+        assert_same_on_every_rank(ours, name)
+        assert torch.equal(ours[ignored], torch.zeros_like(ours[ignored])), f"{name} at ignored tokens"
+    assert grad.dtype == dtype and grad.shape == (*rows_shape, width)
+    assert_close_dtype(grad, exact_grad[..., start:start + width], dtype, "slice gradient vs float64")
+    assert_close_dtype(grad, one_grad[..., start:start + width].double(), dtype,
+                       "slice gradient vs fastce.token_logprobs", roundings=_low_precision_roundings(dtype))
+    assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
+    return logprob, entropy
+
+
+def check_linear_token_stats(ctx: Rank, n_rows=7, in_features=5, n_classes=13, *, uneven=False, bias=True,
+                             temperature=0.8, outputs="both", chunk_rows=None, count=False):
+    """fd.linear_token_logprobs against fastce.linear_token_logprobs of the whole head and fastce.reference
+    in float64: both outputs, ∂hidden (summed over the group), ∂W and ∂b of this rank's rows; with
+    `count`, two all-reduces in the forward whatever the chunks, one of ∂hidden in the backward."""
+    import fastce
+    import fastce.distributed as fd
+    from fastce.profiling import measure
+    from _support import assert_close_dtype
+    if not uneven:
+        n_classes -= n_classes % ctx.world_size
+    hidden = torch.randn(n_rows, in_features, dtype=torch.float64).float()
+    head = torch.randn(n_classes, in_features, dtype=torch.float64).float()
+    head_bias = torch.randn(n_classes, dtype=torch.float64).float() if bias else None
+    target = torch.randint(0, n_classes, (n_rows,))
+    target[torch.rand(n_rows) < 0.3] = -100
+    start, width = token_slices(ctx, n_classes, uneven)[ctx.rank]
+    return_entropy = outputs != "logprob"
+    weights = [torch.randn(n_rows, dtype=torch.float64) if outputs in (name, "both") else None
+               for name in ("logprob", "entropy")]
+
+    def run(fn, tensors, **kwargs):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+        with measure() as forward:
+            out = fn(leaves[0], leaves[1], target, linear_bias=leaves[2], temperature=temperature,
+                     return_entropy=return_entropy, **kwargs)
+        out = out if return_entropy else (out, None)
+        with measure() as backward:
+            _token_loss(out, weights).backward()
+        return out, [None if t is None else t.grad for t in leaves], (forward, backward)
+
+    rows = slice(start, start + width)
+    options = fastce.HeadOptions(chunk_rows=chunk_rows) if chunk_rows else None
+    ours, grads, (forward, backward) = run(fd.linear_token_logprobs, (hidden, head[rows], head_bias[rows] if bias
+                                                                      else None),
+                                           vocab_start=start if uneven else None, options=options, validate=False)
+    one_process, one_grads, _ = run(fastce.linear_token_logprobs, (hidden, head, head_bias))
+    exact, exact_grads, _ = run(fastce.reference.linear_token_logprobs,
+                                [None if t is None else t.double() for t in (hidden, head, head_bias)])
+    for name, out, one, want in zip(("logprob", "entropy"), ours, one_process, exact):
+        if out is None:
+            continue
+        assert out.dtype == torch.float32 and out.shape == target.shape, name
+        assert_close_dtype(out, want, torch.float32, f"linear {name} vs float64")
+        assert_close_dtype(out, one.double(), torch.float32, f"linear {name} vs fastce.linear_token_logprobs")
+        assert_same_on_every_rank(out, f"linear {name}")
+    mine = (slice(None), rows, rows)
+    for what, grad, one, want, part in zip(("∂hidden", "∂W slice", "∂b slice"), grads, one_grads, exact_grads, mine):
+        if grad is None:
+            continue
+        assert_close_dtype(grad, want[part], torch.float32, f"{what} vs float64")
+        assert_close_dtype(grad, one[part].double(), torch.float32, f"{what} vs fastce.linear_token_logprobs")
+    if count:
+        assert collective_calls(forward) == {"all_reduce": 2}, forward.report()
+        assert collective_calls(backward) == {"all_reduce": 1}, backward.report()  # ∂hidden over the group
+        assert backward.ops["allreduce_"].read == 4 * n_rows * in_features, backward.report()
+        assert forward.syncs == 0 and backward.syncs == 0
+
+
+def check_policy_gradient(ctx: Rank, rows_shape=(3, 4), n_classes=23, dtype=torch.float32, *, uneven=False,
+                          per_sequence=True, ignore_frac=0.3, **options):
+    """fd.policy_gradient_loss (advantages (B, 1) broadcast over each sequence's tokens, or one per token)
+    against fastce.policy_gradient_loss on the concatenated logits and fastce.reference in float64: the
+    loss, the statistics of return_stats and the slice's gradient for a random upstream gradient."""
+    import fastce
+    import fastce.distributed as fd
+    from _support import assert_close_dtype
+    if not uneven:
+        n_classes -= n_classes % ctx.world_size
+    logits, target, _ = _full_inputs(rows_shape, n_classes, dtype, False, ignore_frac, False)
+    advantages = torch.randn(rows_shape[:1] + (1,) if per_sequence else rows_shape, dtype=torch.float64).float()
+    start, width = token_slices(ctx, n_classes, uneven)[ctx.rank]
+
+    def run(fn, x, grad_output=None, **kwargs):
+        leaf = x.detach().clone().requires_grad_()
+        loss, logprob, entropy = fn(leaf, target, advantages.to(x.dtype if x.dtype == torch.float64 else
+                                                                torch.float32), return_stats=True,
+                                    **options, **kwargs)
+        if grad_output is None:
+            grad_output = random_grad_output(loss)
+        loss.backward(grad_output.to(loss.dtype))
+        return (loss, logprob, entropy), leaf.grad, grad_output
+
+    ours, grad, grad_output = run(fd.policy_gradient_loss, logits[..., start:start + width],
+                                  vocab_start=start if uneven else None)
+    one_process, one_grad, _ = run(fastce.policy_gradient_loss, logits, grad_output)
+    exact, exact_grad, _ = run(fastce.reference.policy_gradient_loss, logits.double(), grad_output)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, out, one, want in zip(("loss", "logprob", "entropy"), ours, one_process, exact):
+        assert out.dtype == out_dtype and out.shape == one.shape, name
+        assert not out.requires_grad or name == "loss"
+        assert_close_dtype(out, want, out_dtype, f"policy {name} vs float64")
+        assert_close_dtype(out, one.double(), out_dtype, f"policy {name} vs fastce.policy_gradient_loss")
+        assert_same_on_every_rank(out, f"policy {name}")
+    assert grad.dtype == dtype and grad.shape == (*rows_shape, width)
+    assert_close_dtype(grad, exact_grad[..., start:start + width], dtype, "policy slice gradient vs float64")
+    assert_close_dtype(grad, one_grad[..., start:start + width].double(), dtype,
+                       "policy slice gradient vs fastce.policy_gradient_loss", roundings=2)
+    return ours[0]
+
+
+@case(2, 4)
+def token_statistics_against_one_process(ctx):
+    for outputs in ("logprob", "entropy", "both"):
+        check_token_stats(ctx, outputs=outputs)
+    check_token_stats(ctx, uneven=True, temperature=0.7)  # with 4 ranks, one of them holds no class
+    check_token_stats(ctx, uneven="empty", temperature=1.3, outputs="entropy")
+    check_token_stats(ctx, rows_shape=(3, 2), dtype=torch.bfloat16, temperature=0.6)  # [s, b, V/tp]
+    check_token_stats(ctx, dtype=torch.float64, uneven=True, temperature=0.9)  # to float64's accuracy
+
+
+@case(2)
+def token_statistics_dtypes_ignored_tokens_and_masked_vocabulary(ctx):
+    check_token_stats(ctx, dtype=torch.bfloat16, uneven=True, outputs="entropy")
+    check_token_stats(ctx, dtype=torch.float16, outputs="logprob")
+    check_token_stats(ctx, ignore_frac=1.0)  # every token ignored: zeros, zero gradient
+    check_token_stats(ctx, rows_shape=(2,), n_classes=2 * 4100 + 3, uneven=True, ignore_frac=0.0)  # > one tile
+    # a whole slice of −inf logits (a masked vocabulary) on one rank
+    import fastce
+    import fastce.distributed as fd
+    from _support import assert_close_dtype
+    logits = torch.randn(3, 10)
+    logits[:, :5] = float("-inf")
+    target = torch.tensor([5, 9, -100])
+    local = logits[:, 5 * ctx.rank:5 * (ctx.rank + 1)].clone().requires_grad_()
+    logprob, entropy = fd.vocab_parallel_token_logprobs(local, target, return_entropy=True)
+    (logprob.sum() + entropy.sum()).backward()
+    whole = logits.double().requires_grad_()
+    want = fastce.reference.token_logprobs(whole, target, return_entropy=True)
+    (want[0].sum() + want[1].sum()).backward()
+    assert_close_dtype(logprob, want[0], torch.float32, "masked logprob")
+    assert_close_dtype(entropy, want[1], torch.float32, "masked entropy")
+    assert_close_dtype(local.grad, whole.grad[:, 5 * ctx.rank:5 * (ctx.rank + 1)], torch.float32, "masked gradient")
+
+
+@case(2, 4)
+def linear_token_statistics(ctx):
+    check_linear_token_stats(ctx, uneven=True, chunk_rows=3, count=True)  # three chunks, two all-reduces
+    check_linear_token_stats(ctx, bias=False, outputs="entropy")
+    check_linear_token_stats(ctx, uneven="empty", outputs="logprob", temperature=1.0)
+
+
+@case(2, 4)
+def policy_gradient_loss_with_broadcast_advantages(ctx):
+    for reduction in ("mean", "sum", "none"):
+        check_policy_gradient(ctx, reduction=reduction, entropy_coef=0.05, temperature=0.8, uneven=True)
+    check_policy_gradient(ctx, per_sequence=False, reduction="sum")
+    check_policy_gradient(ctx, dtype=torch.bfloat16, reduction="mean", entropy_coef=0.1)
+    loss = check_policy_gradient(ctx, ignore_frac=1.0, reduction="mean")  # every token ignored
+    assert loss.isnan()
+
+
+@case(2)
+def token_statistics_on_the_reference_path(ctx):
+    with reference_path():
+        check_token_stats(ctx, dtype=torch.float64, uneven=True, temperature=0.7)
+        check_token_stats(ctx, dtype=torch.bfloat16, outputs="entropy")
+        check_token_stats(ctx, uneven="empty", outputs="both")
+        check_linear_token_stats(ctx, uneven=True)
+        check_linear_token_stats(ctx, uneven="empty", bias=False)
+        check_policy_gradient(ctx, reduction="mean", entropy_coef=0.05, uneven=True)
+
+
+@case(2, 4)
+def token_statistics_two_all_reduces_forward_none_backward_no_sync(ctx):
+    import fastce.distributed as fd
+    from fastce.profiling import measure
+    n_rows, width = 6, 8
+    target = torch.randint(0, width * ctx.world_size, (n_rows,))
+    target[1] = -100
+    for return_entropy in (False, True):
+        logits = torch.randn(n_rows, width, requires_grad=True)
+        with measure() as forward:
+            out = fd.vocab_parallel_token_logprobs(logits, target, temperature=0.8, return_entropy=return_entropy,
+                                                   validate=False)
+        with measure() as backward:
+            (out[0].sum() + out[1].sum() if return_entropy else out.sum()).backward()
+        # the row max, then one message; nothing else (a third all-reduce or an all-gather fails here)
+        assert collective_calls(forward) == {"all_reduce": 2}, forward.report()
+        assert collective_calls(backward) == {}, backward.report()
+        assert forward.syncs == 0 and backward.syncs == 0
+        # N maxima, then Σexp without the target, the target logit (and E) per row, and V
+        n_stats = 2 + return_entropy
+        assert forward.ops["allreduce_"].read == 4 * (n_rows + n_rows * n_stats + 1), forward.report()
+        with measure() as validated:
+            fd.vocab_parallel_token_logprobs(logits.detach(), target, return_entropy=return_entropy)
+        assert collective_calls(validated) == {"all_reduce": 3}  # + the argument exchange
+    logits = torch.randn(n_rows, width, requires_grad=True)
+    with measure() as forward:
+        loss = fd.policy_gradient_loss(logits, target, torch.randn(n_rows), entropy_coef=0.1, validate=False)
+    with measure() as backward:
+        loss.backward()
+    assert collective_calls(forward) == {"all_reduce": 2} and collective_calls(backward) == {}
+    assert forward.syncs == 0 and backward.syncs == 0
+
+
+@case(2, 4)
+def token_statistics_bad_input_raises_on_every_rank(ctx):
+    import fastce.distributed as fd
+    from fastce._validation import InvalidArgumentError, TargetDtypeError
+    logits = torch.randn(4, 6)
+    target = torch.tensor([0, 3, 5, -100])
+    last = ctx.rank == ctx.world_size - 1
+    advantages = torch.ones(4)
+    expect_error(InvalidArgumentError, "temperature differs between ranks",
+                 lambda: fd.vocab_parallel_token_logprobs(logits, target, temperature=0.5 if last else 1.0))
+    expect_error(InvalidArgumentError, "return_entropy differs between ranks",
+                 lambda: fd.vocab_parallel_token_logprobs(logits, target, return_entropy=last))
+    expect_error(IndexError, "Target 99 is out of bounds",
+                 lambda: fd.vocab_parallel_token_logprobs(logits, torch.tensor([0, 99, 1, 2])))
+    shifted = torch.where(torch.arange(4) == 0, int(last), target)
+    expect_error(InvalidArgumentError, "target differs between ranks",
+                 lambda: fd.policy_gradient_loss(logits, shifted, advantages))
+    expect_error(InvalidArgumentError, "advantages differ between ranks",
+                 lambda: fd.policy_gradient_loss(logits, target, advantages * (1 + last)))
+    expect_error(InvalidArgumentError, "entropy_coef differs between ranks",
+                 lambda: fd.policy_gradient_loss(logits, target, advantages, entropy_coef=0.1 * last))
+    expect_error(InvalidArgumentError, "reduction differs between ranks",
+                 lambda: fd.policy_gradient_loss(logits, target, advantages, reduction="sum" if last else "mean"))
+    # one advantage per sequence on one rank, the same values broadcast on the others: they agree
+    fd.policy_gradient_loss(logits.view(2, 2, 6), target.view(2, 2),
+                            torch.ones(2, 1) if last else torch.ones(2, 2), validate=True)
+    hidden, head = torch.randn(5, 3)[:4 + last], torch.randn(6, 3)
+    expect_error(InvalidArgumentError, "the number of rows (tokens) differs between ranks",
+                 lambda: fd.linear_token_logprobs(hidden, head, torch.zeros(4 + last, dtype=torch.long)))
+    # one rank's own mistake: it raises its error, the others say which rank it was
+    culprit = f"rank(s) [{ctx.world_size - 1}] of the group rejected their arguments"
+    probabilities = torch.rand(4, 6)  # (drawn on every rank: the random streams stay alike)
+    for error, match, call in (
+            (InvalidArgumentError, "temperature must be positive",
+             lambda: fd.vocab_parallel_token_logprobs(logits, target, temperature=0.0 if last else 1.0)),
+            (TargetDtypeError, "expected target of class indices",
+             lambda: fd.vocab_parallel_token_logprobs(logits, probabilities if last else target)),
+            (InvalidArgumentError, "do not broadcast",
+             lambda: fd.policy_gradient_loss(logits, target, torch.ones(3) if last else advantages)),
+            (RuntimeError, "does not differentiate with respect to advantages",
+             lambda: fd.policy_gradient_loss(logits, target, advantages.clone().requires_grad_(last)))):
+        if last:
+            expect_error(error, match, call)
+        else:
+            expect_error(InvalidArgumentError, culprit, call)
+    # the group still works
+    check_token_stats(ctx)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
-"""Vocabulary-parallel cross-entropy over torch.distributed: the loss for tensor-parallel training.
+"""Vocabulary-parallel losses and token statistics over torch.distributed: tensor-parallel training.
 
     import fastce.distributed as fd
     loss = fd.vocab_parallel_cross_entropy(local_logits, target, group=tp_group)        # (…, V/tp) slice
     loss = fd.linear_cross_entropy(hidden, local_head_weight, target, group=tp_group)  # column-parallel head
+    logprob, entropy = fd.vocab_parallel_token_logprobs(local_logits, target, group=tp_group,
+                                                        return_entropy=True)            # RL statistics
+    logprob = fd.linear_token_logprobs(hidden, local_head_weight, target, group=tp_group)
+    loss = fd.policy_gradient_loss(local_logits, target, advantages, group=tp_group)
 
 Each rank of `group` (default: the world) holds a slice of the class dimension (class dimension
 last), consecutive slices in rank order unless `vocab_start` says where each begins. Every rank
-gets what fastce.cross_entropy returns on the concatenated logits, and the gradient of its own
-slice. Communication: two all-reduces per forward (the row max; then one packed sum of the row
-statistics), none in the backward of the loss (the linear form: one of ∂input); no host sync with
-validate=False. DTensor users call fastce.cross_entropy /
+gets what the single-device function (fastce.cross_entropy, fastce.token_logprobs, …) returns on the
+concatenated logits, and the gradient of its own slice. Communication: two all-reduces per forward
+(the row max; then one packed sum of the row statistics), none in the backward (the linear forms:
+one of ∂input); no host sync with validate=False. DTensor users call fastce.cross_entropy /
 fastce.linear_cross_entropy directly (see fastce/distributed/dtensor.py).
 """
 from __future__ import annotations
@@ -21,11 +25,13 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .._core import HeadOptions, LossSpec, compute_dtype
+from .._core import HeadOptions, LossSpec, PolicyGradientSpec, TokenStatsSpec, compute_dtype
 from .._validation import (
     CLASS_INDEX_DTYPES,
     InvalidArgumentError,
     TargetDtypeError,
+    check_advantages,
+    check_finite,
     check_ignore_index,
     check_label_smoothing,
     check_linear,
@@ -33,20 +39,24 @@ from .._validation import (
     check_positive_size,
     check_reduction,
     check_target_range,
+    check_temperature,
+    check_token_target,
     check_z_loss_softcap,
     logits_placeholder,
 )
 from .autograd import (
     SumGradientOverGroup,
     VocabParallelCrossEntropyFunction,
+    VocabParallelTokenStatsFunction,
     forward_messages,
     per_rank_steps,
 )
 from .collectives import Arguments, Partition, RankFailedError, Schedule, agree, check_device, exchange_device, \
     resolve_group
-from .spec import n_stats
+from .spec import n_stats, token_loss_spec
 
-__all__ = ["vocab_parallel_cross_entropy", "linear_cross_entropy", "RankFailedError"]
+__all__ = ["vocab_parallel_cross_entropy", "linear_cross_entropy", "vocab_parallel_token_logprobs",
+           "linear_token_logprobs", "policy_gradient_loss", "RankFailedError"]
 
 # what a local check raises: caught under validate=True so that every rank raises together
 _ARGUMENT_ERRORS = (TypeError, ValueError, RuntimeError, IndexError)
@@ -297,3 +307,163 @@ def linear_cross_entropy(
     loss = _computed(compute, schedule, part, args, validate)
     return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
 
+
+# ---------------------------------------------------------------------------------------------
+# Token statistics (DESIGN §7.6): fastce.token_logprobs, linear_token_logprobs and policy_gradient_loss
+
+
+def _token_arguments(logits_like, target, vocab_start, ignore_index, temperature, return_entropy,
+                     advantages=None, reduction="none", entropy_coef=0.0) -> Arguments:
+    return Arguments(logits_like, target, None, vocab_start, ignore_index, reduction, 0.0, 0.0, None,
+                     temperature, bool(return_entropy), entropy_coef, advantages)
+
+
+def _token_statistics(logits: Tensor, target: Tensor, token: TokenStatsSpec, part: Partition, args: Arguments,
+                      validate) -> tuple[Tensor, Tensor]:
+    """(log-probability, entropy or empty), one per row, for checked arguments."""
+    n_rows = logits.shape[:-1].numel()
+    schedule = _forward_schedule(part, logits, forward_messages(n_rows, n_stats(token_loss_spec(token), False, token)))
+    return _computed(lambda: VocabParallelTokenStatsFunction.apply(logits, target, token, part, schedule), schedule,
+                     part, args, validate)
+
+
+def _shaped(logprob: Tensor, entropy: Tensor, target: Tensor, return_entropy: bool):
+    logprob = logprob.view(target.shape)
+    return (logprob, entropy.view(target.shape)) if return_entropy else logprob
+
+
+def vocab_parallel_token_logprobs(logits: Tensor, target: Tensor, *, group=None, vocab_start: Optional[int] = None,
+                                  temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                                  validate: Union[bool, str] = True):
+    """fastce.token_logprobs of logits split over the class dimension across the ranks of `group`:
+    log softmax(logits / T)[target] and, with return_entropy, the entropy of softmax(logits / T).
+
+    logits: this rank's slice (…, V_r), class dimension last; target: the global class indices (…), the
+    same on every rank; group, vocab_start, validate as vocab_parallel_cross_entropy (validate also
+    checks that temperature and return_entropy agree). Returns, on every rank, what
+    fastce.token_logprobs returns on the concatenated logits: float32 tensors shaped like target
+    (float64 for float64 logits), `logprob` or `(logprob, entropy)`, 0 where target == ignore_index;
+    the backward through either or both gives each rank its slice's gradient (one read of the slice,
+    one write of its gradient, no communication). The forward reads the slice once and all-reduces
+    twice: the row max (N values), then Σexp without the target, the target's logit and, with
+    return_entropy, Σ e^(z − max)(z − max) without it (2 or 3 values per row, and V).
+    """
+    group, rank, world_size = resolve_group(group)
+    args = _token_arguments(logits, target, vocab_start, ignore_index, temperature, return_entropy)
+
+    def check_local():
+        _check_logits(logits)
+        check_token_target(target, logits.shape[:-1], logits.device)
+        check_temperature(temperature)
+        check_device(group, logits.device)
+
+    part, args = _partition(group, rank, world_size, args, _rows_of(logits), check_local, validate,
+                            "vocab_parallel_token_logprobs")
+    token = TokenStatsSpec(float(temperature), args.ignore_index, bool(return_entropy))
+    logprob, entropy = _token_statistics(logits, target, token, part, args, validate)
+    return _shaped(logprob, entropy, target, return_entropy)
+
+
+def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor, *, group=None,
+                          vocab_start: Optional[int] = None, linear_bias: Optional[Tensor] = None,
+                          temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                          validate: Union[bool, str] = True, options: Optional[HeadOptions] = None):
+    """fastce.linear_token_logprobs of a column-parallel head: this rank holds rows [vocab_start,
+    vocab_start + V_r) of the head (linear_weight (V_r, H), linear_bias (V_r)); hidden (…, H) is the
+    same on every rank.
+
+    Equals vocab_parallel_token_logprobs(hidden @ linear_weight.T + linear_bias, target, …), with
+    gradients for hidden (summed over the group: one all-reduce of N·H values in the backward),
+    linear_weight and linear_bias (this rank's rows), by the chunked-head engine (fastce/_head.py):
+    neither the logits nor this rank's slice of them exist at once. The forward walks chunks of rows
+    for this rank's statistics and all-reduces twice for all of them; the backward walks rows or
+    vocabulary slices by fastce.linear_token_logprobs' rule for this rank's slice
+    (options=fastce.HeadOptions(chunk_rows=…) overrides the chunk; ranks may cut differently).
+    """
+    options = options or HeadOptions()
+    group, rank, world_size = resolve_group(group)
+    n_local = linear_weight.shape[0] if isinstance(linear_weight, Tensor) and linear_weight.dim() else 0
+    is_tensor = isinstance(hidden, Tensor) and hidden.dim() > 0
+    logits_like = logits_placeholder(hidden, hidden.shape[:-1].numel(), n_local).view(*hidden.shape[:-1], n_local) \
+        if is_tensor else hidden
+    args = _token_arguments(logits_like, target, vocab_start, ignore_index, temperature, return_entropy)
+
+    def check_local():
+        _check_head(hidden, linear_weight, linear_bias, target, None)
+        check_token_target(target, hidden.shape[:-1], hidden.device)
+        check_temperature(temperature)
+        check_device(group, hidden.device)
+        check_positive_size("chunk_rows", options.chunk_rows)
+
+    n_rows = hidden.shape[:-1].numel() if is_tensor else 0
+    part, args = _partition(group, rank, world_size, args, n_rows, check_local, validate, "linear_token_logprobs")
+    token = TokenStatsSpec(float(temperature), args.ignore_index, bool(return_entropy))
+    rows_hidden, rows_target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    if not per_rank_steps(hidden).__name__.endswith(".reference"):
+        from . import linear  # the Triton path's engine: Triton is optional for fastce.distributed
+        walks = linear.token_walks(n_rows, n_local, hidden.shape[-1], hidden.dtype, options.chunk_rows)
+        schedule = _forward_schedule(part, hidden, forward_messages(n_rows, n_stats(token_loss_spec(token), False,
+                                                                                     token)))
+        logprob, entropy = _computed(
+            lambda: linear.VocabParallelLinearTokenStatsFunction.apply(rows_hidden, linear_weight, linear_bias,
+                                                                       rows_target, token, part, schedule, walks),
+            schedule, part, args, validate)
+        return _shaped(logprob, entropy, target, return_entropy)
+    # the CPU path without Triton: this rank's slice of the logits, through torch's autograd
+    logits = torch.nn.functional.linear(SumGradientOverGroup.apply(rows_hidden, group), linear_weight, linear_bias)
+    return _shaped(*_token_statistics(logits, rows_target, token, part, args, validate), target, return_entropy)
+
+
+def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, group=None,
+                         vocab_start: Optional[int] = None, entropy_coef: float = 0.0, temperature: float = 1.0,
+                         ignore_index: int = -100, reduction: str = "mean", return_stats: bool = False,
+                         validate: Union[bool, str] = True):
+    """fastce.policy_gradient_loss of logits split over the class dimension across the ranks of `group`:
+    −(A·logprob + entropy_coef·H) per token, 0 at ignored tokens, reduced as `reduction` says ("mean"
+    over the non-ignored tokens, NaN with a zero gradient when there are none).
+
+    advantages: floating, broadcastable to target's shape (one per token, or (B, 1) for one per
+    sequence), the same on every rank, a constant. Other arguments as vocab_parallel_token_logprobs
+    (validate also checks that the advantages, entropy_coef and reduction agree). Returns, on every rank,
+    what fastce.policy_gradient_loss returns on the concatenated logits (with return_stats,
+    (loss, logprob, entropy), the statistics detached); the backward gives each rank its slice's
+    gradient. Unlike the single-device form, the gradient is written in the backward (it needs the
+    global statistics, known after the forward's second all-reduce): a training step moves 3× the
+    slice's bytes, the forward's two all-reduces and none in the backward.
+    """
+    group, rank, world_size = resolve_group(group)
+    args = _token_arguments(logits, target, vocab_start, ignore_index, temperature, True, advantages, reduction,
+                            entropy_coef)
+
+    def check_local():
+        _check_logits(logits)
+        check_token_target(target, logits.shape[:-1], logits.device)
+        check_advantages(advantages, target.shape, logits.device)
+        check_reduction(reduction)
+        check_temperature(temperature)
+        check_finite("entropy_coef", float(entropy_coef))
+        if advantages.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("fastce.distributed.policy_gradient_loss does not differentiate with respect to "
+                               "advantages, which are constants of the policy-gradient estimator: pass "
+                               "advantages.detach()")
+        check_device(group, logits.device)
+
+    part, args = _partition(group, rank, world_size, args, _rows_of(logits), check_local, validate,
+                            "policy_gradient_loss")
+    spec = PolicyGradientSpec(float(entropy_coef), float(temperature), args.ignore_index, reduction, bool(return_stats))
+    logprob, entropy = _token_statistics(logits, target, spec.token_stats, part, args, validate)
+    logprob, entropy = logprob.view(target.shape), entropy.view(target.shape) if entropy.numel() else None
+    # ℓ = −(A·logprob + c·H) per token: N values, by torch (autograd hands the token statistics' backward
+    # the upstream gradients −A·g and −c·g)
+    per_token = -advantages.detach().to(logprob.dtype) * logprob
+    if spec.entropy_coef != 0:
+        per_token = per_token - spec.entropy_coef * entropy
+    valid = target.long() != spec.ignore_index  # (in uint8, −100 would be the class index 156)
+    per_token = torch.where(valid, per_token, 0.0)
+    if reduction == "mean":
+        loss = per_token.sum() / valid.sum()  # a device scalar: no host sync
+    else:
+        loss = per_token.sum() if reduction == "sum" else per_token
+    if not return_stats:
+        return loss
+    return loss, logprob.detach(), entropy.detach()

@@ -4,6 +4,8 @@ Forward of the loss (every rank, its own slice):
     statistics (one read of the slice) → all-reduce MAX (N values) → rescale → all-reduce SUM
     (N·K + 1 values, K = 2…4) → finish (per-row loss, log-sum-exp, what the backward needs).
 Backward: the gradient of the slice, from the slice and the saved per-row values; no communication.
+The token statistics (log-probability, entropy) are the same steps (fastce/distributed/spec.py), their
+backward the gradient of both outputs for their upstream gradients, also without communication.
 
 Why the gradient is not written in the forward, as the single-device kernel does: here it needs
 the global log-sum-exp, known only after the second all-reduce, so the forward would have to read
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from .._core import LossSpec, TokenStatsSpec, once_differentiable, reduce_rows, uses_triton
 from .collectives import MAX, SUM, Partition, Schedule
+from .spec import token_loss_spec
 
 
 def per_rank_steps(t: Tensor):
@@ -84,6 +87,36 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         grad = ctx.steps.gradient(logits, target, weight, ctx.spec, ctx.part.vocab_start, maxima, row_state,
                                   vocab_size, divisors, grad_output=grad_loss)
         return grad, None, None, None, None, None, None, None
+
+
+class VocabParallelTokenStatsFunction(torch.autograd.Function):
+    """apply(logits slice (…, V_r), target (…), token spec, partition, schedule) -> (log-probability (N),
+    entropy (N) or empty), N the rows; the gradient of the slice for the upstream gradients of both."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, token: TokenStatsSpec, part: Partition, schedule: Schedule):
+        ctx.set_materialize_grads(False)
+        ctx.steps, ctx.token, ctx.part = per_rank_steps(logits), token, part
+        logprob, entropy, row_state, maxima, vocab_size = forward_statistics(
+            ctx.steps, logits, target, None, token_loss_spec(token), part, None, schedule, token)
+        if entropy is None:  # a custom Function returns tensors: an empty one stands for "not computed"
+            entropy = logprob.new_empty(0)
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(logits, target, maxima, row_state, vocab_size, entropy)
+        return logprob, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprob, grad_entropy):
+        if not ctx.token.return_entropy:
+            grad_entropy = None
+        if grad_logprob is None and grad_entropy is None:
+            return (None,) * 5
+        logits, target, maxima, row_state, vocab_size, entropy = ctx.saved_tensors
+        grad = ctx.steps.gradient(logits, target, None, token_loss_spec(ctx.token), ctx.part.vocab_start, maxima,
+                                  row_state, vocab_size, None, grad_output=grad_logprob, token=ctx.token,
+                                  entropy=entropy, grad_entropy=grad_entropy)
+        return grad, None, None, None, None
 
 
 class SumGradientOverGroup(torch.autograd.Function):

@@ -156,7 +156,7 @@ def _float_bits(value: Optional[float]) -> int:
 
 _FIELDS = ("error", "rows", "classes", "start", "target_sum", "target_mix", "weight_sum", "weight_mix",
            "weight_numel", "dtype", "probabilities", "ignore_index", "reduction", "label_smoothing", "z_loss",
-           "softcap")
+           "softcap", "temperature", "return_entropy", "entropy_coef", "advantages_sum", "advantages_mix")
 # fields every rank must hold the same value of, with what a person is told when they do not
 _MUST_AGREE = {
     "rows": "the number of rows (tokens) differs between ranks",
@@ -172,13 +172,19 @@ _MUST_AGREE = {
     "label_smoothing": "label_smoothing differs between ranks",
     "z_loss": "z_loss differs between ranks",
     "softcap": "softcap differs between ranks",
+    "temperature": "temperature differs between ranks",
+    "return_entropy": "return_entropy differs between ranks",
+    "entropy_coef": "entropy_coef differs between ranks",
+    "advantages_sum": "advantages differ between ranks: every rank must pass the same advantages",
+    "advantages_mix": "advantages differ between ranks: every rank must pass the same advantages",
 }
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("none", "mean", "sum")
 
 
 class Arguments(NamedTuple):
-    """What one rank was called with, as far as the ranks must agree on it."""
+    """What one rank was called with, as far as the ranks must agree on it (the token statistics'
+    options last)."""
     logits: Tensor
     target: Tensor
     weight: Optional[Tensor]
@@ -188,12 +194,18 @@ class Arguments(NamedTuple):
     label_smoothing: float
     z_loss: float
     softcap: Optional[float]
+    temperature: float = 1.0
+    return_entropy: bool = False
+    entropy_coef: float = 0.0
+    advantages: Optional[Tensor] = None  # one per row (broadcast), for policy_gradient_loss
 
 
 def _describe(args: Arguments, n_rows: int) -> dict:
     prob = args.target.is_floating_point()
     target_sum, target_mix = _fingerprint(None if prob else args.target)  # probability slices differ by design
     weight_sum, weight_mix = _fingerprint(args.weight)
+    advantages = None if args.advantages is None else args.advantages.expand(args.target.shape)
+    advantages_sum, advantages_mix = _fingerprint(advantages)  # as broadcast: (B, 1) and (B, T) alike
     return dict(
         rows=n_rows, classes=args.logits.shape[-1], start=-1 if args.vocab_start is None else args.vocab_start,
         target_sum=target_sum, target_mix=target_mix, weight_sum=weight_sum, weight_mix=weight_mix,
@@ -201,7 +213,9 @@ def _describe(args: Arguments, n_rows: int) -> dict:
         dtype=_DTYPES.index(args.logits.dtype) if args.logits.dtype in _DTYPES else len(_DTYPES),
         probabilities=int(prob), ignore_index=args.ignore_index, reduction=_REDUCTIONS.index(args.reduction),
         label_smoothing=_float_bits(args.label_smoothing), z_loss=_float_bits(args.z_loss),
-        softcap=_float_bits(args.softcap))
+        softcap=_float_bits(args.softcap), temperature=_float_bits(args.temperature),
+        return_entropy=int(args.return_entropy), entropy_coef=_float_bits(args.entropy_coef),
+        advantages_sum=advantages_sum, advantages_mix=advantages_mix)
 
 
 def agree(group, rank: int, world_size: int, device: torch.device, args: Optional[Arguments], n_rows: int,

@@ -1,6 +1,12 @@
-"""The column-parallel head on the Triton path: fastce.distributed.linear_cross_entropy's chunks of rows by
-the chunked-head engine's row walk (fastce/_head.py), the forward's two all-reduces per chunk between the
-per-rank steps (fastce/distributed/autograd.py's forward_statistics), and the backward's one all-reduce of
+"""The column-parallel head on the Triton path, by the chunked-head engine (fastce/_head.py).
+
+fastce.distributed.linear_cross_entropy walks chunks of rows, the forward's two all-reduces per chunk
+between the per-rank steps (fastce/distributed/autograd.py's forward_statistics): the gradient is known
+in the forward and written there, chunk by chunk, so every chunk needs the global statistics of its rows.
+fastce.distributed.linear_token_logprobs' gradient needs the upstream gradients of the backward, so its
+forward walks the rows for this rank's statistics alone and all-reduces once for all of them (two
+all-reduces per call, whatever the chunks), and its backward walks again (by rows or by vocabulary
+slices, the single-device rule for this rank's slice). Both backwards end with one all-reduce of
 ∂input over the group."""
 from __future__ import annotations
 
@@ -9,12 +15,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _head
-from .._core import LossSpec, once_differentiable, reduce_rows
-from .._head import Head, Needs
-from .autograd import forward_messages, forward_statistics, per_rank_steps
+from .. import _head, token_stats
+from .._core import LossSpec, TokenStatsSpec, once_differentiable, reduce_rows
+from .._head import Head, Needs, WalkPlan
+from .autograd import forward_messages, forward_statistics, per_rank_steps, reduce_statistics
 from .collectives import SUM, Partition, Schedule
-from .spec import n_stats
+from .spec import n_stats, token_loss_spec
+
+# per-row values of a token-statistics step: maxima (2), statistics (3), row state (3), the two outputs
+# and their two upstream gradients
+TOKEN_PER_ROW_VALUES = 12
+
 
 def chunk_rows(n_rows: int, vocab_size: Optional[int], world_size: int, in_features: int, dtype: torch.dtype) -> int:
     """Rows per chunk: every rank must cut the rows alike (each chunk is two all-reduces), so only numbers
@@ -28,6 +39,13 @@ def cross_entropy_messages(n_rows: int, chunk_rows: int, spec: LossSpec, prob_ta
     """linear_cross_entropy's forward schedule: the two all-reduces of each chunk."""
     n_stat = n_stats(spec, prob_target)
     return [m for rows in _head.chunks(n_rows, chunk_rows) for m in forward_messages(rows.stop - rows.start, n_stat)]
+
+
+def token_walks(n_rows: int, n_classes: int, in_features: int, dtype: torch.dtype,
+                chunk_rows: Optional[int]) -> WalkPlan:
+    """linear_token_logprobs' walks over this rank's slice: token_stats' rule (no collective depends on them)."""
+    return token_stats.plan(n_rows, n_classes, in_features, dtype, chunk_rows=chunk_rows,
+                            per_row_values=TOKEN_PER_ROW_VALUES)
 
 
 def _backward_schedule(part: Partition, input: Tensor, needs: Needs) -> Schedule:
@@ -112,3 +130,67 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 schedule.all_reduce(SUM, grads[0])  # the input feeds every rank's slice of the head
         return (*grads, *no_grads)
 
+
+class VocabParallelLinearTokenStatsFunction(torch.autograd.Function):
+    """apply(hidden (N, H), linear_weight (V_r, H), linear_bias (V_r) or None, target (N), token spec,
+    partition, schedule, walks) -> (log-probability (N), entropy (N) or empty); gradients for hidden
+    (summed over the group), linear_weight and linear_bias. Triton path."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+                token: TokenStatsSpec, part: Partition, schedule: Schedule, walks: WalkPlan):
+        ctx.set_materialize_grads(False)
+        ctx.steps, ctx.token, ctx.part, ctx.walks = per_rank_steps(hidden), token, part, walks
+        ctx.needs = Needs(*ctx.needs_input_grad[:3])
+        spec = token_loss_spec(token)
+        max_parts, stat_parts = [], []
+
+        def visit(logits: Tensor, rows: slice) -> bool:  # this rank's statistics of the chunk's rows
+            maxima, stats = ctx.steps.statistics(logits, target[rows], None, spec, part.vocab_start, token)
+            max_parts.append(maxima)
+            stat_parts.append(stats[:-1])
+            return False
+
+        _head.row_walk(Head(hidden, linear_weight, linear_bias), walks.chunk_rows, visit)
+        maxima = torch.cat(max_parts, 1)
+        stats = torch.cat([*stat_parts, stat_parts[0].new_empty(1)])  # and the spare value for V
+        logprob, entropy, row_state, maxima, vocab_size = reduce_statistics(ctx.steps, maxima, stats, target, None,
+                                                                           spec, part, None, schedule, token)
+        if entropy is None:
+            entropy = logprob.new_empty(0)
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, linear_weight, linear_bias, target, maxima, row_state, vocab_size, entropy)
+        return logprob, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprob, grad_entropy):
+        no_grads = (None,) * 5
+        if not ctx.token.return_entropy:
+            grad_entropy = None
+        if grad_logprob is None and grad_entropy is None:
+            return (None, None, None, *no_grads)
+        hidden, linear_weight, linear_bias, target, maxima, row_state, vocab_size, entropy = ctx.saved_tensors
+        steps, token, vocab_start = ctx.steps, ctx.token, ctx.part.vocab_start
+        spec = token_loss_spec(token)
+
+        def visit_rows(logits: Tensor, rows: slice) -> bool:
+            steps.gradient(logits, target[rows], None, spec, vocab_start, maxima[:, rows], row_state[rows],
+                           vocab_size, None, grad_output=None if grad_logprob is None else grad_logprob[rows],
+                           out=logits, token=token, entropy=entropy[rows] if entropy.numel() else None,
+                           grad_entropy=None if grad_entropy is None else grad_entropy[rows])
+            return True
+
+        def visit_slice(logits: Tensor, classes: slice) -> bool:
+            steps.gradient(logits, target, None, spec, vocab_start + classes.start, maxima, row_state, vocab_size,
+                           None, grad_output=grad_logprob, out=logits, token=token,
+                           entropy=entropy if entropy.numel() else None, grad_entropy=grad_entropy)
+            return True
+
+        schedule = _backward_schedule(ctx.part, hidden, ctx.needs)
+        with schedule.keeping_step():
+            grads = _head.walk_gradients(Head(hidden, linear_weight, linear_bias), ctx.walks, ctx.needs, visit_rows,
+                                         visit_slice)
+            if grads[0] is not None:
+                schedule.all_reduce(SUM, grads[0])  # the hidden states feed every rank's slice of the head
+        return (*grads, *no_grads)
