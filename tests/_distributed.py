@@ -940,6 +940,33 @@ def token_statistics_bad_input_raises_on_every_rank(ctx):
     check_token_stats(ctx)
 
 
+@case(2)
+def megatron_token_statistics_adapter(ctx):
+    """verl's Megatron workers' vocab_parallel_log_probs_from_logits and vocab_parallel_entropy."""
+    from fastce.integrations.megatron import vocab_parallel_entropy, vocab_parallel_log_probs_from_logits
+    from _support import assert_close_dtype
+    seq, batch, n_classes = 3, 2, 10
+    logits = torch.randn(seq, batch, n_classes, dtype=torch.float64).to(torch.bfloat16)
+    labels = torch.randint(0, n_classes, (seq, batch))
+    width = n_classes // ctx.world_size
+    mine = slice(ctx.rank * width, (ctx.rank + 1) * width)
+    expected = {vocab_parallel_log_probs_from_logits: lambda x: x.log_softmax(-1).gather(-1, labels[..., None])[..., 0],
+                vocab_parallel_entropy: lambda x: -(x.softmax(-1) * x.log_softmax(-1)).sum(-1)}
+    for function, formula in expected.items():
+        local = logits[..., mine].clone().requires_grad_()
+        before = local.detach().clone()
+        out = function(local, labels) if function is vocab_parallel_log_probs_from_logits else function(local)
+        assert out.dtype == torch.float32 and out.shape == (seq, batch), function.__name__
+        assert torch.equal(local.detach(), before), "the logits must not be modified (Megatron's are)"
+        grad_output = torch.randn(seq, batch)
+        out.backward(grad_output)
+        whole = logits.double().requires_grad_()
+        want = formula(whole)
+        want.backward(grad_output.double())
+        assert_close_dtype(out, want, torch.float32, function.__name__)
+        assert_close_dtype(local.grad, whole.grad[..., mine], torch.bfloat16, f"{function.__name__} gradient")
+
+
 # ---------------------------------------------------------------------------------------------
 # Cases of issue 23 (tests/test_regressions.py also runs each in a group of its own). Last in this file:
 # before a fix, a rank left waiting in a collective takes the group down, and every case after it.

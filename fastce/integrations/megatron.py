@@ -1,12 +1,15 @@
-"""Megatron-core: fastce in place of megatron.core.tensor_parallel.vocab_parallel_cross_entropy.
+"""Megatron-core: fastce in place of megatron.core.tensor_parallel.vocab_parallel_cross_entropy, and of
+the log-probability and entropy functions verl's Megatron workers call.
 
     # before
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from verl.utils.megatron.tensor_parallel import vocab_parallel_entropy, vocab_parallel_log_probs_from_logits
     # after
     from fastce.integrations.megatron import vocab_parallel_cross_entropy
+    from fastce.integrations.megatron import vocab_parallel_entropy, vocab_parallel_log_probs_from_logits
 
 Same arguments and result: [s, b, V/tp] logits (this rank's vocabulary slice; Megatron pads the
-vocabulary to equal slices), [s, b] target, per-token float32 loss [s, b], the gradient of the
+vocabulary to equal slices), [s, b] target, per-token float32 values [s, b], the gradient of the
 slice. Megatron-core need not be installed: only the default group comes from it.
 """
 from __future__ import annotations
@@ -49,3 +52,27 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor, 
     return distributed.vocab_parallel_cross_entropy(
         vocab_parallel_logits, target, group=group, reduction="none", label_smoothing=label_smoothing,
         validate=validate, loss_dtype=torch.float32)
+
+
+def vocab_parallel_log_probs_from_logits(logits: Tensor, labels: Tensor, *, tp_group=None,
+                                         validate: bool = False) -> Tensor:
+    """verl's vocab_parallel_log_probs_from_logits (−Megatron's vocab_parallel_cross_entropy) on
+    fastce.distributed.vocab_parallel_token_logprobs: log softmax(logits)[labels], float32, shaped like
+    labels, for this rank's slice (…, V/tp) of the logits. Unlike Megatron's, the logits are not
+    overwritten (verl clones them before when it needs them again), and a label of -100 gives 0.
+    tp_group, validate as vocab_parallel_cross_entropy."""
+    group = _tensor_parallel_group() if tp_group is None else tp_group
+    return distributed.vocab_parallel_token_logprobs(logits, labels, group=group, validate=validate)
+
+
+def vocab_parallel_entropy(vocab_parallel_logits: Tensor, *, tp_group=None, validate: bool = False) -> Tensor:
+    """verl's vocab_parallel_entropy: the entropy of softmax(logits) per row (…), float32, from this
+    rank's slice (…, V/tp), differentiable. Where the log-probabilities are wanted too, one call of
+    fastce.distributed.vocab_parallel_token_logprobs(logits, labels, group=…, return_entropy=True) gives
+    both from one read of the slice and two all-reduces (these two functions: two reads, four)."""
+    group = _tensor_parallel_group() if tp_group is None else tp_group
+    # the entropy's statistics come with a log-probability: of class 0, on every row, left unused
+    labels = torch.zeros(vocab_parallel_logits.shape[:-1], dtype=torch.long, device=vocab_parallel_logits.device)
+    _, entropy = distributed.vocab_parallel_token_logprobs(vocab_parallel_logits, labels, group=group,
+                                                           return_entropy=True, validate=validate)
+    return entropy
