@@ -335,6 +335,20 @@ def check_advantages(advantages: Tensor, row_shape: torch.Size, device: torch.de
             "(one per token, or e.g. (B, 1) for one per sequence)")
 
 
+def check_policy_gradient(target: Tensor, advantages: Tensor, row_shape: torch.Size, device: torch.device,
+                          reduction: str, temperature: float, entropy_coef: float, function: str) -> None:
+    """The arguments of a policy-gradient loss beside its logits (…, V): class indices, advantages that
+    broadcast to them and are constants (no gradient), the options (no device sync)."""
+    check_token_target(target, row_shape, device)
+    check_advantages(advantages, target.shape, device)
+    check_reduction(reduction)
+    check_temperature(temperature)
+    check_finite("entropy_coef", float(entropy_coef))
+    if advantages.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{function} does not differentiate with respect to advantages, which are constants "
+                           "of the policy-gradient estimator: pass advantages.detach()")
+
+
 # ---- scalar options ----------------------------------------------------------------------------
 
 

@@ -30,7 +30,6 @@ from ._validation import (
     VALIDATE_SYNC,
     InvalidArgumentError,
     assert_target_range_on_device,
-    check_advantages,
     check_binary,
     check_broadcastable,
     check_class_factor,
@@ -41,6 +40,7 @@ from ._validation import (
     check_linear,
     check_no_gradient_wanted,
     check_not_differentiable,
+    check_policy_gradient,
     check_positive_size,
     check_reduction,
     check_target,
@@ -525,16 +525,9 @@ def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, 
     validate=False (or on CUDA).
     """
     check_token_logits(logits)
-    check_token_target(target, logits.shape[:-1], logits.device)
-    check_advantages(advantages, target.shape, logits.device)
-    check_reduction(reduction)
-    check_temperature(temperature)
-    check_finite("entropy_coef", float(entropy_coef))
-    ignore_index, validate = _check_token_call("policy_gradient_loss", ignore_index, validate,
-                                               logits.device)
-    if advantages.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("fastce.policy_gradient_loss does not differentiate with respect to advantages, which "
-                           "are constants of the policy-gradient estimator: pass advantages.detach()")
+    check_policy_gradient(target, advantages, logits.shape[:-1], logits.device, reduction, temperature, entropy_coef,
+                          "fastce.policy_gradient_loss")
+    ignore_index, validate = _check_token_call("policy_gradient_loss", ignore_index, validate, logits.device)
     if not uses_triton(logits):
         _validate_on_reference_path(target, logits.shape[-1], ignore_index, validate)
         return reference.policy_gradient_loss(logits, target, advantages, entropy_coef=entropy_coef,

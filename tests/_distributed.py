@@ -230,6 +230,18 @@ def check_vocab_parallel(ctx: Rank, rows_shape=(7,), n_classes=13, dtype=torch.f
     return loss
 
 
+def _head_inputs(ctx: Rank, n_rows: int, in_features: int, n_classes: int, uneven, bias: bool):
+    """(V, hidden, head weight, head bias or None, target with ignored rows) of a column-parallel head."""
+    if not uneven:
+        n_classes -= n_classes % ctx.world_size
+    hidden = torch.randn(n_rows, in_features, dtype=torch.float64).float()
+    head = torch.randn(n_classes, in_features, dtype=torch.float64).float()
+    head_bias = torch.randn(n_classes, dtype=torch.float64).float() if bias else None
+    target = torch.randint(0, n_classes, (n_rows,))
+    target[torch.rand(n_rows) < 0.3] = -100
+    return n_classes, hidden, head, head_bias, target
+
+
 def check_linear(ctx: Rank, n_rows=7, in_features=5, n_classes=13, *, uneven=False, bias=True, weighted=False,
                  chunk_size=None, count=False, **options):
     """fastce.distributed.linear_cross_entropy against fastce.linear_cross_entropy of the whole head:
@@ -238,13 +250,7 @@ def check_linear(ctx: Rank, n_rows=7, in_features=5, n_classes=13, *, uneven=Fal
     import fastce.distributed as fd
     from fastce.profiling import measure
     from _support import assert_close_dtype, make_weight
-    if not uneven:
-        n_classes -= n_classes % ctx.world_size
-    hidden = torch.randn(n_rows, in_features, dtype=torch.float64).float()
-    head = torch.randn(n_classes, in_features, dtype=torch.float64).float()
-    head_bias = torch.randn(n_classes, dtype=torch.float64).float() if bias else None
-    target = torch.randint(0, n_classes, (n_rows,))
-    target[torch.rand(n_rows) < 0.3] = -100
+    n_classes, hidden, head, head_bias, target = _head_inputs(ctx, n_rows, in_features, n_classes, uneven, bias)
     weight = make_weight(n_classes) if weighted else None
     start, width = ctx.slices(n_classes, uneven)[ctx.rank]
     leaves = [t.clone().requires_grad_() if t is not None else None
@@ -704,13 +710,7 @@ def check_linear_token_stats(ctx: Rank, n_rows=7, in_features=5, n_classes=13, *
     import fastce.distributed as fd
     from fastce.profiling import measure
     from _support import assert_close_dtype
-    if not uneven:
-        n_classes -= n_classes % ctx.world_size
-    hidden = torch.randn(n_rows, in_features, dtype=torch.float64).float()
-    head = torch.randn(n_classes, in_features, dtype=torch.float64).float()
-    head_bias = torch.randn(n_classes, dtype=torch.float64).float() if bias else None
-    target = torch.randint(0, n_classes, (n_rows,))
-    target[torch.rand(n_rows) < 0.3] = -100
+    n_classes, hidden, head, head_bias, target = _head_inputs(ctx, n_rows, in_features, n_classes, uneven, bias)
     start, width = token_slices(ctx, n_classes, uneven)[ctx.rank]
     return_entropy = outputs != "logprob"
     weights = [torch.randn(n_rows, dtype=torch.float64) if outputs in (name, "both") else None

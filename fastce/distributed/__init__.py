@@ -30,12 +30,11 @@ from .._validation import (
     CLASS_INDEX_DTYPES,
     InvalidArgumentError,
     TargetDtypeError,
-    check_advantages,
-    check_finite,
     check_ignore_index,
     check_label_smoothing,
     check_linear,
     check_not_differentiable,
+    check_policy_gradient,
     check_positive_size,
     check_reduction,
     check_target_range,
@@ -106,6 +105,16 @@ def _check_head(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tens
                  target[..., :1] if target.is_floating_point() else target, ignore_index)
     if linear_bias is not None and linear_bias.shape != (0,):
         raise InvalidArgumentError(f"expected linear_bias shape [0], got {list(linear_bias.shape)}")
+
+
+def _head_logits(input, linear_weight) -> tuple[int, int, Tensor]:
+    """(V_r, N, a placeholder for the (…, V_r) logits a column-parallel head would make): what the
+    argument exchange describes, before input and linear_weight are checked."""
+    n_local = linear_weight.shape[0] if isinstance(linear_weight, Tensor) and linear_weight.dim() else 0
+    if not (isinstance(input, Tensor) and input.dim() > 0):
+        return n_local, 0, input
+    n_rows = input.shape[:-1].numel()
+    return n_local, n_rows, logits_placeholder(input, n_rows, n_local).view(*input.shape[:-1], n_local)
 
 
 def _check_weight(weight: Optional[Tensor], logits: Tensor, slice_end: int) -> None:
@@ -260,10 +269,7 @@ def linear_cross_entropy(
         options = dataclasses.replace(options or HeadOptions(), chunk_rows=chunk_size)
     options = options or HeadOptions()
     group, rank, world_size = resolve_group(group)
-    n_local = linear_weight.shape[0] if isinstance(linear_weight, Tensor) and linear_weight.dim() else 0
-    is_tensor = isinstance(input, Tensor) and input.dim() > 0
-    logits_like = logits_placeholder(input, input.shape[:-1].numel(), n_local).view(*input.shape[:-1], n_local) \
-        if is_tensor else input
+    n_local, n_rows, logits_like = _head_logits(input, linear_weight)
     args = Arguments(logits_like, target, weight, vocab_start, ignore_index, reduction, label_smoothing, z_loss,
                      softcap)
 
@@ -275,7 +281,6 @@ def linear_cross_entropy(
         start = rank * n_local if vocab_start is None else operator.index(vocab_start)
         _check_weight(weight, input, start + n_local)
 
-    n_rows = input.shape[:-1].numel() if is_tensor else 0
     part, args = _partition(group, rank, world_size, args, n_rows, check_local, validate, "linear_cross_entropy")
     spec = _spec(args.ignore_index, reduction, label_smoothing, z_loss, softcap)
     prob_target = target.is_floating_point()
@@ -382,10 +387,7 @@ def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor,
     """
     options = options or HeadOptions()
     group, rank, world_size = resolve_group(group)
-    n_local = linear_weight.shape[0] if isinstance(linear_weight, Tensor) and linear_weight.dim() else 0
-    is_tensor = isinstance(hidden, Tensor) and hidden.dim() > 0
-    logits_like = logits_placeholder(hidden, hidden.shape[:-1].numel(), n_local).view(*hidden.shape[:-1], n_local) \
-        if is_tensor else hidden
+    n_local, n_rows, logits_like = _head_logits(hidden, linear_weight)
     args = _token_arguments(logits_like, target, vocab_start, ignore_index, temperature, return_entropy)
 
     def check_local():
@@ -395,7 +397,6 @@ def linear_token_logprobs(hidden: Tensor, linear_weight: Tensor, target: Tensor,
         check_device(group, hidden.device)
         check_positive_size("chunk_rows", options.chunk_rows)
 
-    n_rows = hidden.shape[:-1].numel() if is_tensor else 0
     part, args = _partition(group, rank, world_size, args, n_rows, check_local, validate, "linear_token_logprobs")
     token = TokenStatsSpec(float(temperature), args.ignore_index, bool(return_entropy))
     rows_hidden, rows_target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
@@ -437,15 +438,8 @@ def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, 
 
     def check_local():
         _check_logits(logits)
-        check_token_target(target, logits.shape[:-1], logits.device)
-        check_advantages(advantages, target.shape, logits.device)
-        check_reduction(reduction)
-        check_temperature(temperature)
-        check_finite("entropy_coef", float(entropy_coef))
-        if advantages.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("fastce.distributed.policy_gradient_loss does not differentiate with respect to "
-                               "advantages, which are constants of the policy-gradient estimator: pass "
-                               "advantages.detach()")
+        check_policy_gradient(target, advantages, logits.shape[:-1], logits.device, reduction, temperature,
+                              entropy_coef, "fastce.distributed.policy_gradient_loss")
         check_device(group, logits.device)
 
     part, args = _partition(group, rank, world_size, args, _rows_of(logits), check_local, validate,
