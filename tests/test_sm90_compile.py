@@ -21,7 +21,8 @@ CHECKED = ["training step, V=4096", "streamed training step, V=32k", "streamed t
            "small V=256, rows per program", "K-dim (8, 21, 64, 64), rows per program",
            "K-dim channels-last (8, 32, 64, 64)", "probability targets, V=4096", "focal, V=1000",
            "'mean' backward with an lse gradient, V=4096", "float64, V=1000", "inplace rescale, V=32k",
-           "class-index pass, 16x512x512 targets"]
+           "class-index pass, 16x512x512 targets", "vocabulary-parallel cross-entropy, V/tp=32k",
+           "vocabulary-parallel token statistics, V/tp=32k"]
 
 SCRIPT = f"""
 import json, sys
@@ -64,6 +65,13 @@ def test_kernels_compile_for_hopper_with_wide_accesses_and_no_spills_where_the_t
         if c["kernel"] == "cross_entropy_fwd_kernel":
             # label_smoothing, z_loss, softcap, gamma: float64 parameters, fp64 kernels compute with fp64 values
             assert c["fp64_params"] == 4, what
+        if c["kernel"] in ("vocab_parallel_stats_kernel", "vocab_parallel_grad_kernel"):
+            # softcap and 1/T (and label_smoothing, z_loss in the gradient) as float64; the slice read, and its
+            # gradient written, in 16-byte vectors
+            assert c["fp64_params"] == (2 if c["kernel"] == "vocab_parallel_stats_kernel" else 4), what
+            assert c["widths"]["logits_ptr"]["ld"] == [16], f"{what}: {c['widths']}"
+            if "grad_ptr" in c["widths"]:
+                assert c["widths"]["grad_ptr"]["st"] == [16], f"{what}: {c['widths']}"
         if c["variant"] in ALIGNED and c["kernel"] in ("cross_entropy_fwd_kernel", "scale_kernel"):
             tile = dict(TILE_ACCESSES, **({"target_ptr": "ld"} if "probability" in c["variant"] else {}))
             for pointer, kind in tile.items():

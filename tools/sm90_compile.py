@@ -32,7 +32,9 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from fastce import _launch, softmax_losses
-from fastce._core import LossSpec, compute_dtype
+from fastce._core import LossSpec, TokenStatsSpec, compute_dtype
+from fastce.distributed import ops as vocab_parallel
+from fastce.distributed.spec import token_loss_spec
 
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -106,6 +108,23 @@ def _target_statistics(n_rows):
     return launch
 
 
+def _vocab_parallel_step(shape, token=None, dtype=torch.bfloat16, **spec):
+    """One rank's steps of fastce.distributed (statistics, rescale, finish, gradient) on its slice:
+    cross-entropy, or the token statistics with `token` (the gradient of both outputs)."""
+    def launch():
+        loss = token_loss_spec(token) if token else LossSpec(**spec)
+        logits, target = _meta(shape, dtype), _meta(shape[:1], torch.int64)
+        maxima, stats = vocab_parallel.statistics(logits, target, None, loss, shape[1], token)
+        vocab_parallel.rescale(stats, maxima, None, loss, False, shape[1], shape[1], token)
+        divisors = None if token else _meta(2, torch.float32)
+        _, entropy, row_state = vocab_parallel.finish(stats, maxima, target, None, divisors, loss, token)
+        upstream = _meta(shape[:1], torch.float32) if token else _meta((), torch.float32)
+        vocab_parallel.gradient(logits, target, None, loss, shape[1], maxima, row_state, stats[-1:], divisors,
+                                grad_output=upstream, token=token, entropy=entropy,
+                                grad_entropy=upstream if token and token.return_entropy else None)
+    return launch
+
+
 STEP = dict(reduction="mean")
 VARIANTS = [
     Variant("training step, V=4096", _training_step((8192, 4096), **STEP)),
@@ -129,6 +148,10 @@ VARIANTS = [
     Variant("float64, V=1000", _training_step((8192, 1000), torch.float64, label_smoothing=0.1, **STEP)),
     Variant("inplace rescale, V=32k", _rescale((8192, 32768))),
     Variant("class-index pass, 16x512x512 targets", _target_statistics(16 * 512 * 512)),
+    Variant("vocabulary-parallel cross-entropy, V/tp=32k", _vocab_parallel_step((8192, 32768), label_smoothing=0.1,
+                                                                              z_loss=1e-4, **STEP)),
+    Variant("vocabulary-parallel token statistics, V/tp=32k",
+            _vocab_parallel_step((8192, 32768), TokenStatsSpec(temperature=0.7, return_entropy=True))),
 ]
 
 
