@@ -728,9 +728,9 @@ def check_linear_token_stats(ctx: Rank, n_rows=7, in_features=5, n_classes=13, *
 
     rows = slice(start, start + width)
     options = fastce.HeadOptions(chunk_rows=chunk_rows) if chunk_rows else None
-    ours, grads, (forward, backward) = run(fd.linear_token_logprobs, (hidden, head[rows], head_bias[rows] if bias
-                                                                      else None),
-                                           vocab_start=start if uneven else None, options=options, validate=False)
+    mine = (hidden, head[rows], None if head_bias is None else head_bias[rows])
+    ours, grads, (forward, backward) = run(fd.linear_token_logprobs, mine, vocab_start=start if uneven else None,
+                                           options=options, validate=False)
     one_process, one_grads, _ = run(fastce.linear_token_logprobs, (hidden, head, head_bias))
     exact, exact_grads, _ = run(fastce.reference.linear_token_logprobs,
                                 [None if t is None else t.double() for t in (hidden, head, head_bias)])
@@ -741,8 +741,9 @@ def check_linear_token_stats(ctx: Rank, n_rows=7, in_features=5, n_classes=13, *
         assert_close_dtype(out, want, torch.float32, f"linear {name} vs float64")
         assert_close_dtype(out, one.double(), torch.float32, f"linear {name} vs fastce.linear_token_logprobs")
         assert_same_on_every_rank(out, f"linear {name}")
-    mine = (slice(None), rows, rows)
-    for what, grad, one, want, part in zip(("∂hidden", "∂W slice", "∂b slice"), grads, one_grads, exact_grads, mine):
+    parts = (slice(None), rows, rows)
+    for what, grad, one, want, part in zip(("∂hidden", "∂W slice", "∂b slice"), grads, one_grads, exact_grads,
+                                           parts):
         if grad is None:
             continue
         assert_close_dtype(grad, want[part], torch.float32, f"{what} vs float64")

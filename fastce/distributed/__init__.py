@@ -229,7 +229,8 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, *, group=None, 
         _check_weight(weight, logits, start + logits.shape[-1])
 
     n_rows = _rows_of(logits)
-    part, args = _partition(group, rank, world_size, args, n_rows, check_local, validate, "vocab_parallel_cross_entropy")
+    part, args = _partition(group, rank, world_size, args, n_rows, check_local, validate,
+                            "vocab_parallel_cross_entropy")
     spec = _spec(args.ignore_index, reduction, label_smoothing, z_loss, softcap)
     schedule = _forward_schedule(part, logits, forward_messages(n_rows, n_stats(spec, target.is_floating_point())))
 
