@@ -14,7 +14,9 @@ import torch
 
 import fastce
 from fastce import reference, token_stats
-from fastce.profiling import measure
+from fastce.profiling import count_allocations, measure
+
+from bench.linear_memory import kernels_as_no_ops
 
 from _support import assert_close_dtype, assert_unchanged, snapshot
 
@@ -498,6 +500,24 @@ def test_linear_form_chunk_rule():
     huge = token_stats.plan(2**20, 262144, 4096, bf16)
     assert huge.chunk_rows * 262144 * 2 <= _head.MAX_BUFFER_BYTES >= huge.slice_classes * 2**20 * 2
     assert token_stats.plan(1024, 8192, 64, bf16, chunk_rows=32)[2:] == (32, 256)  # an explicit chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_form_stays_in_the_budget_on_a_wide_head(dtype):
+    # N = 2048, H = 256, V = 8192: a head whose chunks once had a 256-row floor (8.9% of the logits in
+    # bf16). Peak counted by the allocator with the kernels launched as no-ops (they allocate nothing;
+    # what they compute is tested above), beyond the inputs and their gradients.
+    n_rows, hidden_size, n_classes = 2048, 256, 8192
+    hidden, weight, _ = _head((n_rows,), hidden_size, n_classes, dtype=dtype, bias=False)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    target = _targets((n_rows,), n_classes)
+    with kernels_as_no_ops(), count_allocations() as counted:
+        logprob, entropy = fastce.linear_token_logprobs(hidden, weight, target, return_entropy=True, validate=False)
+        (logprob.sum() + entropy.sum()).backward()
+    beyond = counted.peak_bytes - _nbytes(hidden) - _nbytes(weight)
+    assert beyond <= 0.05 * n_rows * n_classes * hidden.element_size()
+    assert counted.syncs == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
