@@ -76,12 +76,17 @@ def check_label_smoothing(label_smoothing: float) -> None:
         raise InvalidArgumentError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
 
 
+def check_floating(t: Tensor, name: str, expected: str) -> None:
+    """t, the argument `name`, is a floating-point tensor (`expected` says what, for the message)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TargetDtypeError(f"expected {expected}, but got {t.dtype}")
+
+
 def check_input(input: Tensor) -> int:
     """Returns the number of classes."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TargetDtypeError(f"expected a floating point input (logits), but got {input.dtype}")
+    check_floating(input, "input", "a floating point input (logits)")
     if input.dim() == 0:
         raise InvalidArgumentError("input must have a class dimension: expected (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
@@ -90,18 +95,28 @@ def check_input(input: Tensor) -> int:
     return n_classes
 
 
-def check_target(input: Tensor, target: Tensor, ignore_index: int, ignore_index_default: int = -100) -> None:
-    """Shapes and dtypes of class-index or probability targets (no device sync)."""
+def check_target_beside(target: Tensor, input: Tensor, input_is: str = "input is") -> None:
+    """target is a tensor on the input's device."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
     if target.device != input.device:
-        raise InvalidArgumentError(f"target is on {target.device} but input is on {input.device}")
+        raise InvalidArgumentError(f"target is on {target.device} but {input_is} on {input.device}")
+
+
+def check_probability_target(target: Tensor, input: Tensor, ignore_index: int, shaped: str,
+                             ignore_index_default: int = -100) -> None:
+    """Probabilities shaped like the input (`shaped` says how, for the message), without ignore_index."""
+    if target.shape != input.shape:
+        raise InvalidArgumentError(f"probability targets must be {shaped} {list(input.shape)}, got {list(target.shape)}")
+    if ignore_index != ignore_index_default:
+        raise InvalidArgumentError("ignore_index is not supported for floating point target")
+
+
+def check_target(input: Tensor, target: Tensor, ignore_index: int, ignore_index_default: int = -100) -> None:
+    """Shapes and dtypes of class-index or probability targets (no device sync)."""
+    check_target_beside(target, input)
     if target.is_floating_point():
-        if target.shape != input.shape:
-            raise InvalidArgumentError(
-                f"probability targets must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
-        if ignore_index != ignore_index_default:
-            raise InvalidArgumentError("ignore_index is not supported for floating point target")
+        check_probability_target(target, input, ignore_index, "shaped like the input", ignore_index_default)
         return
     if target.shape == input.shape and input.dim() > 0:
         raise TargetDtypeError(f"Expected floating point type for target with class probabilities, got "
@@ -292,10 +307,7 @@ def check_no_gradient_wanted(t: Optional[Tensor], function: str, argument: str) 
 
 def check_token_logits(logits: Tensor) -> None:
     """Floating logits (…, V) with the class dimension last and at least one class."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TargetDtypeError(f"expected floating point logits, but got {logits.dtype}")
+    check_floating(logits, "logits", "floating point logits")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise InvalidArgumentError(
             f"logits must have a class dimension (the last) of at least one class, got shape {list(logits.shape)}")

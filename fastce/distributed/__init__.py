@@ -30,13 +30,16 @@ from .._validation import (
     CLASS_INDEX_DTYPES,
     InvalidArgumentError,
     TargetDtypeError,
+    check_floating,
     check_ignore_index,
     check_label_smoothing,
     check_linear,
     check_not_differentiable,
     check_policy_gradient,
     check_positive_size,
+    check_probability_target,
     check_reduction,
+    check_target_beside,
     check_target_range,
     check_temperature,
     check_token_target,
@@ -62,27 +65,16 @@ _ARGUMENT_ERRORS = (TypeError, ValueError, RuntimeError, IndexError)
 
 
 def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TargetDtypeError(f"expected floating point logits, but got {logits.dtype}")
+    check_floating(logits, "logits", "floating point logits")
     if logits.dim() == 0:
         raise InvalidArgumentError("logits must have a class dimension (last): expected (…, V_r), got a 0-dim tensor")
 
 
 def _check_logits_and_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:
     _check_logits(logits)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
-    if target.device != logits.device:
-        raise InvalidArgumentError(f"target is on {target.device} but logits are on {logits.device}")
+    check_target_beside(target, logits, "logits are")
     if target.is_floating_point():
-        if target.shape != logits.shape:
-            raise InvalidArgumentError(
-                f"probability targets must be this rank's slice, shaped like its logits {list(logits.shape)}, "
-                f"got {list(target.shape)}")
-        if ignore_index != -100:
-            raise InvalidArgumentError("ignore_index is not supported for floating point target")
+        check_probability_target(target, logits, ignore_index, "this rank's slice, shaped like its logits")
         return
     if target.dtype not in CLASS_INDEX_DTYPES:
         raise TargetDtypeError(
