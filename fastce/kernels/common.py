@@ -76,8 +76,10 @@ def expm1(v):
 
 @triton.jit
 def log1p(v):
-    # log(1 + v) for v ≥ 0 to a few ulps (Goldberg): log u · v / (u − 1) with u = 1 + v rounded
-    # corrects u's rounding; log itself is accurate (libdevice's, not an approximation)
+    # log(1 + v) for v > −1 to a few ulps (Kahan's, in Goldberg's paper): log u · v / (u − 1) with
+    # u = 1 + v rounded corrects u's rounding (u − 1 is exact, so the factor is 1 + O(ε) for either sign
+    # of v); log itself is accurate (libdevice's, not an approximation). Cross-entropy takes v ≥ 0, the
+    # distillation mixture v = β·expm1(ρ) ∈ (−β, ∞).
     u = 1.0 + v
     return tl.where(u == 1.0, v, tl.log(u) * (v / (u - 1.0)))
 
