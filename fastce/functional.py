@@ -587,3 +587,48 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Op
                                            num_classes=num_classes)
     spec = DistillationSpec(float(beta), float(temperature), ignore_index, reduction)
     return _distillation_family().run(student_logits, teacher_logits, target, spec, n_classes)
+
+
+def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                             teacher_weight: Tensor, target: Optional[Tensor] = None, *,
+                             student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                             beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+                             reduction: str = "batchmean", student_softcap: Optional[float] = None,
+                             teacher_softcap: Optional[float] = None, student_logit_scale: float = 1.0,
+                             teacher_logit_scale: float = 1.0, num_classes: Optional[int] = None,
+                             validate: Union[bool, str] = True, chunk_size: Optional[int] = None) -> Tensor:
+    """distillation_loss of both models' heads, student_hidden @ student_weight.T + student_bias and
+    teacher_hidden @ teacher_weight.T + teacher_bias, without either's (…, V) logits in memory: both heads
+    are walked together in chunks of rows by the chunked-head engine (fastce/_head.py), each chunk's logits
+    in fp32 from the GEMM (no bf16 rounding before the softmax). Each model's logits x become
+    softcap·tanh(logit_scale·x / softcap) before the temperature (Gemma's final_logit_softcapping, Cohere's
+    and Granite's logit scale). Gradients for the student's hidden states, weight and bias (∂hidden and
+    ∂W summed in fp32, rounded once); the teacher's tensors are detached and get no gradient buffer.
+
+    Each head's tensors share one floating dtype (the two heads may differ), all on one device; hidden
+    (…, H_s) and (…, H_t) with the same leading dims, weights (V_s, H_s) and (V_t, H_t); num_classes as
+    distillation_loss's. Peak memory beyond inputs and gradients: within 10% of the student's logits'
+    bytes where the engine's floors allow (docs/distillation.md). validate is accepted as in the other
+    fused heads: the labels are only compared with ignore_index, so there is nothing to check on the
+    device (no host sync either way). chunk_size sets the rows per chunk of the row walk.
+    """
+    validation_mode(validate, student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu"))
+    n_classes = check_distillation_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                         teacher_bias, target, num_classes)
+    ignore_index = check_distillation_options("linear_distillation_loss", beta, temperature, ignore_index, reduction)
+    check_logit_transform("student", student_logit_scale, student_softcap)
+    check_logit_transform("teacher", teacher_logit_scale, teacher_softcap)
+    check_positive_size("chunk_size", chunk_size)
+    spec = DistillationSpec(float(beta), float(temperature), ignore_index, reduction, float(student_logit_scale),
+                            float(teacher_logit_scale), None if student_softcap is None else float(student_softcap),
+                            None if teacher_softcap is None else float(teacher_softcap))
+    if not uses_triton(student_hidden):
+        return reference.linear_distillation_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
+            teacher_bias=teacher_bias, beta=beta, temperature=temperature, ignore_index=ignore_index,
+            reduction=reduction, num_classes=num_classes, student_softcap=spec.student_softcap,
+            teacher_softcap=spec.teacher_softcap, student_logit_scale=spec.student_logit_scale,
+            teacher_logit_scale=spec.teacher_logit_scale)
+    return _distillation_family().run_linear(student_hidden, student_weight, student_bias, teacher_hidden,
+                                             teacher_weight, teacher_bias, target, spec, n_classes,
+                                             chunk_rows=chunk_size)

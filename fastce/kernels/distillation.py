@@ -428,7 +428,7 @@ def distillation_slice_bwd_kernel(
     beta: "fp64", inv_temperature: "fp64", student_logit_scale: "fp64", student_softcap: "fp64",
     teacher_logit_scale: "fp64", teacher_softcap: "fp64",
     # compile-time flags
-    ROWS: tl.constexpr,              # rows per tile
+    ROWS: tl.constexpr,              # rows per program
     BLOCK_SIZE: tl.constexpr,        # classes per tile
     MODE: tl.constexpr,              # as distillation_fwd_kernel's
     MIX_FROM_STUDENT: tl.constexpr,
@@ -441,6 +441,8 @@ def distillation_slice_bwd_kernel(
 ):
     # A vocabulary slice's gradient (the fused heads' vocabulary walk): every term of _element_gradient is
     # per element given the row's statistics from the forward, so the slice needs no reduction over the row.
+    # A program takes whole rows of the slice, tile after tile: the gradient may be written over the first
+    # half of the student's fp32 row, which this program alone reads, and only where it has read it.
     beta = tl.full((), beta, COMPUTE_DTYPE)
     inv_temperature = tl.full((), inv_temperature, COMPUTE_DTYPE)
     student_logit_scale = tl.full((), student_logit_scale, COMPUTE_DTYPE)
@@ -448,9 +450,7 @@ def distillation_slice_bwd_kernel(
     teacher_logit_scale = tl.full((), teacher_logit_scale, COMPUTE_DTYPE)
     teacher_softcap = tl.full((), teacher_softcap, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     row_in_bounds = rows < n_rows
-    mask = row_in_bounds[:, None] & (cols < n_slice_classes)[None, :]
     stats = row_stats_ptr + rows
     ref_z = tl.load(stats + STAT_REF_Z * row_stats_stride, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
     log_s_z = tl.load(stats + STAT_LOG_S_Z * row_stats_stride, mask=row_in_bounds, other=0.0).to(COMPUTE_DTYPE)
@@ -461,15 +461,17 @@ def distillation_slice_bwd_kernel(
     if GRAD_OUTPUT == 2:
         weight = weight * tl.load(grad_output_ptr + rows * grad_output_stride, mask=row_in_bounds,
                                   other=0.0).to(COMPUTE_DTYPE)
-    # ignored rows (weight 0) read nothing
-    read = mask & (weight != 0.0)[:, None]
     log_weight = tl.log(beta if MIX_FROM_STUDENT else 1.0 - beta)
-    z, p, q, d, _, r, _ = _final_tile(
-        student_ptr, teacher_ptr, rows * student_stride_row, rows * teacher_stride_row, cols, read, 1, 1, ref_z,
-        log_s_z, ref_u, log_s_u, beta, log_weight, student_logit_scale, student_softcap, teacher_logit_scale,
-        teacher_softcap, inv_temperature, MODE, MIX_FROM_STUDENT, STUDENT_SCALE, STUDENT_SOFTCAP, TEACHER_SCALE,
-        TEACHER_SOFTCAP, False, COMPUTE_DTYPE)
     student_chain = (student_logit_scale if STUDENT_SCALE else 1.0) * inv_temperature
-    g = _element_gradient(z, p, q, d, r, mean, weight, student_chain, 1.0 / (inv_temperature * student_softcap),
-                          MODE, STUDENT_SOFTCAP)
-    _store_tile(grad_ptr, rows * grad_stride_row, cols, mask, 1, g, False)
+    student_cap_inverse = 1.0 / (inv_temperature * student_softcap)
+    cols = tl.arange(0, BLOCK_SIZE)
+    for start in range(0, n_slice_classes, BLOCK_SIZE):
+        mask = row_in_bounds[:, None] & ((start + cols) < n_slice_classes)[None, :]
+        # ignored rows (weight 0) read nothing
+        z, p, q, d, _, r, _ = _final_tile(
+            student_ptr, teacher_ptr, rows * student_stride_row, rows * teacher_stride_row, start + cols,
+            mask & (weight != 0.0)[:, None], 1, 1, ref_z, log_s_z, ref_u, log_s_u, beta, log_weight,
+            student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, inv_temperature, MODE,
+            MIX_FROM_STUDENT, STUDENT_SCALE, STUDENT_SOFTCAP, TEACHER_SCALE, TEACHER_SOFTCAP, False, COMPUTE_DTYPE)
+        g = _element_gradient(z, p, q, d, r, mean, weight, student_chain, student_cap_inverse, MODE, STUDENT_SOFTCAP)
+        _store_tile(grad_ptr, rows * grad_stride_row, start + cols, mask, 1, g, False)
