@@ -49,8 +49,9 @@ MIN_ROWS = 16
 MIN_CLASSES = 16
 MAX_BUFFER_BYTES = 1 << 30
 ACCUMULATE_BLOCK = 4096
-# mm_into's fallback multiplies fp32 copies of blocks of at most FP32_BLOCK rows of a and columns of b
-FP32_BLOCK = 128
+# mm_into's fallback multiplies fp32 copies of a block of a's rows (at most half of them) and of b's columns,
+# FP32_COPY_ELEMENTS elements in all (256 KiB)
+FP32_COPY_ELEMENTS = 1 << 16
 
 
 class Head(NamedTuple):
@@ -188,17 +189,23 @@ def mm_into(a: Tensor, b: Tensor, out: Tensor, bias: Optional[Tensor] = None) ->
     """out = a @ b (+ bias), the products summed in fp32 (fp64) and rounded once to out's dtype, which may
     be wider than the operands' (fp32 logits of a bf16 head: no bf16 rounding before the softmax). Where
     the device has no GEMM with an fp32 output (the CPU), the product is taken over fp32 copies of blocks
-    of a's rows and b's columns (FP32_BLOCK each): the same products and fp32 sums, copies of a block at a
-    time."""
+    of a's rows and b's columns (FP32_COPY_ELEMENTS in all): the same products and fp32 sums, copies of a
+    block at a time."""
     if out.dtype == a.dtype:
         return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
     if wide_mm_available(a.device.type):
         torch.mm(a, b, out_dtype=out.dtype, out=out)
     else:
-        for r in range(0, a.shape[0], FP32_BLOCK):
-            a_block = a[r:r + FP32_BLOCK].to(out.dtype)
-            for c in range(0, b.shape[1], FP32_BLOCK):
-                torch.mm(a_block, b[:, c:c + FP32_BLOCK].to(out.dtype), out=out[r:r + FP32_BLOCK, c:c + FP32_BLOCK])
+        inner = max(1, a.shape[1])
+        a_rows = max(1, min(a.shape[0], FP32_COPY_ELEMENTS // 2 // inner))
+        b_columns = max(1, min(b.shape[1], (FP32_COPY_ELEMENTS - a_rows * inner) // inner))
+        a_copy = a.new_empty(a_rows, a.shape[1], dtype=out.dtype)
+        b_copy = b.new_empty(b.shape[0], b_columns, dtype=out.dtype)
+        for r in range(0, a.shape[0], a_rows):
+            a_block = a_copy[: min(a_rows, a.shape[0] - r)].copy_(a[r:r + a_rows])
+            for c in range(0, b.shape[1], b_columns):
+                b_block = b_copy[:, : min(b_columns, b.shape[1] - c)].copy_(b[:, c:c + b_columns])
+                torch.mm(a_block, b_block, out=out[r:r + a_rows, c:c + b_columns])
     if bias is not None:
         out.add_(bias)
     return out

@@ -262,11 +262,11 @@ def _compute_itemsize(dtype: torch.dtype) -> int:
     return compute_dtype(dtype).itemsize
 
 
-def _fallback_bytes(dtype: torch.dtype, in_features: int, device_type: str) -> int:
-    # mm_into's fp32 copies of an operand block each, where the GEMM cannot output fp32 itself
+def _fallback_bytes(dtype: torch.dtype, device_type: str) -> int:
+    # mm_into's fp32 copies of operand blocks, where the GEMM cannot output fp32 itself
     if dtype in (torch.float32, torch.float64) or _head.wide_mm_available(device_type):
         return 0
-    return 2 * _head.FP32_BLOCK * in_features * 4
+    return 4 * _head.FP32_COPY_ELEMENTS
 
 
 def _byte_terms(n_rows: int, n_classes: int, student: tuple, teacher: tuple, device_type: str) -> dict:
@@ -278,8 +278,7 @@ def _byte_terms(n_rows: int, n_classes: int, student: tuple, teacher: tuple, dev
     return dict(per_row=(1 + N_STATS) * acc * n_rows,                      # loss rows and row statistics
                 chunk_row=n_classes * logit + n_classes,                   # + the exact sum's scratch (R·K bytes)
                 slice_class=n_rows * logit,
-                fallback=max(_fallback_bytes(s_dtype, s_features, device_type),
-                             _fallback_bytes(t_dtype, t_features, device_type)),
+                fallback=max(_fallback_bytes(s_dtype, device_type), _fallback_bytes(t_dtype, device_type)),
                 weight_class=2 * s_features if s_dtype.itemsize == 2 else 0)  # the exact sum's lower halves
 
 
