@@ -7,6 +7,8 @@ The `path` fixture runs the public functions on the kernels and on the pure-PyTo
 """
 import contextlib
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -364,6 +366,16 @@ def test_linear_memory_flops_and_syncs(compiled, monkeypatch):
     minimum = 4 * 2 * n_rows * hidden * n_classes
     assert counted.gemm_flops == distillation.gemm_flops(n_rows, n_classes, hidden, hidden, plan) <= 4 / 3 * minimum
     assert counted.syncs == 0
+
+
+def test_readme_example_runs_and_trains_the_student(path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Distillation", 1)[1].split("\n## ", 1)[0]
+    namespace = {}
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "README.md", "exec"), namespace)
+    hidden, head, labels = namespace["student_hidden"], namespace["student_head"], namespace["labels"]
+    assert torch.isfinite(namespace["loss"]) and torch.isfinite(head.weight.grad).all()
+    assert torch.equal(hidden.grad[:, :5], torch.zeros_like(hidden.grad[:, :5]))  # the masked prompt
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
