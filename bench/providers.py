@@ -263,7 +263,7 @@ def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta, reduction
     """TRL's GKDTrainer.generalized_jsd_loss as its trainers call it (written here from its documented
     formula): log-softmaxes in the logits' dtype, the mixture as a logsumexp of the stacked
     log-probabilities, F.kl_div per element, the ignored tokens masked out; 'batchmean' over the kept
-    tokens, 'none' per kept token."""
+    tokens, 'none' per token."""
     import math
 
     import torch.nn.functional as F
@@ -273,8 +273,9 @@ def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta, reduction
     elements = beta * F.kl_div(mixture, teacher, reduction="none", log_target=True) + \
         (1 - beta) * F.kl_div(mixture, student, reduction="none", log_target=True)
     kept = labels != -100
-    elements = elements[kept]  # TRL's boolean mask: a host sync
-    return elements.sum() / kept.sum() if reduction == "batchmean" else elements.sum(-1)
+    if reduction == "none":  # per token, 0 where ignored (TRL's own 'none' returns the kept elements)
+        return elements.sum(-1) * kept
+    return elements[kept].sum() / kept.sum()  # TRL's boolean mask: a host sync
 
 
 def _trl_distillation_ops():

@@ -324,6 +324,27 @@ def test_linear_walk_split_and_caller_tensors_unchanged():
     assert_unchanged((h, w, ht, wt, y), before, "linear_distillation_loss")
 
 
+@kernels_only
+def test_linear_compiled_equals_eager():
+    (student, teacher), y = _heads(torch.bfloat16), _labels((N_ROWS,), N_CLASSES)
+
+    def loss_fn(h, w, b, reduction):
+        return fastce.linear_distillation_loss(h, w, teacher[0], teacher[1], y, student_bias=b, teacher_bias=teacher[2],
+                                               beta=0.4, reduction=reduction, chunk_size=8, student_softcap=7.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for reduction in ("batchmean", "none"):
+        results = []
+        for fn in (loss_fn, compiled):
+            params = [t.clone().requires_grad_() for t in student]
+            loss = fn(*params, reduction)
+            loss.backward(torch.full_like(loss, 0.7))
+            results.append([loss.detach()] + [p.grad for p in params])
+        for eager, graph in zip(*results):
+            assert torch.equal(eager, graph)
+
+
 def kernels_write_nothing(monkeypatch):
     from triton.runtime.interpreter import GridExecutor
     monkeypatch.setattr(GridExecutor, "__call__", lambda self, *args, **kwargs: None)
