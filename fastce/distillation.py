@@ -247,7 +247,7 @@ def run(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor]
 # logits GEMMs, ∂hidden, ∂W (f: the classes the row walk covers) and, for the other classes, both heads'
 # logits again and ∂W: 6 − 2f, against the minimum 4 (f = 1 where the accumulator costs nothing: fp32).
 HEAD_BUDGET = 0.10
-SLICE_TILE = 4096   # the slice kernel: whole rows a program, in tiles of SLICE_TILE elements, up to SLICE_BLOCK wide
+SLICE_TILE = 2048   # the slice kernel: whole rows a program, in tiles of SLICE_TILE elements, up to SLICE_BLOCK wide
 SLICE_BLOCK = 1024
 SLICE_WARPS = 8
 

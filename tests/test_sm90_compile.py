@@ -78,3 +78,20 @@ def test_kernels_compile_for_hopper_with_wide_accesses_and_no_spills_where_the_t
                 if pointer in c["widths"] and c["widths"][pointer][kind]:
                     assert c["widths"][pointer][kind] == [16], f"{what}: {pointer} {kind} widths {c['widths'][pointer]}"
             assert c["widths"]["logits_ptr" if "logits_ptr" in c["widths"] else "grad_ptr"]["ld"], what
+
+
+def test_distillation_kernels_compile_without_spills():
+    # the distillation kernels' launches (logits form, fused-head chunks and slices) and the engine's
+    # exact-sum kernels: each within its register budget, no stack
+    script = ("import sys; sys.path.insert(0, 'tools'); import sm90_compile as tool\n"
+              "for name, rows, block, warps, registers, stack in tool.compile_distillation(tool.distillation_variants()):\n"
+              "    print(f'{name}|{registers}|{stack}')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines()]
+    assert len(rows) == 13, result.stdout
+    for name, registers, stack in rows:
+        assert 0 < int(registers) <= 255 and int(stack) == 0, f"{name}: {registers} registers, {stack} B of stack"
