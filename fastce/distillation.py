@@ -464,7 +464,7 @@ def linear_backward(student_hidden: Tensor, student_weight: Tensor, student_bias
         heads = _heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                        target, num_classes)
         grads = _gradient_buffers(heads, student_weight, student_bias, needs)
-        upstream = per_row(grad_output) if grad_output.numel() > 1 else grad_output.reshape(()).expand(
+        upstream = per_row(grad_output) if spec.reduction == "none" else grad_output.reshape(()).expand(
             student_hidden.shape[0])
         _walk(heads, spec, plan, needs, stats, row_stats, grads, upstream=upstream)
     return [student_hidden.new_empty(0) if g is None else g for g in grads]

@@ -197,6 +197,20 @@ def test_agreeing_distributions_keep_their_relative_precision(beta):
     assert ((loss.double() - exact).abs() / exact).max() < 1e-3
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(reduction, path):
+    # no tokens: NaN for the means (0/0), 0 for the sum, an empty 'none'; zero-size gradients, a zero ∂W
+    x, h, w = torch.randn(0, 10, requires_grad=True), torch.randn(0, 4, requires_grad=True), torch.randn(10, 4)
+    w.requires_grad_()
+    for loss in (fastce.distillation_loss(x, torch.randn(0, 10), reduction=reduction),
+                 fastce.linear_distillation_loss(h, w, torch.randn(0, 3), torch.randn(10, 3), reduction=reduction)):
+        assert loss.shape == ((0,) if reduction == "none" else ())
+        if reduction != "none":
+            assert loss.isnan() if reduction in ("batchmean", "mean") else loss == 0
+        loss.sum().backward()
+    assert x.grad.shape == x.shape and h.grad.shape == h.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
 @kernels_only
 def test_second_backward_and_no_grad_forward():
     s, t = _logits(5, 30), _logits(5, 30)
