@@ -173,6 +173,15 @@ def logits_placeholder(like: Tensor, n_rows: int, n_classes: int) -> Tensor:
     return like.new_empty(()).expand(n_rows, n_classes)
 
 
+def check_floating(name: str, t, function: str = "") -> None:
+    """`t` is a floating-point tensor (TypeError otherwise, naming it and, if given, the function)."""
+    prefix = f"{function}: " if function else ""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{prefix}{name} must be a Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TargetDtypeError(f"{prefix}expected a floating point {name}, but got {t.dtype}")
+
+
 def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                  ignore_index: Optional[int], *, torch_rules: bool = False) -> int:
     """Shapes, dtypes and devices of a linear head's arguments (no device sync); returns C.
@@ -187,10 +196,7 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Ten
     for name, t in (("input", input), ("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is None:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TargetDtypeError(f"expected a floating point {name}, but got {t.dtype}")
+        check_floating(name, t)
         if t.dtype != input.dtype or t.device != input.device:
             raise InvalidArgumentError(
                 f"{name} is {t.dtype} on {t.device} but input is {input.dtype} on {input.device}: "
@@ -427,19 +433,16 @@ def _check_shared_classes(function: str, student_classes: int, teacher_classes: 
     return num_classes
 
 
-def _check_labels(function: str, target: Optional[Tensor], token_shape: torch.Size, device: torch.device) -> None:
-    if target is None:
-        return
-    if not isinstance(target, Tensor):
-        raise TypeError(f"{function}: target must be a Tensor of labels or None, got {type(target).__name__}")
-    if target.dtype not in CLASS_INDEX_DTYPES:
-        raise TargetDtypeError(f"{function}: expected target of labels (Long or Byte), but got {target.dtype}")
-    if target.device != device:
-        raise InvalidArgumentError(f"{function}: target is on {target.device} but the logits are on {device}")
-    if target.shape != token_shape:
+def _check_tokens(function: str, part: str, student: Tensor, teacher: Tensor, target: Optional[Tensor],
+                  last: str) -> None:
+    """Both models' tensors (…, X) have the same tokens (…), and the labels (class indices, as the token
+    statistics' targets) are shaped like them, or None."""
+    if teacher.shape[:-1] != student.shape[:-1]:
         raise InvalidArgumentError(
-            f"{function}: expected target of shape {list(token_shape)} (the logits' shape without the class "
-            f"dimension, which is last), got {list(target.shape)}")
+            f"{function}: student_{part} {list(student.shape)} and teacher_{part} {list(teacher.shape)} must "
+            f"agree in every dimension but the last ({last})")
+    if target is not None:
+        check_token_target(target, student.shape[:-1], student.device)
 
 
 def check_distillation_logits(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor],
@@ -448,21 +451,14 @@ def check_distillation_logits(student_logits: Tensor, teacher_logits: Tensor, ta
     shape; target labels shaped like the leading dims, or None. Returns K, the classes compared."""
     function = "distillation_loss"
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(logits, Tensor):
-            raise TypeError(f"{function}: {name} must be a Tensor, got {type(logits).__name__}")
-        if not logits.is_floating_point():
-            raise TargetDtypeError(f"{function}: expected floating point {name}, but got {logits.dtype}")
+        check_floating(name, logits, function)
         if logits.dim() == 0 or logits.shape[-1] == 0:
             raise InvalidArgumentError(f"{function}: {name} must have a class dimension (the last) of at least one "
                                        f"class, got shape {list(logits.shape)}")
     if teacher_logits.device != student_logits.device:
         raise InvalidArgumentError(f"{function}: teacher_logits are on {teacher_logits.device} but student_logits "
                                    f"on {student_logits.device}")
-    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
-        raise InvalidArgumentError(
-            f"{function}: student_logits {list(student_logits.shape)} and teacher_logits "
-            f"{list(teacher_logits.shape)} must agree in every dimension but the last (the classes)")
-    _check_labels(function, target, student_logits.shape[:-1], student_logits.device)
+    _check_tokens(function, "logits", student_logits, teacher_logits, target, "the classes")
     return _check_shared_classes(function, student_logits.shape[-1], teacher_logits.shape[-1], num_classes)
 
 
@@ -479,10 +475,7 @@ def check_distillation_heads(student_hidden: Tensor, student_weight: Tensor, stu
             name = f"{model}_{part}"
             if t is None and part == "bias":
                 continue
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{function}: {name} must be a Tensor, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TargetDtypeError(f"{function}: expected a floating point {name}, but got {t.dtype}")
+            check_floating(name, t, function)
             if t.dtype != hidden.dtype or t.device != student_hidden.device:
                 raise InvalidArgumentError(
                     f"{function}: {name} is {t.dtype} on {t.device} but {model}_hidden is {hidden.dtype} and "
@@ -494,9 +487,5 @@ def check_distillation_heads(student_hidden: Tensor, student_weight: Tensor, stu
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise InvalidArgumentError(f"{function}: expected {model}_bias of shape {[weight.shape[0]]}, got "
                                        f"{list(bias.shape)}")
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise InvalidArgumentError(
-            f"{function}: student_hidden {list(student_hidden.shape)} and teacher_hidden "
-            f"{list(teacher_hidden.shape)} must agree in every dimension but the last (the features)")
-    _check_labels(function, target, student_hidden.shape[:-1], student_hidden.device)
+    _check_tokens(function, "hidden", student_hidden, teacher_hidden, target, "the features")
     return _check_shared_classes(function, student_weight.shape[0], teacher_weight.shape[0], num_classes)

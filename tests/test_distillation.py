@@ -420,7 +420,7 @@ BAD_LOGITS = [
     (dict(teacher=_logits(4, 3, 11)), "num_classes"),
     (dict(student=torch.randint(0, 5, (4, 3, 10))), "floating point"),
     (dict(target=torch.zeros(4, 2, dtype=torch.long)), "target of shape"),
-    (dict(target=torch.zeros(4, 3)), "labels"),
+    (dict(target=torch.zeros(4, 3)), "class indices"),
     (dict(beta=1.5), "beta"),
     (dict(beta=-0.1), "beta"),
     (dict(temperature=0.0), "temperature"),

@@ -222,6 +222,47 @@ def _store_tile(grad_ptr, row_offs, cols, mask, stride_class, g, WIDE_OFFSETS: t
              to_storage(g, grad_ptr.dtype.element_ty), mask=mask)
 
 @triton.jit
+def _stream_row(student_ptr, teacher_ptr, grad_ptr, s_offs, t_offs, g_offs, cols, valid, row_in_bounds, n_classes,
+                student_stride_class, teacher_stride_class, grad_stride_class, ref_z, log_s_z, ref_u, log_s_u, mean,
+                weight, beta, log_weight, student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
+                inv_temperature, student_chain, student_cap_inverse, SUM_LOSS: tl.constexpr,
+                STORE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr,
+                MIX_FROM_STUDENT: tl.constexpr, STUDENT_SCALE: tl.constexpr, STUDENT_SOFTCAP: tl.constexpr,
+                TEACHER_SCALE: tl.constexpr, TEACHER_SOFTCAP: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+                COMPUTE_DTYPE: tl.constexpr):
+    # One more pass over a streamed row after its statistics are final: (Σ loss terms, Σ p·r) when
+    # SUM_LOSS, the gradient (with `mean` = ⟨d⟩_p or ⟨r⟩_p) when STORE_GRAD
+    loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    mean_r = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
+    for start in range(0, n_classes, BLOCK_SIZE):
+        in_row = ((start + cols) < n_classes)[None, :]
+        z, p, q, d, rho, r, t = _final_tile(
+            student_ptr, teacher_ptr, s_offs, t_offs, start + cols, valid[:, None] & in_row, student_stride_class,
+            teacher_stride_class, ref_z, log_s_z, ref_u, log_s_u, beta, log_weight, student_logit_scale,
+            student_softcap, teacher_logit_scale, teacher_softcap, inv_temperature, MODE, MIX_FROM_STUDENT,
+            STUDENT_SCALE, STUDENT_SOFTCAP, TEACHER_SCALE, TEACHER_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
+        if SUM_LOSS:
+            loss += tl.sum(_loss_terms(p, q, rho, r, t, beta, MODE), 1)
+            if MODE == MODE_JSD:
+                mean_r += tl.sum(_p_log_ratio(p, r), 1)
+        if STORE_GRAD:
+            g = _element_gradient(z, p, q, d, r, mean, weight, student_chain, student_cap_inverse, MODE,
+                                  STUDENT_SOFTCAP)
+            _store_tile(grad_ptr, g_offs, start + cols, row_in_bounds[:, None] & in_row, grad_stride_class, g,
+                        WIDE_OFFSETS)
+    return loss, mean_r
+
+
+@triton.jit
+def _model_scalars(beta, inv_temperature, student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
+                   COMPUTE_DTYPE: tl.constexpr):
+    # the float64 scalar arguments, cast once to the compute dtype
+    return (tl.full((), beta, COMPUTE_DTYPE), tl.full((), inv_temperature, COMPUTE_DTYPE),
+            tl.full((), student_logit_scale, COMPUTE_DTYPE), tl.full((), student_softcap, COMPUTE_DTYPE),
+            tl.full((), teacher_logit_scale, COMPUTE_DTYPE), tl.full((), teacher_softcap, COMPUTE_DTYPE))
+
+
+@triton.jit
 def _store_row_stats(row_stats_ptr, rows, row_in_bounds, stride, ref_z, log_s_z, ref_u, log_s_u, mean, weight):
     out = row_stats_ptr + rows
     tl.store(out + STAT_REF_Z * stride, ref_z, mask=row_in_bounds)
@@ -270,12 +311,9 @@ def distillation_fwd_kernel(
     COMPUTE_DTYPE: tl.constexpr,     # fp32, or fp64 for float64 inputs
 ):
     divisor_factor = tl.full((), divisor_factor, COMPUTE_DTYPE)
-    beta = tl.full((), beta, COMPUTE_DTYPE)
-    inv_temperature = tl.full((), inv_temperature, COMPUTE_DTYPE)
-    student_logit_scale = tl.full((), student_logit_scale, COMPUTE_DTYPE)
-    student_softcap = tl.full((), student_softcap, COMPUTE_DTYPE)
-    teacher_logit_scale = tl.full((), teacher_logit_scale, COMPUTE_DTYPE)
-    teacher_softcap = tl.full((), teacher_softcap, COMPUTE_DTYPE)
+    beta, inv_temperature, student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap = \
+        _model_scalars(beta, inv_temperature, student_logit_scale, student_softcap, teacher_logit_scale,
+                       teacher_softcap, COMPUTE_DTYPE)
 
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
@@ -366,38 +404,25 @@ def distillation_fwd_kernel(
             _store_tile(grad_ptr, g_offs, cols, row_in_bounds[:, None] & (cols < n_classes)[None, :],
                         grad_stride_class, g, WIDE_OFFSETS)
     else:
-        loss = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        mean_r = tl.zeros((ROWS,), dtype=COMPUTE_DTYPE)
-        for start in range(0, n_classes, BLOCK_SIZE):
-            mask = valid[:, None] & ((start + cols) < n_classes)[None, :]
-            z, p, q, d, rho, r, t = _final_tile(
-                student_ptr, teacher_ptr, s_offs, t_offs, start + cols, mask, student_stride_class,
-                teacher_stride_class, ref_z, log_s_z, ref_u, log_s_u, beta, log_weight, student_logit_scale,
-                student_softcap, teacher_logit_scale, teacher_softcap, inv_temperature, MODE, MIX_FROM_STUDENT,
-                STUDENT_SCALE, STUDENT_SOFTCAP, TEACHER_SCALE, TEACHER_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
-            loss += tl.sum(_loss_terms(p, q, rho, r, t, beta, MODE), 1)
-            if MODE == MODE_JSD:
-                mean_r += tl.sum(_p_log_ratio(p, r), 1)
-            elif COMPUTE_GRAD:
-                g = _element_gradient(z, p, q, d, r, mean_d, weight, student_chain, student_cap_inverse, MODE,
-                                      STUDENT_SOFTCAP)
-                _store_tile(grad_ptr, g_offs, start + cols, row_in_bounds[:, None] & ((start + cols) < n_classes)[None, :],
-                            grad_stride_class, g, WIDE_OFFSETS)
+        # Second read of both rows by the program that just read them (L2-resident): the loss (and ⟨r⟩_p
+        # for MODE 2), the gradient for MODE 0 and 1. Pass 3 (MODE 2): the gradient needs ⟨r⟩_p, a sum over
+        # the row of a non-linear function of the final statistics: a third read of both rows.
+        loss, mean_r = _stream_row(student_ptr, teacher_ptr, grad_ptr, s_offs, t_offs, g_offs, cols, valid,
+                                   row_in_bounds, n_classes, student_stride_class, teacher_stride_class,
+                                   grad_stride_class, ref_z, log_s_z, ref_u, log_s_u, mean_d, weight, beta,
+                                   log_weight, student_logit_scale, student_softcap, teacher_logit_scale,
+                                   teacher_softcap, inv_temperature, student_chain, student_cap_inverse, True,
+                                   COMPUTE_GRAD and MODE != MODE_JSD, ROWS, BLOCK_SIZE, MODE, MIX_FROM_STUDENT,
+                                   STUDENT_SCALE, STUDENT_SOFTCAP, TEACHER_SCALE, TEACHER_SOFTCAP, WIDE_OFFSETS,
+                                   COMPUTE_DTYPE)
         mean = mean_r if MODE == MODE_JSD else mean_d
-        # Pass 3 (MODE 2): the gradient needs ⟨r⟩_p, a sum over the row of a non-linear function of the
-        # final statistics: a third read of both rows (L2-resident, as pass 2's).
         if COMPUTE_GRAD and MODE == MODE_JSD:
-            for start in range(0, n_classes, BLOCK_SIZE):
-                mask = valid[:, None] & ((start + cols) < n_classes)[None, :]
-                z, p, q, d, rho, r, t = _final_tile(
-                    student_ptr, teacher_ptr, s_offs, t_offs, start + cols, mask, student_stride_class,
-                    teacher_stride_class, ref_z, log_s_z, ref_u, log_s_u, beta, log_weight, student_logit_scale,
-                    student_softcap, teacher_logit_scale, teacher_softcap, inv_temperature, MODE, MIX_FROM_STUDENT,
-                    STUDENT_SCALE, STUDENT_SOFTCAP, TEACHER_SCALE, TEACHER_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
-                g = _element_gradient(z, p, q, d, r, mean, weight, student_chain, student_cap_inverse, MODE,
-                                      STUDENT_SOFTCAP)
-                _store_tile(grad_ptr, g_offs, start + cols, row_in_bounds[:, None] & ((start + cols) < n_classes)[None, :],
-                            grad_stride_class, g, WIDE_OFFSETS)
+            _stream_row(student_ptr, teacher_ptr, grad_ptr, s_offs, t_offs, g_offs, cols, valid, row_in_bounds,
+                        n_classes, student_stride_class, teacher_stride_class, grad_stride_class, ref_z, log_s_z,
+                        ref_u, log_s_u, mean, weight, beta, log_weight, student_logit_scale, student_softcap,
+                        teacher_logit_scale, teacher_softcap, inv_temperature, student_chain, student_cap_inverse,
+                        False, True, ROWS, BLOCK_SIZE, MODE, MIX_FROM_STUDENT, STUDENT_SCALE, STUDENT_SOFTCAP,
+                        TEACHER_SCALE, TEACHER_SOFTCAP, WIDE_OFFSETS, COMPUTE_DTYPE)
 
     if STORE_STATS:
         _store_row_stats(row_stats_ptr, rows, row_in_bounds, row_stats_stride, ref_z, log_s_z, ref_u, log_s_u, mean,
@@ -443,12 +468,9 @@ def distillation_slice_bwd_kernel(
     # per element given the row's statistics from the forward, so the slice needs no reduction over the row.
     # A program takes whole rows of the slice, tile after tile: the gradient may be written over the first
     # half of the student's fp32 row, which this program alone reads, and only where it has read it.
-    beta = tl.full((), beta, COMPUTE_DTYPE)
-    inv_temperature = tl.full((), inv_temperature, COMPUTE_DTYPE)
-    student_logit_scale = tl.full((), student_logit_scale, COMPUTE_DTYPE)
-    student_softcap = tl.full((), student_softcap, COMPUTE_DTYPE)
-    teacher_logit_scale = tl.full((), teacher_logit_scale, COMPUTE_DTYPE)
-    teacher_softcap = tl.full((), teacher_softcap, COMPUTE_DTYPE)
+    beta, inv_temperature, student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap = \
+        _model_scalars(beta, inv_temperature, student_logit_scale, student_softcap, teacher_logit_scale,
+                       teacher_softcap, COMPUTE_DTYPE)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in_bounds = rows < n_rows
     stats = row_stats_ptr + rows
