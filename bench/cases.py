@@ -20,6 +20,13 @@ LINEAR_OPS = ("linear_cross_entropy", "linear_token_logprobs")  # from hidden st
 TOKEN_OPS = ("token_logprobs", "linear_token_logprobs", "policy_gradient_loss")
 SEQUENCE_TOKENS = 256
 OPS = OPS + TOKEN_OPS
+# Distillation (DESIGN §7.5): a student's logits against a teacher's (the teacher gets no gradient), or both
+# models' hidden states and heads; β = DISTILLATION_BETA (the symmetric JSD, where every library's β means
+# the same), reduction 'mean' is TRL's 'batchmean' (over the tokens).
+DISTILLATION_OPS = ("distillation_loss", "linear_distillation_loss")
+DISTILLATION_BETA = 0.5
+OPS = OPS + DISTILLATION_OPS
+LINEAR_OPS = LINEAR_OPS + ("linear_distillation_loss",)
 PASSES = ("forward", "backward", "forward+backward")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REDUCTIONS = ("mean", "none")
@@ -59,7 +66,7 @@ class Case:
         """Bytes of what the loss must read: the logits, or the hidden states and the weight (a
         binary loss's target, as large as its logits, is counted in ``floor_multiple``)."""
         itemsize = self.torch_dtype.itemsize
-        if self.op in LINEAR_OPS:
+        if self.op in LINEAR_OPS:  # the two-head form reads both models' (counted in floor_multiple)
             return (self.tokens + self.vocab) * self.hidden * itemsize
         return self.tokens * self.vocab * itemsize
 
@@ -68,7 +75,7 @@ class Case:
         """The least traffic, in multiples of ``input_bytes``: read the inputs (1), and with a
         backward also write their gradient (2). The binary losses also read a target as large as
         their logits (+1)."""
-        reads = 2 if self.op in BINARY_OPS else 1
+        reads = 2 if self.op in BINARY_OPS or self.op in DISTILLATION_OPS else 1
         return reads if self.pass_ == "forward" else reads + 1
 
     @property
@@ -77,10 +84,13 @@ class Case:
 
     @property
     def flops(self) -> int:
-        """Useful matmul FLOPs of linear cross-entropy (logits 2NHV; dX and dW 4NHV); 0 otherwise."""
+        """Useful matmul FLOPs of the linear heads (logits 2NHV, both models' for distillation; dX and dW
+        4NHV); 0 otherwise."""
         if self.op not in LINEAR_OPS:
             return 0
         per_pass = {"forward": 2, "backward": 4, "forward+backward": 6}[self.pass_]
+        if self.op in DISTILLATION_OPS:  # the teacher's logits too (forward), the student's gradients only
+            per_pass = {"forward": 4, "backward": 4, "forward+backward": 8}[self.pass_]
         return per_pass * self.tokens * self.hidden * self.vocab
 
     @property
@@ -120,6 +130,12 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Dict[str, torch.Tenso
         inputs["weight"] = randn(case.vocab, case.hidden, scale=case.hidden ** -0.5)
     else:
         inputs["logits"] = randn(case.tokens, case.vocab)
+    if case.op in DISTILLATION_OPS:  # the teacher's tensors, which get no gradient
+        if case.op in LINEAR_OPS:
+            inputs["teacher_hidden"] = randn(case.tokens, case.hidden).detach()
+            inputs["teacher_weight"] = randn(case.vocab, case.hidden, scale=case.hidden ** -0.5).detach()
+        else:
+            inputs["teacher_logits"] = randn(case.tokens, case.vocab).detach()
     if case.op in BINARY_OPS:  # a few positives per row, as in detection and multi-label data
         labels = torch.rand(case.tokens, case.vocab, generator=generator, device=device) < 0.05
         inputs["target"] = (labels * 2 - 1 if case.op == "soft_margin_loss" else labels).to(dtype)

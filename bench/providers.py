@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
-from .cases import BINARY_OPS, OPS, Case
+from .cases import BINARY_OPS, DISTILLATION_BETA, OPS, Case
 
 LossFn = Callable[[Dict[str, torch.Tensor]], torch.Tensor]
 Factory = Callable[[Case], LossFn]
@@ -98,6 +98,8 @@ def _fastce_ops():
         raise NotRun("fastce exports no loss yet (fastce.cross_entropy is missing)")
     if hasattr(fastce, "token_logprobs"):
         ops.update(_token_ops(fastce))
+    if hasattr(fastce, "distillation_loss"):
+        ops.update(_distillation_ops(fastce.distillation_loss, fastce.linear_distillation_loss))
     return ops
 
 
@@ -109,7 +111,8 @@ def _reference_ops():
             "focal_loss": _on_logits(reference.focal_loss),
             "linear_cross_entropy": _on_hidden(reference.linear_cross_entropy),
             **{op: _on_logits(getattr(reference, op)) for op in BINARY_OPS},
-            **_token_ops(reference)}
+            **_token_ops(reference),
+            **_distillation_ops(reference.distillation_loss, reference.linear_distillation_loss)}
 
 
 def _torch_compile_ops():
@@ -137,7 +140,8 @@ def _torch_compile_ops():
                  "token_logprobs": _token_stats_on_logits(_log_softmax_gather),
                  "policy_gradient_loss": _token_stats_on_logits(_log_softmax_gather),
                  "linear_token_logprobs": _token_logprob_on_hidden(
-                     lambda hidden, weight, target: _log_softmax_gather(hidden @ weight.t(), target)[0])}
+                     lambda hidden, weight, target: _log_softmax_gather(hidden @ weight.t(), target)[0]),
+                 **_trl_distillation_ops()}
     return {op: compiled(factory) for op, factory in factories.items()}
 
 
@@ -150,6 +154,7 @@ def _torch_native_ops():
         chunked = torch.nn.LinearCrossEntropyOptions()  # the chunked path, not the reference one
         ops["linear_cross_entropy"] = _on_hidden(functools.partial(F.linear_cross_entropy, options=chunked))
     ops.update(_trainer_token_ops())
+    ops.update(_trl_distillation_ops())
     return ops
 
 
@@ -234,6 +239,57 @@ def _trainer_token_ops():
             "policy_gradient_loss": _token_stats_on_logits(on_logits)}
 
 
+# ---- distillation (cases.DISTILLATION_OPS) -----------------------------------------------------------
+
+
+def _distillation_reduction(case: Case) -> str:
+    return "batchmean" if case.reduction == "mean" else case.reduction
+
+
+def _distillation_ops(on_logits, on_hidden):
+    """The two distillation operations from a logits-form and a two-head-form function with fastce's
+    signatures (fastce's, fastce.reference's)."""
+    def logits(case):
+        return lambda x: on_logits(x["logits"], x["teacher_logits"], x["target"], beta=DISTILLATION_BETA,
+                                   reduction=_distillation_reduction(case))
+
+    def hidden(case):
+        return lambda x: on_hidden(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["target"],
+                                   beta=DISTILLATION_BETA, reduction=_distillation_reduction(case))
+    return {"distillation_loss": logits, "linear_distillation_loss": hidden}
+
+
+def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta, reduction):
+    """TRL's GKDTrainer.generalized_jsd_loss as its trainers call it (written here from its documented
+    formula): log-softmaxes in the logits' dtype, the mixture as a logsumexp of the stacked
+    log-probabilities, F.kl_div per element, the ignored tokens masked out; 'batchmean' over the kept
+    tokens, 'none' per token."""
+    import math
+
+    import torch.nn.functional as F
+    student = F.log_softmax(student_logits, dim=-1)
+    teacher = F.log_softmax(teacher_logits, dim=-1)
+    mixture = torch.logsumexp(torch.stack([student + math.log(1 - beta), teacher + math.log(beta)]), dim=0)
+    elements = beta * F.kl_div(mixture, teacher, reduction="none", log_target=True) + \
+        (1 - beta) * F.kl_div(mixture, student, reduction="none", log_target=True)
+    kept = labels != -100
+    if reduction == "none":  # per token, 0 where ignored (TRL's own 'none' returns the kept elements)
+        return elements.sum(-1) * kept
+    return elements[kept].sum() / kept.sum()  # TRL's boolean mask: a host sync
+
+
+def _trl_distillation_ops():
+    """TRL's unfused formula on the logits, and after F.linear of both heads (the `torch` provider's)."""
+    def logits(case):
+        return lambda x: _trl_generalized_jsd(x["logits"], x["teacher_logits"], x["target"], DISTILLATION_BETA,
+                                              _distillation_reduction(case))
+
+    def hidden(case):
+        return lambda x: _trl_generalized_jsd(x["hidden"] @ x["weight"].t(), x["teacher_hidden"] @ x["teacher_weight"].t(),
+                                              x["target"], DISTILLATION_BETA, _distillation_reduction(case))
+    return {"distillation_loss": logits, "linear_distillation_loss": hidden}
+
+
 # ---- peers -------------------------------------------------------------------------------------
 
 # Liger-Kernel 0.8.5's device tests that choose its CUDA code path, and what makes each true
@@ -309,8 +365,26 @@ def _liger_ops():
                         torch.ones_like(sequences), x["advantage"].view(sequences.shape)[:, 0])[0]
         return loss
 
+    def distillation_loss(case):
+        # Liger's JSD kernel takes both models' log-probabilities (a log-softmax of each first, in fp32)
+        if case.reduction == "none":
+            raise NotRun("Liger's JSD returns the batch's loss only (no reduction='none')")
+        jsd = liger.LigerJSD(beta=DISTILLATION_BETA)
+        return lambda x: jsd(torch.log_softmax(x["logits"].float(), -1), torch.log_softmax(x["teacher_logits"].float(), -1),
+                             x["target"])
+
+    def linear_distillation_loss(case):
+        # Liger's fused linear JSD (chunked PyTorch, run with compiled=False), the soft loss alone
+        if case.reduction == "none":
+            raise NotRun("Liger's fused linear JSD returns the batch's loss only (no reduction='none')")
+        chunked = _require("liger_kernel.chunked_loss", "pip install liger-kernel")
+        jsd = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=DISTILLATION_BETA,
+                                              compiled=False)
+        return lambda x: jsd(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["target"])
+
     return {"cross_entropy": _module_on_logits(liger.LigerCrossEntropyLoss),
-            "linear_cross_entropy": linear_cross_entropy, "linear_token_logprobs": linear_token_logprobs}
+            "linear_cross_entropy": linear_cross_entropy, "linear_token_logprobs": linear_token_logprobs,
+            "distillation_loss": distillation_loss, "linear_distillation_loss": linear_distillation_loss}
 
 
 def _flash_attn_ops():
@@ -356,7 +430,8 @@ PROVIDERS = {p.name: p for p in (
     Provider("fastce", "fastce (Triton kernels)", _fastce_ops),
     Provider("torch", "PyTorch eager: torch.nn.functional.cross_entropy / linear_cross_entropy (chunked) / "
              "binary_cross_entropy_with_logits / soft_margin_loss; the token operations as RL trainers compute "
-             "them (TRL's selective_log_softmax, a sequence at a time, and entropy_from_logits, 128-row chunks)",
+             "them (TRL's selective_log_softmax, a sequence at a time, and entropy_from_logits, 128-row chunks); "
+             "distillation as TRL's generalized_jsd_loss computes it (unfused, in the logits' dtype)",
              _torch_native_ops),
     Provider("torch.compile", "torch.compile of F.cross_entropy, of F.linear + F.cross_entropy, of "
              "F.binary_cross_entropy_with_logits and F.soft_margin_loss, of the reference's focal losses "
@@ -366,7 +441,8 @@ PROVIDERS = {p.name: p for p in (
     Provider("liger", "Liger-Kernel LigerCrossEntropyLoss / LigerFusedLinearCrossEntropyLoss (on CPU "
              "tensors through its CUDA branches: bench.providers.liger_cuda_branches) / "
              "LigerFusedLinearGRPOLoss (pure PyTorch, run with compiled=False: only its per-token loss "
-             "arithmetic would be compiled)", _liger_ops),
+             "arithmetic would be compiled) / LigerJSD (on fp32 log-softmaxes) / LigerFusedLinearJSDLoss "
+             "(compiled=False)", _liger_ops),
     Provider("flash-attn", "flash-attention's Triton cross-entropy", _flash_attn_ops),
     Provider("cut-cross-entropy", "Cut Cross-Entropy (Apple), linear cross-entropy", _cut_cross_entropy_ops,
              cpu_blind_ops=("linear_cross_entropy",),

@@ -18,6 +18,9 @@ from .functional import binary_cross_entropy_with_logits, sigmoid_focal_loss, so
 from .modules import BCEWithLogitsLoss, SigmoidFocalLoss, SoftMarginLoss
 # per-token log-probabilities and entropy (RL), DESIGN §7.2
 from .functional import linear_token_logprobs, policy_gradient_loss, token_logprobs
+# distillation (forward KL, reverse KL, generalized JSD), DESIGN §7.5
+from .functional import distillation_loss, linear_distillation_loss
+from .modules import DistillationLoss
 
 __version__ = "0.1.0"
 
@@ -36,3 +39,4 @@ __all__ = ["cross_entropy", "focal_loss", "linear_cross_entropy", "CrossEntropyL
 __all__ += ["binary_cross_entropy_with_logits", "soft_margin_loss", "sigmoid_focal_loss", "BCEWithLogitsLoss",
             "SoftMarginLoss", "SigmoidFocalLoss"]
 __all__ += ["token_logprobs", "linear_token_logprobs", "policy_gradient_loss"]
+__all__ += ["distillation_loss", "linear_distillation_loss", "DistillationLoss"]

@@ -58,6 +58,20 @@ class PolicyGradientSpec(NamedTuple):
         return TokenStatsSpec(self.temperature, self.ignore_index, self.entropy_coef != 0 or self.return_stats)
 
 
+class DistillationSpec(NamedTuple):
+    """The scalar options of one distillation call (fastce.distillation_loss and its fused-head form):
+    per model, logits x become softcap(scale·x)/T; beta picks the divergence (0: KL(teacher ‖ student),
+    1: KL(student ‖ teacher), between: the generalized Jensen-Shannon divergence)."""
+    beta: float = 0.5
+    temperature: float = 1.0
+    ignore_index: int = -100
+    reduction: str = "batchmean"
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: Optional[float] = None
+    teacher_softcap: Optional[float] = None
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadOptions:
     """How a fused head (linear_cross_entropy, linear_token_logprobs and their vocabulary-parallel forms)

@@ -13,6 +13,15 @@ Two walks, each over one reused buffer of logits:
 No gradient is ever summed across pieces in bf16: a sum over pieces accumulates in fp32 (fp64 for fp64
 inputs) and is rounded once, and a sum inside one GEMM accumulates in fp32 already.
 
+Two-head walks (fastce.linear_distillation_loss) ask for more: logits in fp32 from the GEMM (`logits_dtype`;
+`mm_into` uses torch.mm's out_dtype where the device has it, else products of fp32 copies of blocks of the
+operands: the same fp32 products and sums), a visit that computes the other head's piece itself
+(chunk_logits / slice_logits into its own buffer) and returns its gradient (a view in the input dtype of its
+fp32 buffer), ∂W of the row walk for only the first `weight_classes` classes (a vocabulary walk of the rest
+writes into the same `out`), and sums given an `out` exact: each piece's product in fp32, summed in an fp32
+total whose upper 16 bits live in the bf16/fp16 result itself (_ExactSum): one rounding, in half an fp32
+accumulator's memory.
+
 One planner (plan_walks) chooses the walks and sizes R and S from one byte model against one budget:
 HEAD_BUDGET of the logits' bytes for everything a step holds beyond its inputs and gradients
 (working_memory_bytes). Among the walks a family can use, it takes the fewest GEMMs that fit the budget
@@ -31,7 +40,7 @@ from torch import Tensor
 
 from ._core import compute_dtype
 from ._launch import Launch, cdiv, triton_dtype
-from .kernels.common import accumulate_kernel
+from .kernels.common import accumulate_kernel, split_accumulate_kernel, split_round_kernel
 
 ROWS, VOCAB = "tokens", "vocab"   # the walks (the names fastce.linear_cross_entropy's `walk` takes)
 
@@ -40,6 +49,10 @@ MIN_ROWS = 16
 MIN_CLASSES = 16
 MAX_BUFFER_BYTES = 1 << 30
 ACCUMULATE_BLOCK = 4096
+SPLIT_WARPS = 8
+# mm_into's fallback multiplies fp32 copies of a block of a's rows (at most half of them) and of b's columns,
+# FP32_COPY_ELEMENTS elements in all (256 KiB)
+FP32_COPY_ELEMENTS = 1 << 16
 
 
 class Head(NamedTuple):
@@ -166,18 +179,48 @@ def _sized(plan: WalkPlan, n_rows: int, n_classes: int) -> WalkPlan:
 # Pieces of the logits
 
 
+@functools.lru_cache(maxsize=None)
+def wide_mm_available(device_type: str) -> bool:
+    """Whether torch.mm(..., out_dtype=torch.float32) runs on this device type (CUDA in recent torch)."""
+    key = {"cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype_out", key)
+
+
+def mm_into(a: Tensor, b: Tensor, out: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """out = a @ b (+ bias), the products summed in fp32 (fp64) and rounded once to out's dtype, which may
+    be wider than the operands' (fp32 logits of a bf16 head: no bf16 rounding before the softmax). Where
+    the device has no GEMM with an fp32 output (the CPU), the product is taken over fp32 copies of blocks
+    of a's rows and b's columns (FP32_COPY_ELEMENTS in all): the same products and fp32 sums, copies of a
+    block at a time."""
+    if out.dtype == a.dtype:
+        return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+    if wide_mm_available(a.device.type):
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        inner = max(1, a.shape[1])
+        a_rows = max(1, min(a.shape[0], FP32_COPY_ELEMENTS // 2 // inner))
+        b_columns = max(1, min(b.shape[1], (FP32_COPY_ELEMENTS - a_rows * inner) // inner))
+        a_copy = a.new_empty(a_rows, a.shape[1], dtype=out.dtype)
+        b_copy = b.new_empty(b.shape[0], b_columns, dtype=out.dtype)
+        for r in range(0, a.shape[0], a_rows):
+            a_block = a_copy[: min(a_rows, a.shape[0] - r)].copy_(a[r:r + a_rows])
+            for c in range(0, b.shape[1], b_columns):
+                b_block = b_copy[:, : min(b_columns, b.shape[1] - c)].copy_(b[:, c:c + b_columns])
+                torch.mm(a_block, b_block, out=out[r:r + a_rows, c:c + b_columns])
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
 def chunk_logits(head: Head, rows: slice, out: Tensor) -> Tensor:
-    """input[rows] @ W.T + b into `out` (R, V), contiguous, so that the GEMM writes it in place."""
-    if head.bias is None:
-        return torch.mm(head.input[rows], head.weight.t(), out=out)
-    return torch.addmm(head.bias, head.input[rows], head.weight.t(), out=out)
+    """input[rows] @ W.T + b into `out` (R, V), contiguous, so that the GEMM writes it in place (in fp32
+    where `out` is fp32: mm_into)."""
+    return mm_into(head.input[rows], head.weight.t(), out, head.bias)
 
 
 def slice_logits(head: Head, classes: slice, out: Tensor) -> Tensor:
     """input @ W[classes].T + b[classes] into `out` (N, S)."""
-    if head.bias is None:
-        return torch.mm(head.input, head.weight[classes].t(), out=out)
-    return torch.addmm(head.bias[classes], head.input, head.weight[classes].t(), out=out)
+    return mm_into(head.input, head.weight[classes].t(), out, None if head.bias is None else head.bias[classes])
 
 
 def column_sums(grad: Tensor, ones: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -244,7 +287,61 @@ class _Sum:
         return self.total.to(self.dtype)
 
 
-Visit = Callable[[Tensor, slice], bool]
+@functools.lru_cache(maxsize=256)
+def _split_launches(n_elements: int) -> tuple[Launch, Launch]:
+    grid = (cdiv(n_elements, ACCUMULATE_BLOCK),)
+    # 16 elements a thread: the three 32-bit views of each stay in registers (sm_90: no spills)
+    return (Launch(split_accumulate_kernel, grid, ("high_ptr", "low_ptr", "part_ptr"), num_warps=SPLIT_WARPS,
+                   n_elements=n_elements, BLOCK_SIZE=ACCUMULATE_BLOCK),
+            Launch(split_round_kernel, grid, ("high_ptr", "low_ptr", "out_ptr"), num_warps=SPLIT_WARPS,
+                   n_elements=n_elements, BLOCK_SIZE=ACCUMULATE_BLOCK))
+
+
+class _ExactSum:
+    """Σ_pieces a·b into `out` with one rounding: each product in the compute dtype (mm_into), summed in
+    `out` itself for fp32/fp64, else in an fp32 total split in two halves of 16 bits, the upper in `out`'s
+    own memory (rounded in place at the end), the lower in a buffer of 2 bytes per element: half the
+    memory of an fp32 accumulator, bit for bit its sums. Products land in an fp32 scratch of
+    `scratch_rows` rows of the result at a time."""
+
+    def __init__(self, out: Tensor, scratch_rows: int):
+        self.out = out
+        self.split = out.dtype.itemsize == 2
+        if not self.split:
+            out.zero_()
+            return
+        self.high = out.view(torch.int16).view(out.shape[0], -1)
+        self.high.zero_()
+        self.low = torch.zeros_like(self.high)
+        self.scratch = out.new_empty(max(1, min(scratch_rows, out.shape[0])), self.high.shape[1], dtype=torch.float32)
+
+    def add_mm(self, a: Tensor, b: Tensor) -> None:
+        """out += a @ b (out's rows are a's)."""
+        if not self.split:  # fp32/fp64: the GEMM adds its product into the result itself
+            self.out.view(a.shape[0], -1).addmm_(a, b)
+            return
+        step = self.scratch.shape[0]
+        for start in range(0, a.shape[0], step):
+            part = mm_into(a[start:start + step], b, self.scratch[: min(step, a.shape[0] - start)])
+            accumulate, _ = _split_launches(part.numel())
+            accumulate(self.high[start:start + step], self.low[start:start + step], part)
+
+    def result(self) -> Tensor:
+        if self.split and self.out.numel():
+            _, round_ = _split_launches(self.out.numel())
+            round_(self.high, self.low, self.out)
+        return self.out
+
+
+# visit(logits, piece): falsy (no gradient), True (the logits were overwritten with their gradient) or the
+# gradient itself (a tensor of the input dtype, e.g. a view of the logits' fp32 buffer)
+Visit = Callable[[Tensor, slice], object]
+
+
+def _gradient_of(logits: Tensor, visited) -> Optional[Tensor]:
+    if isinstance(visited, Tensor):
+        return visited
+    return logits if visited else None
 
 
 def chunks(n_rows: int, chunk_rows: int) -> list[slice]:
@@ -253,60 +350,82 @@ def chunks(n_rows: int, chunk_rows: int) -> list[slice]:
     return [slice(start, min(start + chunk_rows, n_rows)) for start in range(0, max(n_rows, 1), chunk_rows)]
 
 
-def row_walk(head: Head, chunk_rows: int, visit: Visit, needs: Needs = NOTHING) -> tuple:
-    """Over chunks of rows: the chunk's logits into one reused buffer, then visit(logits, rows), which may
-    overwrite them with their gradient (and says so); returns (∂input, ∂W, ∂b) as `needs` asks, None
-    elsewhere. An empty batch is one empty chunk (visit still runs: collectives stay in step)."""
+def row_walk(head: Head, chunk_rows: int, visit: Visit, needs: Needs = NOTHING, *,
+             logits_dtype: Optional[torch.dtype] = None, weight_classes: Optional[int] = None,
+             out: Optional[tuple] = None) -> tuple:
+    """Over chunks of rows: the chunk's logits into one reused buffer (of `logits_dtype`, default the
+    input's), then visit(logits, rows), which returns the chunk's gradient (Visit); returns (∂input, ∂W,
+    ∂b) as `needs` asks, None elsewhere. ∂W and ∂b cover the first `weight_classes` classes (default all).
+    `out` = (∂input, ∂W, ∂b) destinations (None each: allocated here): given ones are written in place,
+    ∂W and ∂b summed exactly (_ExactSum). An empty batch is one empty chunk (visit still runs:
+    collectives stay in step)."""
     n_rows, n_classes = head.input.shape[0], head.weight.shape[0]
+    in_features = head.weight.shape[1]
+    weight_classes = n_classes if weight_classes is None else weight_classes
+    out = out or (None, None, None)
     chunk_rows = max(1, min(chunk_rows, n_rows))
     pieces = chunks(n_rows, chunk_rows)
     n_chunks = len(pieces)
-    buffer = head.input.new_empty(chunk_rows if n_rows else 0, n_classes)
-    grad_input = torch.empty_like(head.input) if needs.input else None
-    grad_weight = _Sum(head.weight, tuple(head.weight.shape), n_chunks == 1,
-                       chunk_rows * n_classes // max(head.weight.shape[1], 1)) if needs.weight else None
-    grad_bias = _Sum(head.weight, (n_classes,), n_chunks == 1, n_classes) if needs.bias else None
+    buffer = head.input.new_empty(chunk_rows if n_rows else 0, n_classes, dtype=logits_dtype or head.input.dtype)
+    grad_input = (torch.empty_like(head.input) if out[0] is None else out[0]) if needs.input else None
+    scratch_rows = chunk_rows * n_classes // max(in_features, 1)
+    grad_weight = grad_bias = None
+    if needs.weight:
+        grad_weight = _Sum(head.weight, (weight_classes, in_features), n_chunks == 1, scratch_rows) \
+            if out[1] is None else _ExactSum(out[1][:weight_classes], scratch_rows // 4)
+    if needs.bias:
+        grad_bias = _Sum(head.weight, (weight_classes,), n_chunks == 1, weight_classes) \
+            if out[2] is None else _ExactSum(out[2][:weight_classes].unsqueeze(0), 1)
     ones = head.input.new_ones(1, chunk_rows) if needs.bias else None
     for rows in pieces:
         logits = chunk_logits(head, rows, buffer[: rows.stop - rows.start])
-        if not visit(logits, rows) or not any(needs):
+        grad = _gradient_of(logits, visit(logits, rows))
+        if grad is None or not any(needs):
             continue
         if needs.input:
-            torch.mm(logits, head.weight, out=grad_input[rows])  # ∂input = ∂logits · W, complete
+            torch.mm(grad, head.weight, out=grad_input[rows])  # ∂input = ∂logits · W, complete
+        grad = grad[:, :weight_classes]
         if needs.weight:
-            grad_weight.add_mm(logits.t(), head.input[rows])    # ∂W += ∂logitsᵀ · input
+            grad_weight.add_mm(grad.t(), head.input[rows])    # ∂W += ∂logitsᵀ · input
         if needs.bias:
-            grad_bias.add(column_sums(logits, ones))            # ∂b += Σ_rows ∂logits
+            if isinstance(grad_bias, _ExactSum):
+                grad_bias.add_mm(ones[:, : grad.shape[0]], grad)  # ∂b += Σ_rows ∂logits, as a (1, V) product
+            else:
+                grad_bias.add(column_sums(grad, ones))
     if n_rows == 0:
-        return _zero_gradients(head, needs)
-    return grad_input, _result(grad_weight), _result(grad_bias)
+        return _zero_gradients(head, needs, out)
+    return grad_input, _result(grad_weight), None if grad_bias is None else _result(grad_bias).reshape(-1)
 
 
-def vocab_walk(head: Head, slice_classes: int, visit: Visit, needs: Needs) -> tuple:
-    """Over slices of classes: the slice's logits (all rows) into one reused buffer, then
-    visit(logits, classes), which overwrites them with their gradient; returns (∂input, ∂W, ∂b) as
-    `needs` asks (∂W and ∂b complete per slice, ∂input summed over slices in fp32)."""
+def vocab_walk(head: Head, slice_classes: int, visit: Visit, needs: Needs, *, logits_dtype: Optional[torch.dtype] = None,
+               first_class: int = 0, out: Optional[tuple] = None) -> tuple:
+    """Over slices of the classes from `first_class` on: the slice's logits (all rows) into one reused
+    buffer (of `logits_dtype`, default the input's), then visit(logits, classes), which returns their
+    gradient (Visit); returns (∂input, ∂W, ∂b) as `needs` asks (∂W and ∂b complete per slice, their
+    classes before first_class untouched; ∂input summed over slices in fp32). `out` as row_walk's for ∂W
+    and ∂b."""
     n_rows, in_features = head.input.shape
     n_classes = head.weight.shape[0]
+    out = out or (None, None, None)
+    grad_weight = (torch.empty_like(head.weight) if out[1] is None else out[1]) if needs.weight else None
+    grad_bias = (torch.empty_like(head.bias) if out[2] is None else out[2]) if needs.bias else None
     if n_rows == 0 or n_classes == 0:  # (a head without classes: a vocabulary-parallel rank's empty slice)
-        return _zero_gradients(head, needs)
-    width = max(1, min(slice_classes, n_classes))
-    storage = head.input.new_empty(n_rows * width)
-    grad_input = _Sum(head.input, (n_rows, in_features), width >= n_classes, n_rows * width // max(in_features, 1)) \
-        if needs.input else None
-    grad_weight = torch.empty_like(head.weight) if needs.weight else None
-    grad_bias = torch.empty_like(head.bias) if needs.bias else None
+        return _zero_gradients(head, needs, (None, grad_weight, grad_bias))
+    width = max(1, min(slice_classes, n_classes - first_class))
+    storage = head.input.new_empty(n_rows * width, dtype=logits_dtype or head.input.dtype)
+    grad_input = _Sum(head.input, (n_rows, in_features), first_class == 0 and width >= n_classes,
+                      n_rows * width // max(in_features, 1)) if needs.input else None
     ones = head.input.new_ones(1, n_rows) if needs.bias else None
-    for start in range(0, n_classes, width):
+    for start in range(first_class, n_classes, width):
         classes = slice(start, min(start + width, n_classes))
         logits = slice_logits(head, classes, storage[: n_rows * (classes.stop - start)].view(n_rows, -1))
-        visit(logits, classes)
+        grad = _gradient_of(logits, visit(logits, classes))
         if needs.weight:
-            torch.mm(logits.t(), head.input, out=grad_weight[classes])  # the slice of ∂W, complete
+            torch.mm(grad.t(), head.input, out=grad_weight[classes])  # the slice of ∂W, complete
         if needs.bias:
-            column_sums(logits, ones, out=grad_bias[classes])          # the slice of ∂b, complete
+            column_sums(grad, ones, out=grad_bias[classes])          # the slice of ∂b, complete
         if needs.input:
-            grad_input.add_mm(logits, head.weight[classes])             # ∂input += ∂logits · W_slice
+            grad_input.add_mm(grad, head.weight[classes])             # ∂input += ∂logits · W_slice
     return _result(grad_input), grad_weight, grad_bias
 
 
@@ -329,5 +448,7 @@ def _result(total: Optional[_Sum]) -> Optional[Tensor]:
     return None if total is None else total.result()
 
 
-def _zero_gradients(head: Head, needs: Needs) -> tuple:
-    return tuple(torch.zeros_like(t) if need else None for t, need in zip(head, needs))
+def _zero_gradients(head: Head, needs: Needs, out: tuple) -> tuple:
+    # an empty batch's gradients: zeros, in the given destinations where there are some
+    return tuple(None if not need else (torch.zeros_like(t) if given is None else given.zero_())
+                 for t, need, given in zip(head, needs, out))

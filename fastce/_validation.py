@@ -188,6 +188,15 @@ def logits_placeholder(like: Tensor, n_rows: int, n_classes: int) -> Tensor:
     return like.new_empty(()).expand(n_rows, n_classes)
 
 
+def check_floating(name: str, t, function: str = "") -> None:
+    """`t` is a floating-point tensor (TypeError otherwise, naming it and, if given, the function)."""
+    prefix = f"{function}: " if function else ""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{prefix}{name} must be a Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TargetDtypeError(f"{prefix}expected a floating point {name}, but got {t.dtype}")
+
+
 def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                  ignore_index: Optional[int], *, torch_rules: bool = False) -> int:
     """Shapes, dtypes and devices of a linear head's arguments (no device sync); returns C.
@@ -202,10 +211,7 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Ten
     for name, t in (("input", input), ("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is None:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TargetDtypeError(f"expected a floating point {name}, but got {t.dtype}")
+        check_floating(name, t)
         if t.dtype != input.dtype or t.device != input.device:
             raise InvalidArgumentError(
                 f"{name} is {t.dtype} on {t.device} but input is {input.dtype} on {input.device}: "
@@ -393,3 +399,105 @@ def check_not_differentiable(factor: Optional[Tensor], name: str) -> None:
     if factor is not None and factor.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"the derivative for '{name}' is not implemented: pass {name}.detach() "
                            f"(fastce, like torch.nn.functional.cross_entropy, does not train class {name}s)")
+
+
+# ---- distillation, DESIGN §7.5 ------------------------------------------------------------------
+
+DISTILLATION_REDUCTIONS = ("batchmean", "sum", "none", "mean")
+
+
+def check_distillation_options(function: str, beta, temperature, ignore_index, reduction) -> int:
+    """beta in [0, 1], temperature > 0, a known reduction; returns ignore_index as an int."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise InvalidArgumentError(f"{function}: beta must be a number in [0, 1] (0: KL(teacher ‖ student), "
+                                   f"1: KL(student ‖ teacher), between: the generalized JSD), got {beta!r}")
+    check_temperature(temperature)
+    if reduction not in DISTILLATION_REDUCTIONS:
+        raise ValueError(f"{function}: reduction must be one of {DISTILLATION_REDUCTIONS}, got {reduction!r}")
+    return check_ignore_index(ignore_index, function)
+
+
+def check_logit_transform(name: str, logit_scale, softcap) -> None:
+    """A model's logit scale (finite, non-zero) and softcap (None or positive)."""
+    check_finite(f"{name}_logit_scale", float(logit_scale))
+    if logit_scale == 0:
+        raise InvalidArgumentError(f"{name}_logit_scale must be non-zero")
+    if softcap is not None:
+        check_finite(f"{name}_softcap", float(softcap), 0.0)
+        if softcap == 0:
+            raise InvalidArgumentError(f"{name}_softcap must be positive (or None to disable soft-capping)")
+
+
+def _check_shared_classes(function: str, student_classes: int, teacher_classes: int, num_classes) -> int:
+    """K, the classes both models share: the same vocabulary, or the first num_classes of both."""
+    if num_classes is None:
+        if student_classes != teacher_classes:
+            raise InvalidArgumentError(
+                f"{function}: the student has {student_classes} classes and the teacher {teacher_classes}; pass "
+                "num_classes=K to compare the first K classes of both (a padded embedding)")
+        return student_classes
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise InvalidArgumentError(f"{function}: num_classes must be a positive integer or None, got {num_classes!r}")
+    if num_classes > min(student_classes, teacher_classes):
+        raise InvalidArgumentError(
+            f"{function}: num_classes={num_classes} exceeds a vocabulary (student {student_classes}, teacher "
+            f"{teacher_classes} classes)")
+    return num_classes
+
+
+def _check_tokens(function: str, part: str, student: Tensor, teacher: Tensor, target: Optional[Tensor],
+                  last: str) -> None:
+    """Both models' tensors (…, X) have the same tokens (…), and the labels (class indices, as the token
+    statistics' targets) are shaped like them, or None."""
+    if teacher.shape[:-1] != student.shape[:-1]:
+        raise InvalidArgumentError(
+            f"{function}: student_{part} {list(student.shape)} and teacher_{part} {list(teacher.shape)} must "
+            f"agree in every dimension but the last ({last})")
+    if target is not None:
+        check_token_target(target, student.shape[:-1], student.device)
+
+
+def check_distillation_logits(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor],
+                              num_classes) -> int:
+    """Both models' logits (…, V) (class dimension last), floating, on one device, with the same leading
+    shape; target labels shaped like the leading dims, or None. Returns K, the classes compared."""
+    function = "distillation_loss"
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        check_floating(name, logits, function)
+        if logits.dim() == 0 or logits.shape[-1] == 0:
+            raise InvalidArgumentError(f"{function}: {name} must have a class dimension (the last) of at least one "
+                                       f"class, got shape {list(logits.shape)}")
+    if teacher_logits.device != student_logits.device:
+        raise InvalidArgumentError(f"{function}: teacher_logits are on {teacher_logits.device} but student_logits "
+                                   f"on {student_logits.device}")
+    _check_tokens(function, "logits", student_logits, teacher_logits, target, "the classes")
+    return _check_shared_classes(function, student_logits.shape[-1], teacher_logits.shape[-1], num_classes)
+
+
+def check_distillation_heads(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                             teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+                             target: Optional[Tensor], num_classes) -> int:
+    """Two linear heads, hidden (…, H) with weight (V, H) and bias (V) or None each, all of one head's
+    floating dtype, on one device, with the same leading shape; target labels or None. Returns K."""
+    function = "linear_distillation_loss"
+    heads = {"student": (student_hidden, student_weight, student_bias),
+             "teacher": (teacher_hidden, teacher_weight, teacher_bias)}
+    for model, (hidden, weight, bias) in heads.items():
+        for part, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+            name = f"{model}_{part}"
+            if t is None and part == "bias":
+                continue
+            check_floating(name, t, function)
+            if t.dtype != hidden.dtype or t.device != student_hidden.device:
+                raise InvalidArgumentError(
+                    f"{function}: {name} is {t.dtype} on {t.device} but {model}_hidden is {hidden.dtype} and "
+                    f"student_hidden on {student_hidden.device}: a head needs one dtype, both one device")
+        if hidden.dim() == 0 or weight.dim() != 2 or weight.shape[0] == 0 or hidden.shape[-1] != weight.shape[1]:
+            raise InvalidArgumentError(
+                f"{function}: expected {model}_hidden (…, H) and {model}_weight (V, H) with V ≥ 1, got "
+                f"{list(hidden.shape)} and {list(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise InvalidArgumentError(f"{function}: expected {model}_bias of shape {[weight.shape[0]]}, got "
+                                       f"{list(bias.shape)}")
+    _check_tokens(function, "hidden", student_hidden, teacher_hidden, target, "the features")
+    return _check_shared_classes(function, student_weight.shape[0], teacher_weight.shape[0], num_classes)

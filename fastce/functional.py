@@ -15,6 +15,7 @@ from torch import Tensor
 from . import reference
 from ._core import (
     BinarySpec,
+    DistillationSpec,
     HeadOptions,
     LossSpec,
     PolicyGradientSpec,
@@ -33,11 +34,15 @@ from ._validation import (
     check_binary,
     check_broadcastable,
     check_class_factor,
+    check_distillation_heads,
+    check_distillation_logits,
+    check_distillation_options,
     check_finite,
     check_ignore_index,
     check_input,
     check_label_smoothing,
     check_linear,
+    check_logit_transform,
     check_no_gradient_wanted,
     check_not_differentiable,
     check_policy_gradient,
@@ -537,3 +542,93 @@ def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, 
     spec = PolicyGradientSpec(float(entropy_coef), float(temperature), ignore_index, reduction, return_stats)
     loss, logprob, entropy = token_stats.run_policy_gradient(logits, target, advantages, spec, validate=validate)
     return (loss, logprob, entropy) if return_stats else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation (DESIGN §7.5): TRL's generalized JSD between a student's and a teacher's token distributions
+
+
+def _distillation_family():
+    from . import distillation  # imports Triton: loaded by the first call that runs the kernels
+    return distillation
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
+                      beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+                      reduction: str = "batchmean", num_classes: Optional[int] = None) -> Tensor:
+    """The distillation loss of TRL's GKDTrainer.generalized_jsd_loss, class dimension last: with
+    S = log_softmax(student_logits / T) and Q = log_softmax(teacher_logits / T),
+    beta = 0: KL(teacher ‖ student) = Σ e^Q (Q − S); beta = 1: KL(student ‖ teacher) = Σ e^S (S − Q);
+    0 < beta < 1: β·KL(teacher ‖ M) + (1−β)·KL(student ‖ M), M = log(β e^Q + (1−β) e^S).
+
+    student_logits, teacher_logits: (…, V), any floating dtypes (the teacher may be wider, e.g. fp32 for a
+    bf16 student), any strides; the teacher is detached (it may require grad: it gets none). target:
+    labels shaped like the leading dims, or None; tokens whose label is ignore_index count 0.
+    reduction: "batchmean" (the sum over kept tokens divided by their number, by the number of tokens
+    without a target; NaN with a zero gradient when none is kept), "sum", "none" (per token, shaped like
+    the leading dims), "mean" (divided by kept tokens × classes, as F.kl_div). num_classes=K compares
+    the first K classes of both (a padded embedding; the student's other classes get a zero gradient),
+    else both vocabularies must have the same size. The loss is float32 (float64 for float64 inputs).
+
+    Where TRL's own function differs (fastce follows DESIGN §7.5; fastce.integrations.trl adapts): TRL
+    returns 0 when every label is ignored (fastce: NaN, zero gradient), divides "batchmean" without
+    labels by size(0), the batch of (B, T, V) logits (fastce: by the B·T tokens), returns the (kept, V)
+    elements for "none" (fastce: one value per token), and gives NaN where the teacher's probability
+    is 0 under beta = 0 (fastce: 0, as 0·log 0).
+
+    Cost: a training step reads both logits once and writes the student's gradient once (≤ 3.05× one
+    model's logits' bytes for rows of up to 4096 classes), no host sync.
+    """
+    n_classes = check_distillation_logits(student_logits, teacher_logits, target, num_classes)
+    ignore_index = check_distillation_options("distillation_loss", beta, temperature, ignore_index, reduction)
+    if not uses_triton(student_logits):
+        return reference.distillation_loss(student_logits, teacher_logits, target, beta=beta,
+                                           temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                                           num_classes=num_classes)
+    spec = DistillationSpec(float(beta), float(temperature), ignore_index, reduction)
+    return _distillation_family().run(student_logits, teacher_logits, target, spec, n_classes)
+
+
+def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                             teacher_weight: Tensor, target: Optional[Tensor] = None, *,
+                             student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                             beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+                             reduction: str = "batchmean", student_softcap: Optional[float] = None,
+                             teacher_softcap: Optional[float] = None, student_logit_scale: float = 1.0,
+                             teacher_logit_scale: float = 1.0, num_classes: Optional[int] = None,
+                             validate: Union[bool, str] = True, chunk_size: Optional[int] = None) -> Tensor:
+    """distillation_loss of both models' heads, student_hidden @ student_weight.T + student_bias and
+    teacher_hidden @ teacher_weight.T + teacher_bias, without either's (…, V) logits in memory: both heads
+    are walked together in chunks of rows by the chunked-head engine (fastce/_head.py), each chunk's logits
+    in fp32 from the GEMM (no bf16 rounding before the softmax). Each model's logits x become
+    softcap·tanh(logit_scale·x / softcap) before the temperature (Gemma's final_logit_softcapping, Cohere's
+    and Granite's logit scale). Gradients for the student's hidden states, weight and bias (∂hidden and
+    ∂W summed in fp32, rounded once); the teacher's tensors are detached and get no gradient buffer.
+
+    Each head's tensors share one floating dtype (the two heads may differ), all on one device; hidden
+    (…, H_s) and (…, H_t) with the same leading dims, weights (V_s, H_s) and (V_t, H_t); num_classes as
+    distillation_loss's. Peak memory beyond inputs and gradients: within 10% of the student's logits'
+    bytes where the engine's floors allow (docs/distillation.md). validate is accepted as in the other
+    fused heads: the labels are only compared with ignore_index, so there is nothing to check on the
+    device (no host sync either way). chunk_size sets the rows per chunk of the row walk.
+    """
+    validation_mode(validate, student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu"))
+    n_classes = check_distillation_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                         teacher_bias, target, num_classes)
+    ignore_index = check_distillation_options("linear_distillation_loss", beta, temperature, ignore_index, reduction)
+    check_logit_transform("student", student_logit_scale, student_softcap)
+    check_logit_transform("teacher", teacher_logit_scale, teacher_softcap)
+    check_positive_size("chunk_size", chunk_size)
+    spec = DistillationSpec(float(beta), float(temperature), ignore_index, reduction, float(student_logit_scale),
+                            float(teacher_logit_scale), None if student_softcap is None else float(student_softcap),
+                            None if teacher_softcap is None else float(teacher_softcap))
+    if not uses_triton(student_hidden):
+        return reference.linear_distillation_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
+            teacher_bias=teacher_bias, beta=beta, temperature=temperature, ignore_index=ignore_index,
+            reduction=reduction, num_classes=num_classes, student_softcap=spec.student_softcap,
+            teacher_softcap=spec.teacher_softcap, student_logit_scale=spec.student_logit_scale,
+            teacher_logit_scale=spec.teacher_logit_scale)
+    return _distillation_family().run_linear(student_hidden, student_weight, student_bias, teacher_hidden,
+                                             teacher_weight, teacher_bias, target, spec, n_classes,
+                                             chunk_rows=chunk_size)

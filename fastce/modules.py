@@ -157,3 +157,27 @@ class SigmoidFocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+# ---- distillation, DESIGN §7.5 ------------------------------------------------------------------
+
+
+class DistillationLoss(nn.Module):
+    """fastce.distillation_loss as a module: forward(student_logits, teacher_logits, target=None)."""
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "batchmean") -> None:
+        super().__init__()
+        self.beta = beta
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:
+        return F.distillation_loss(student_logits, teacher_logits, target, beta=self.beta,
+                                   temperature=self.temperature, ignore_index=self.ignore_index,
+                                   reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")

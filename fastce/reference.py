@@ -13,6 +13,7 @@ they are differentiable through ordinary autograd. Semantics are those of
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -277,3 +278,79 @@ def policy_gradient_loss(logits: Tensor, target: Tensor, advantages: Tensor, *, 
     else:
         loss = per_token.sum() if reduction == "sum" else per_token
     return (loss, logprob.detach(), entropy.detach()) if return_stats else loss
+
+
+# Distillation (DESIGN §7.5): TRL's GKDTrainer.generalized_jsd_loss, class dimension last
+
+
+def _scaled_logits(x: Tensor, logit_scale: float, softcap: Optional[float], temperature: float) -> Tensor:
+    """softcap(scale · x) / T: scale first, then the cap, then the temperature (Gemma, Cohere, Granite)."""
+    if logit_scale != 1.0:
+        x = x * logit_scale
+    return softcap_logits(x, softcap) / temperature
+
+
+def _kl_elements(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """e^a (a − b) per element, 0 where e^a = 0; the unselected lanes hold stand-ins, so that autograd
+    never multiplies 0 by an infinity (where() alone passes the other branch's NaN gradient back)."""
+    live = log_a > float("-inf")
+    a = torch.where(live, log_a, torch.zeros_like(log_a))
+    b = torch.where(live, log_b, torch.zeros_like(log_b))
+    return torch.where(live, a.exp() * (a - b), torch.zeros_like(a))
+
+
+def _divergence(S: Tensor, Q: Tensor, beta: float) -> Tensor:
+    """Per-token divergence from the log-softmaxes S (student) and Q (teacher), (…, K) -> (…)."""
+    if beta == 0.0:
+        return _kl_elements(Q, S).sum(-1)
+    if beta == 1.0:
+        return _kl_elements(S, Q).sum(-1)
+    # M = log(β e^Q + (1−β) e^S) as a logsumexp; where both are −inf a stand-in 0 (the terms are 0 there)
+    # keeps logsumexp's backward away from −inf − −inf
+    dead = (S == float("-inf")) & (Q == float("-inf"))
+    M = torch.logsumexp(torch.stack([torch.where(dead, 0.0, Q) + math.log(beta),
+                                     torch.where(dead, 0.0, S) + math.log1p(-beta)]), dim=0)
+    return (beta * _kl_elements(Q, M) + (1.0 - beta) * _kl_elements(S, M)).sum(-1)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
+                      beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+                      reduction: str = "batchmean", num_classes: Optional[int] = None,
+                      student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                      student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None) -> Tensor:
+    """fastce.distillation_loss: S = log_softmax(student / T), Q = log_softmax(teacher / T) over the first
+    num_classes classes (all by default); β = 0: KL(teacher ‖ student), β = 1: KL(student ‖ teacher), else
+    β·KL(teacher ‖ M) + (1−β)·KL(student ‖ M) with M = log(β e^Q + (1−β) e^S). Tokens whose target is
+    ignore_index count 0; "batchmean" divides by the kept tokens (all tokens without a target; NaN with
+    a zero gradient when none is kept), "mean" by those × classes, "sum", "none" per token. Computed in
+    float64 for a float64 input, else float32; the teacher is detached."""
+    acc = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    K = student_logits.shape[-1] if num_classes is None else num_classes
+    z = _scaled_logits(student_logits[..., :K].to(acc), student_logit_scale, student_softcap, temperature)
+    u = _scaled_logits(teacher_logits[..., :K].detach().to(acc), teacher_logit_scale, teacher_softcap, temperature)
+    loss = _divergence(torch.log_softmax(z, -1), torch.log_softmax(u, -1), beta)
+    kept = torch.ones_like(loss, dtype=torch.bool) if target is None else target != ignore_index
+    loss = torch.where(kept, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    count = kept.sum().to(acc) * (K if reduction == "mean" else 1)
+    # 0/0 is NaN when nothing is kept, with an exact 0 gradient everywhere (the where() above)
+    return total * torch.where(count == 0, torch.nan, 1.0 / count)
+
+
+def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                             teacher_weight: Tensor, target: Optional[Tensor] = None, *,
+                             student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                             student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                             student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0, **options) -> Tensor:
+    """distillation_loss of both heads' logits (hidden @ weight.T + bias), every logit materialised in the
+    heads' dtype (as F.linear computes them)."""
+    student_logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    teacher_logits = torch.nn.functional.linear(teacher_hidden.detach(), teacher_weight.detach(),
+                                                None if teacher_bias is None else teacher_bias.detach())
+    return distillation_loss(student_logits, teacher_logits, target, student_logit_scale=student_logit_scale,
+                             teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                             teacher_softcap=teacher_softcap, **options)

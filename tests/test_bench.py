@@ -151,6 +151,17 @@ def test_token_operation_peers_compute_the_same_loss(op, provider):
         PROVIDERS[provider].loss_fn(dataclasses.replace(case, reduction="none"), on_gpu=False)
 
 
+@pytest.mark.parametrize("op", ["distillation_loss", "linear_distillation_loss"])
+@pytest.mark.parametrize("provider", ["torch", "fastce", "liger"])
+def test_distillation_peers_compute_the_same_loss(op, provider):
+    if provider == "liger":
+        pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is not installed (a bench peer)")
+    case = Case(op, "forward+backward", "fp32", tokens=24, vocab=300, hidden=16 if op.startswith("linear") else 0)
+    assert max_relative_error(case, PROVIDERS[provider].loss_fn(case, on_gpu=False), "cpu") < 1e-5
+    with pytest.raises(NotRun, match="reduction='none'") if provider == "liger" else contextlib.nullcontext():
+        PROVIDERS[provider].loss_fn(dataclasses.replace(case, reduction="none"), on_gpu=False)
+
+
 # ---- bench.linear_memory: the fused heads' memory, Liger's CUDA branches forced on CPU tensors ----
 
 def test_liger_cuda_branches_change_its_allocations_and_not_its_answer():

@@ -46,14 +46,19 @@ TILE_ACCESSES = {"logits_ptr": "ld", "grad_ptr": "st"}  # and probabilities: tar
 SPILLS_ALLOWED = {"float64, V=1000": None}
 
 
-def test_kernels_compile_for_hopper_with_wide_accesses_and_no_spills_where_the_tile_fits():
+def _compiled_by(script: str, timeout: int = 600) -> str:
+    """What `script` prints, run in a process without the interpreter (the real compiler's)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
-    compiled = json.loads(result.stdout)
+    return result.stdout
+
+
+def test_kernels_compile_for_hopper_with_wide_accesses_and_no_spills_where_the_tile_fits():
+    compiled = json.loads(_compiled_by(SCRIPT))
     assert {c["variant"] for c in compiled} == set(CHECKED)
     for c in compiled:
         what = f"{c['variant']}: {c['kernel']}"
@@ -78,3 +83,15 @@ def test_kernels_compile_for_hopper_with_wide_accesses_and_no_spills_where_the_t
                 if pointer in c["widths"] and c["widths"][pointer][kind]:
                     assert c["widths"][pointer][kind] == [16], f"{what}: {pointer} {kind} widths {c['widths'][pointer]}"
             assert c["widths"]["logits_ptr" if "logits_ptr" in c["widths"] else "grad_ptr"]["ld"], what
+
+
+def test_distillation_kernels_compile_without_spills():
+    # the distillation kernels' launches (logits form, fused-head chunks and slices) and the engine's
+    # exact-sum kernels: each within its register budget, no stack
+    printed = _compiled_by("import sys; sys.path.insert(0, 'tools'); import sm90_compile as tool\n"
+                           "for name, *_, registers, stack in tool.compile_distillation(tool.distillation_variants()):\n"
+                           "    print(f'{name}|{registers}|{stack}')", timeout=900)
+    rows = [line.split("|") for line in printed.splitlines()]
+    assert len(rows) == 13, printed
+    for name, registers, stack in rows:
+        assert 0 < int(registers) <= 255 and int(stack) == 0, f"{name}: {registers} registers, {stack} B of stack"

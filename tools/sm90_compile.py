@@ -308,6 +308,68 @@ def compile_token_stats(variants: Iterable[tuple]) -> list[tuple]:
     return rows
 
 
+# ---- distillation (fastce/kernels/distillation.py) and the engine's exact sums (kernels/common.py) -------
+
+_DISTILLATION_FP64_SCALARS = ("divisor_factor", "beta", "inv_temperature", "student_logit_scale", "student_softcap",
+                              "teacher_logit_scale", "teacher_softcap")
+
+
+def distillation_variants() -> list[tuple]:
+    """(name, kernel, K, logits dtype, gradient dtype, MODE, flags set to True) of the distillation
+    kernels' launches: the logits form (loss reduced, gradient written), a fused head's chunk (fp32 logits,
+    a bf16 gradient, row statistics, soft-capping) and its vocabulary slices."""
+    fwd, slice_ = "distillation_fwd_kernel", "distillation_slice_bwd_kernel"
+    logits_form = ("HAS_TARGET", "MEAN", "COMPUTE_GRAD")
+    chunk = ("HAS_TARGET", "MEAN", "COMPUTE_GRAD", "STORE_STATS", "STUDENT_SOFTCAP", "TEACHER_SCALE")
+    return [(f"distillation {label}, K={k}", fwd, k, dtype, dtype, mode, logits_form)
+            for mode, label in ((0, "forward KL"), (1, "reverse KL"), (2, "JSD"))
+            for k, dtype in ((4096, "bf16"), (131072, "bf16"))] + [
+        ("distillation JSD float64, K=1000", fwd, 1000, "fp64", "fp64", 2, logits_form),
+        ("fused-head chunk JSD, K=8192", fwd, 8192, "fp32", "bf16", 2, chunk),
+        ("fused-head chunk JSD, K=2048", fwd, 2048, "fp32", "bf16", 2, chunk),
+        ("fused-head slice JSD, S=1024", slice_, 1024, "fp32", "bf16", 2, ("STUDENT_SOFTCAP",)),
+        ("fused-head slice reverse KL, S=256", slice_, 256, "fp32", "bf16", 1, ("GRAD_OUTPUT",)),
+    ]
+
+
+def compile_distillation(variants: Iterable[tuple]) -> list[tuple]:
+    """(name, rows, block, warps, registers, stack bytes) of each variant compiled for sm_90, then the
+    engine's split-sum kernels."""
+    import triton.language as tl
+    from fastce import _head, distillation
+    from fastce.kernels import common, distillation as distillation_kernels
+    rows = []
+    for name, kernel_name, n_classes, dtype, grad_dtype, mode, flags in variants:
+        kernel = getattr(distillation_kernels, kernel_name)
+        if kernel_name == "distillation_slice_bwd_kernel":
+            block = min(distillation.SLICE_BLOCK, triton.next_power_of_2(n_classes))
+            config = _launch.RowLaunchConfig(max(1, distillation.SLICE_TILE // block), block, distillation.SLICE_WARPS)
+        else:
+            config = distillation.launch_config(8192, n_classes)
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        pointers = {arg: f"*{dtype}" if arg in ("student_ptr", "teacher_ptr") else f"*{grad_dtype}" if arg == "grad_ptr"
+                    else "*i64" if arg == "target_ptr" else f"*{acc}" for arg in kernel.arg_names if arg.endswith("_ptr")}
+        constexprs = {arg: arg in flags for arg in kernel.arg_names if arg.isupper()}
+        constexprs.update(ROWS=config.rows, BLOCK_SIZE=config.block_size, MODE=mode, MIX_FROM_STUDENT=True,
+                          GRAD_OUTPUT=2 if "GRAD_OUTPUT" in flags else 0,
+                          COMPUTE_DTYPE=tl.float64 if acc == "fp64" else tl.float32)
+        if "SINGLE_PASS" in constexprs:
+            constexprs.update(SINGLE_PASS=n_classes <= config.block_size, WIDE_OFFSETS=False,
+                              STORE_LOSS=1 if "STORE_STATS" in flags else 2)
+        scalars = {arg: "fp64" if arg in _DISTILLATION_FP64_SCALARS else "i64" if "stride" in arg else "i32"
+                   for arg in kernel.arg_names if arg not in pointers and arg not in constexprs}
+        signature = {arg: pointers.get(arg) or scalars.get(arg) or "constexpr" for arg in kernel.arg_names}
+        compiled = _compile(kernel, signature, constexprs, config.num_warps)
+        rows.append((name, config.rows, config.block_size, config.num_warps, *resource_usage(compiled.asm["cubin"])))
+    for kernel, pointers in ((common.split_accumulate_kernel, ("*i16", "*i16", "*fp32")),
+                             (common.split_round_kernel, ("*i16", "*i16", "*bf16"))):
+        signature = dict(zip(kernel.arg_names, (*pointers, "i32", "constexpr")))
+        compiled = _compile(kernel, signature, {"BLOCK_SIZE": _head.ACCUMULATE_BLOCK}, _head.SPLIT_WARPS)
+        rows.append((kernel.__name__, 1, _head.ACCUMULATE_BLOCK, _head.SPLIT_WARPS,
+                     *resource_usage(compiled.asm["cubin"])))
+    return rows
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
@@ -324,5 +386,12 @@ def main() -> None:
               f"{registers:5d} {spills:8d}")
 
 
+def print_distillation() -> None:
+    print(f"\n{'distillation kernel variant':40s} {'rows':>4s} {'block':>7s} {'warps':>5s} {'regs':>5s} {'stack B':>8s}")
+    for name, rows, block, warps, registers, stack in compile_distillation(distillation_variants()):
+        print(f"{name:40s} {rows:4d} {block:7d} {warps:5d} {registers:5d} {stack:8d}")
+
+
 if __name__ == "__main__":
     main()
+    print_distillation()

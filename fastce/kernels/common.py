@@ -76,8 +76,10 @@ def expm1(v):
 
 @triton.jit
 def log1p(v):
-    # log(1 + v) for v ≥ 0 to a few ulps (Goldberg): log u · v / (u − 1) with u = 1 + v rounded
-    # corrects u's rounding; log itself is accurate (libdevice's, not an approximation)
+    # log(1 + v) for v > −1 to a few ulps (Kahan's, in Goldberg's paper): log u · v / (u − 1) with
+    # u = 1 + v rounded corrects u's rounding (u − 1 is exact, so the factor is 1 + O(ε) for either sign
+    # of v); log itself is accurate (libdevice's, not an approximation). Cross-entropy takes v ≥ 0, the
+    # distillation mixture v = β·expm1(ρ) ∈ (−β, ∞).
     u = 1.0 + v
     return tl.where(u == 1.0, v, tl.log(u) * (v / (u - 1.0)))
 
@@ -216,3 +218,42 @@ def accumulate_kernel(
     total = tl.load(total_ptr + offsets, mask=mask)
     part = tl.load(part_ptr + offsets, mask=mask).to(total.dtype)
     tl.store(total_ptr + offsets, total + part, mask=mask)
+
+
+@triton.jit
+def _split_total(high_ptr, low_ptr, offsets, mask):
+    # the fp32 value whose upper 16 bits are at high_ptr and lower 16 at low_ptr (2-byte integers)
+    high = tl.load(high_ptr + offsets, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+    low = tl.load(low_ptr + offsets, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return ((high << 16) | low).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_accumulate_kernel(
+    high_ptr, low_ptr,         # an fp32 total split in two 2-byte halves (int16 views), updated in place
+    part_ptr,                  # the fp32 product to add
+    n_elements,
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    # A fused head's exact sum across pieces in half the fp32 accumulator's memory: the total's upper half
+    # lives in the low-precision result itself (split_round_kernel rounds it once at the end), the lower
+    # half beside it. total + part is the fp32 sum, bit for bit as with an fp32 accumulator.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    total = _split_total(high_ptr, low_ptr, offsets, mask) + tl.load(part_ptr + offsets, mask=mask, other=0.0)
+    bits = total.to(tl.uint32, bitcast=True)
+    tl.store(high_ptr + offsets, (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    tl.store(low_ptr + offsets, (bits & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+
+
+@triton.jit
+def split_round_kernel(
+    high_ptr, low_ptr,         # the split fp32 total (split_accumulate_kernel's)
+    out_ptr,                   # the result (bf16/fp16), the same memory as high_ptr: rounded once, in place
+    n_elements,
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    total = _split_total(high_ptr, low_ptr, offsets, mask)
+    tl.store(out_ptr + offsets, to_storage(total, out_ptr.dtype.element_ty), mask=mask)
