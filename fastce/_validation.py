@@ -76,17 +76,9 @@ def check_label_smoothing(label_smoothing: float) -> None:
         raise InvalidArgumentError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
 
 
-def check_floating(t: Tensor, name: str, expected: str) -> None:
-    """t, the argument `name`, is a floating-point tensor (`expected` says what, for the message)."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TargetDtypeError(f"expected {expected}, but got {t.dtype}")
-
-
 def check_input(input: Tensor) -> int:
     """Returns the number of classes."""
-    check_floating(input, "input", "a floating point input (logits)")
+    check_floating("input", input)
     if input.dim() == 0:
         raise InvalidArgumentError("input must have a class dimension: expected (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
@@ -313,7 +305,7 @@ def check_no_gradient_wanted(t: Optional[Tensor], function: str, argument: str) 
 
 def check_token_logits(logits: Tensor) -> None:
     """Floating logits (…, V) with the class dimension last and at least one class."""
-    check_floating(logits, "logits", "floating point logits")
+    check_floating("logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise InvalidArgumentError(
             f"logits must have a class dimension (the last) of at least one class, got shape {list(logits.shape)}")

@@ -65,7 +65,7 @@ _ARGUMENT_ERRORS = (TypeError, ValueError, RuntimeError, IndexError)
 
 
 def _check_logits(logits: Tensor) -> None:
-    check_floating(logits, "logits", "floating point logits")
+    check_floating("logits", logits)
     if logits.dim() == 0:
         raise InvalidArgumentError("logits must have a class dimension (last): expected (…, V_r), got a 0-dim tensor")
 
